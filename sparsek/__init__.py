@@ -1,0 +1,9 @@
+"""sparsek: trainable SparseK sparse attention for PyTorch."""
+
+from .layer import SparseKSelfAttention
+from .ops import sparsek_attention, sparsek_selection
+from .scorer import SparseKScorer
+from .selection import Selection
+
+__all__ = ["sparsek_attention", "sparsek_selection", "Selection", "SparseKScorer", "SparseKSelfAttention"]
+__version__ = "0.1.0"

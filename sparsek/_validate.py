@@ -1,0 +1,81 @@
+"""Argument checks at the public boundary: every message names the argument, the value and
+what was expected, so a bad call never reaches a kernel."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_HEAD_DIM = 256
+
+
+def _fail(fn: str, msg: str, exc=ValueError):
+    raise exc(f"{fn}: {msg}")
+
+
+def check_int(fn: str, name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(fn, f"{name} must be an int, got {type(value).__name__} {value!r}", TypeError)
+    if value < minimum:
+        _fail(fn, f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_attention_args(fn: str, q, k, v, scores, topk, window, scale) -> float:
+    """Validate the arguments of sparsek_attention; returns the effective scale."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("scores", scores)):
+        if not isinstance(t, Tensor):
+            _fail(fn, f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    if q.dim() != 4:
+        _fail(fn, f"q must be 4-D (B, Hq, S, D), got shape {tuple(q.shape)}")
+    if k.dim() != 4:
+        _fail(fn, f"k must be 4-D (B, Hkv, S, D), got shape {tuple(k.shape)}")
+    if v.shape != k.shape:
+        _fail(fn, f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    B, Hq, S, D = q.shape
+    if k.shape[0] != B or k.shape[2] != S:
+        _fail(fn, f"k must be (B={B}, Hkv, S={S}, D={D}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if k.shape[3] != D:
+        _fail(fn, f"head dim of k ({k.shape[3]}) must equal head dim of q ({D})")
+    Hkv = k.shape[1]
+    if Hkv < 1 or Hq % Hkv != 0:
+        _fail(fn, f"query heads Hq={Hq} must be a multiple of kv heads Hkv={Hkv}")
+    if S < 1:
+        _fail(fn, f"sequence length S must be >= 1, got {S}")
+    if B < 1:
+        _fail(fn, f"batch size B must be >= 1, got {B}")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        _fail(fn, f"head dim D must be in [1, {MAX_HEAD_DIM}], got {D}")
+    if q.dtype not in FLOAT_DTYPES:
+        _fail(fn, f"q must be float16, bfloat16, float32 or float64, got {q.dtype}", TypeError)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            _fail(fn, f"{name} must have q's dtype {q.dtype}, got {t.dtype}", TypeError)
+    if scores.dim() != 3 or tuple(scores.shape) != (B, Hkv, S):
+        _fail(fn, f"scores must be (B, Hkv, S) = {(B, Hkv, S)}, got {tuple(scores.shape)}")
+    allowed = (torch.float32, torch.float64) if q.dtype == torch.float64 else (torch.float32,)
+    if scores.dtype not in allowed:
+        want = " or ".join(str(d) for d in allowed)
+        _fail(fn, f"scores must be {want} for q of dtype {q.dtype}, got {scores.dtype}", TypeError)
+    for name, t in (("k", k), ("v", v), ("scores", scores)):
+        if t.device != q.device:
+            _fail(fn, f"{name} is on {t.device} but q is on {q.device}; all inputs must share one device")
+    check_int(fn, "topk", topk, 1)
+    check_int(fn, "window", window, 0)
+    if scale is None:
+        return D**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        _fail(fn, f"scale must be a finite float > 0 or None, got {scale!r}")
+    return float(scale)
+
+
+def check_finite_scores(fn: str, scores: Tensor) -> None:
+    """Non-finite scores would make tau and the gates undefined. On a GPU this costs one
+    host synchronisation; SPARSEK_SKIP_FINITE_CHECK=1 turns it off for production loops."""
+    if not bool(torch.isfinite(scores).all()):
+        bad = (~torch.isfinite(scores)).nonzero()[0].tolist()
+        value = scores[tuple(bad)].item()
+        _fail(fn, f"scores must be finite, got {value} at index {tuple(bad)}")

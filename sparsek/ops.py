@@ -1,0 +1,144 @@
+"""The public op: ``sparsek_attention`` as ``torch.library`` custom ops.
+
+``sparsek::attention_fwd`` returns (out, lse, tau, end); ``sparsek::attention_bwd`` returns
+(dq, dk, dv, dscores). Both have fake implementations (so ``torch.compile`` traces them) and
+the pair is tied together with ``register_autograd``. On CUDA tensors the kernels of csrc/
+run when they support the call; otherwise the reference runs, with a one-time warning that
+names the reason when a GPU user falls back.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from torch import Tensor
+
+from . import _cuda
+from . import reference as ref
+from . import selection as sel_mod
+from ._validate import check_attention_args, check_finite_scores
+
+_FN = "sparsek_attention"
+_warned: set[str] = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"sparsek: using the PyTorch reference on CUDA tensors: {reason}", RuntimeWarning, stacklevel=3)
+
+
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("sparsek::attention_fwd", mutates_args=())
+def attention_fwd(
+    q: Tensor,  # (B, Hq, S, D)
+    k: Tensor,  # (B, Hkv, S, D)
+    v: Tensor,  # (B, Hkv, S, D)
+    scores: Tensor,  # (B, Hkv, S)
+    topk: int,
+    window: int,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """out (B, Hq, S, D), lse (B, Hq, S), tau (B, Hkv, S), end (B, Hkv, S) int32."""
+    if os.environ.get("SPARSEK_SKIP_FINITE_CHECK") != "1":
+        check_finite_scores(_FN, scores)
+    if q.is_cuda:
+        reason = _cuda.unsupported_reason(q, k, v, scores)
+        if reason is None:
+            return _cuda.forward(q, k, v, scores, topk, window, scale)
+        _warn_once(reason)
+    sel = sel_mod.select(scores, topk, window)
+    out, lse = ref.attention_blocked(q, k, v, scores, topk, window, scale, sel)
+    return out, lse.to(_lse_dtype(q)), sel.tau, sel.end
+
+
+@attention_fwd.register_fake
+def _(q, k, v, scores, topk, window, scale):
+    B, Hq, S, D = q.shape
+    Hkv = k.shape[1]
+    return (
+        q.new_empty(B, Hq, S, D),
+        q.new_empty(B, Hq, S, dtype=_lse_dtype(q)),
+        scores.new_empty(B, Hkv, S),
+        scores.new_empty(B, Hkv, S, dtype=torch.int32),
+    )
+
+
+@torch.library.custom_op("sparsek::attention_bwd", mutates_args=())
+def attention_bwd(
+    grad_out: Tensor,  # (B, Hq, S, D)
+    q: Tensor,  # (B, Hq, S, D)
+    k: Tensor,  # (B, Hkv, S, D)
+    v: Tensor,  # (B, Hkv, S, D)
+    scores: Tensor,  # (B, Hkv, S)
+    out: Tensor,  # (B, Hq, S, D)
+    lse: Tensor,  # (B, Hq, S)
+    tau: Tensor,  # (B, Hkv, S)
+    end: Tensor,  # (B, Hkv, S) int32
+    topk: int,
+    window: int,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dq, dk, dv, dscores; the reference backward on every device for now."""
+    sel = sel_mod.Selection(topk=topk, window=window, tau=tau, nsoft=None, end=end)
+    return ref.backward_blocked(grad_out, q, k, v, scores, out, lse, sel, scale)
+
+
+@attention_bwd.register_fake
+def _(grad_out, q, k, v, scores, out, lse, tau, end, topk, window, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(scores)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scores, topk, window, scale = inputs
+    out, lse, tau, end = output
+    ctx.mark_non_differentiable(lse, tau, end)
+    ctx.save_for_backward(q, k, v, scores, out, lse, tau, end)
+    ctx.params = (topk, window, scale)
+
+
+def _backward(ctx, grad_out, _grad_lse, _grad_tau, _grad_end):
+    q, k, v, scores, out, lse, tau, end = ctx.saved_tensors
+    topk, window, scale = ctx.params
+    dq, dk, dv, du = attention_bwd(grad_out.contiguous(), q, k, v, scores, out, lse, tau, end, topk, window, scale)
+    return dq, dk, dv, du, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def sparsek_attention(
+    q: Tensor,  # (B, Hq, S, D)
+    k: Tensor,  # (B, Hkv, S, D)
+    v: Tensor,  # (B, Hkv, S, D)
+    scores: Tensor,  # (B, Hkv, S) float32
+    *,
+    topk: int,
+    window: int = 0,
+    scale: float | None = None,
+) -> Tensor:
+    """SparseK attention: each query attends to its last ``window`` positions and to the
+    ``topk`` highest-scoring earlier keys, weighted by the SparseK gate. Returns (B, Hq, S, D).
+
+    Differentiable in q, k, v and scores. See docs/semantics.md for the exact definition.
+    """
+    scale = check_attention_args(_FN, q, k, v, scores, topk, window, scale)
+    return attention_fwd(q, k, v, scores, topk, window, scale)[0]
+
+
+def sparsek_selection(scores: Tensor, *, topk: int, window: int = 0) -> sel_mod.Selection:
+    """The selection alone (tau, |F|, end) for scores (B, H, S), by the reference."""
+    from ._validate import check_int
+
+    if not isinstance(scores, Tensor) or scores.dim() != 3:
+        shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        raise ValueError(f"sparsek_selection: scores must be a 3-D tensor (B, H, S), got {shape}")
+    check_int("sparsek_selection", "topk", topk, 1)
+    check_int("sparsek_selection", "window", window, 0)
+    check_finite_scores("sparsek_selection", scores)
+    return sel_mod.select(scores, topk, window)
