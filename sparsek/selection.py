@@ -63,7 +63,7 @@ def _order(scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     index-ordered row puts equal scores in ascending index order, so among equal scores
     the larger index sorts higher: exactly the tie rule of the top-k.
     """
-    values, key_at = torch.sort(scores.double(), dim=-1, stable=True)
+    values, key_at = torch.sort(scores.double().contiguous(), dim=-1, stable=True)
     position = torch.empty_like(key_at)
     position.scatter_(-1, key_at, torch.arange(scores.shape[-1], device=scores.device).expand_as(key_at))
     return values, key_at, position

@@ -1,0 +1,47 @@
+"""Shared test helpers: seeded inputs named by their shape, and the GPU marker."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+_SHORT = {torch.float64: "f64", torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
+def shape_id(B, Hq, Hkv, S, D, dtype=torch.float64, prefix="sparsek") -> str:
+    """Test id like 'sparsek-f64-B2-Hq8-Hkv2-S512-D64'."""
+    return f"{prefix}-{_SHORT[dtype]}-B{B}-Hq{Hq}-Hkv{Hkv}-S{S}-D{D}"
+
+
+def seed_for(*parts) -> int:
+    """A seed derived from the test's shape, so each case draws its own inputs."""
+    return zlib.crc32(repr(parts).encode())
+
+
+def attention_inputs(B, Hq, Hkv, S, D, dtype=torch.float64, *, score_scale=1.0, device="cpu", requires_grad=False, ties=False):
+    """q (B,Hq,S,D), k, v (B,Hkv,S,D), scores (B,Hkv,S) float32 (float64 for float64 q)."""
+    g = torch.Generator().manual_seed(seed_for(B, Hq, Hkv, S, D, str(dtype), score_scale, ties))
+    q = torch.randn(B, Hq, S, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64)
+    u = torch.randn(B, Hkv, S, generator=g, dtype=torch.float64) * score_scale
+    if ties:  # coarse grid: many exactly equal scores
+        u = torch.round(u * 2) / 2
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    out = [t.to(device=device, dtype=dtype) for t in (q, k, v)] + [u.to(device=device, dtype=sdt)]
+    if requires_grad:
+        for t in out:
+            t.requires_grad_()
+    return out
