@@ -3,8 +3,433 @@
 // .cu files include only CUDA headers and the params headers, so they build without torch.
 
 #include <torch/library.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 
 // ---- prefill: selection + attention (owned by the prefill kernels) ----
 
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "sparsek_params.h"
+
+#define SPARSEK_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, "sparsek_cuda: ", __VA_ARGS__)
+#define SPARSEK_CHECK_CUDA(name, t) \
+  SPARSEK_CHECK((t).is_cuda(), name " must be a CUDA tensor, got device ", (t).device())
+
+namespace {
+
+// Prefix lengths walked by one CTA of the selection: long enough to amortise the parallel
+// start, short enough to give B * Hkv * S / kSelectChunk CTAs.
+constexpr int64_t kSelectChunk = 256;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_cuda(
+    const at::Tensor& scores,  // (B, H, S) float32
+    int64_t topk, int64_t window, int64_t block_q, bool poison) {
+  SPARSEK_CHECK_CUDA("scores", scores);
+  SPARSEK_CHECK(scores.dim() == 3, "scores must be (B, H, S), got ", scores.sizes());
+  SPARSEK_CHECK(scores.scalar_type() == at::kFloat, "scores must be float32, got ", scores.scalar_type());
+  SPARSEK_CHECK(topk >= 1, "topk must be >= 1, got ", topk);
+  SPARSEK_CHECK(window >= 0, "window must be >= 0, got ", window);
+  SPARSEK_CHECK(block_q >= 0, "block_q must be >= 0, got ", block_q);
+  const int64_t B = scores.size(0), H = scores.size(1), S = scores.size(2);
+  SPARSEK_CHECK(S < std::numeric_limits<int>::max() / 2, "sequence length ", S, " is too long for int32 indices");
+  const c10::cuda::CUDAGuard guard(scores.device());
+  const at::Tensor u = scores.contiguous();
+  const auto iopt = u.options().dtype(at::kInt);
+
+  // A stable ascending sort keeps equal scores in index order: the larger index ranks higher,
+  // which is the tie rule of the top-k.
+  auto [sorted, order] = at::sort(u, /*stable=*/true, /*dim=*/-1, /*descending=*/false);
+  const at::Tensor key_at = order.to(at::kInt);
+  at::Tensor pos = at::empty_like(key_at);
+  pos.scatter_(-1, order, at::arange(S, iopt).expand({B, H, S}));
+
+  const int64_t k_eff = std::min<int64_t>(topk, S);
+  const int64_t n_max = std::max<int64_t>(0, S - window);
+  const int64_t n_chunks = n_max > k_eff ? (n_max - k_eff + kSelectChunk - 1) / kSelectChunk : 0;
+  const int64_t n_blocks = block_q > 0 ? (S + block_q - 1) / block_q : 0;
+  const int64_t cap = block_q > 0 ? k_eff + block_q - 1 : 0;
+
+  at::Tensor tau = at::empty({B, H, S}, u.options());
+  at::Tensor end = at::empty({B, H, S}, iopt);
+  at::Tensor kth = at::empty({B, H, S + 1}, iopt);
+  at::Tensor keys = at::empty({B * H, n_blocks, cap}, iopt);
+  at::Tensor count = at::empty({B * H, n_blocks}, iopt);
+  if (poison) {  // tests: every element the kernels should write starts as garbage
+    tau.fill_(std::numeric_limits<float>::quiet_NaN());
+    end.fill_(-7);
+    count.fill_(-7);
+  }
+
+  sparsek::SelectParams p = {};
+  p.scores = u.data_ptr<float>();
+  p.sorted = sorted.data_ptr<float>();
+  p.key_at = key_at.data_ptr<int>();
+  p.pos = pos.data_ptr<int>();
+  p.kth = kth.data_ptr<int>();
+  p.tau = tau.data_ptr<float>();
+  p.end = end.data_ptr<int>();
+  p.block_keys = n_blocks > 0 ? keys.data_ptr<int>() : nullptr;
+  p.block_count = n_blocks > 0 ? count.data_ptr<int>() : nullptr;
+  p.rows = static_cast<int>(B * H);
+  p.seq_len = static_cast<int>(S);
+  p.topk = static_cast<int>(k_eff);  // topk >= S selects every candidate, like topk = S
+  p.window = static_cast<int>(std::min<int64_t>(window, S));
+  p.n_max = static_cast<int>(n_max);
+  p.chunk = static_cast<int>(kSelectChunk);
+  p.n_chunks = static_cast<int>(n_chunks);
+  p.block_q = static_cast<int>(block_q);
+  p.n_blocks = static_cast<int>(n_blocks);
+  p.cap = static_cast<int>(cap);
+  const cudaError_t err = sparsek::launch_selection(p, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "sparsek_cuda: selection launch failed: ", cudaGetErrorString(err));
+  return {tau, end, keys, count};
+}
+
+// Rows must be 16-byte aligned with a contiguous last dim for the 16-byte cp.async copies.
+at::Tensor rows_aligned(const at::Tensor& t) {
+  const bool ok = t.stride(3) == 1 && (t.stride(2) * t.element_size()) % 16 == 0 &&
+                  (t.stride(1) * t.element_size()) % 16 == 0 && (t.stride(0) * t.element_size()) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  return ok ? t : t.contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
+    const at::Tensor& q,            // (B, Hq, S, D)
+    const at::Tensor& k,            // (B, Hkv, S, D)
+    const at::Tensor& v,            // (B, Hkv, S, D)
+    const at::Tensor& scores,       // (B, Hkv, S) float32
+    const at::Tensor& tau,          // (B, Hkv, S) float32
+    const at::Tensor& end,          // (B, Hkv, S) int32
+    const at::Tensor& block_keys,   // (B * Hkv, n_blocks, cap) int32
+    const at::Tensor& block_count,  // (B * Hkv, n_blocks) int32
+    int64_t window, double scale, int64_t block_q, bool poison) {
+  for (const auto* t : {&q, &k, &v, &scores, &tau, &end, &block_keys, &block_count}) {
+    SPARSEK_CHECK((*t).is_cuda() && (*t).device() == q.device(), "all inputs must be on ", q.device());
+  }
+  SPARSEK_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes(), "q must be (B, Hq, S, D) and k, v (B, Hkv, S, D); got ",
+                q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  const int64_t B = q.size(0), Hq = q.size(1), S = q.size(2), D = q.size(3), Hkv = k.size(1);
+  SPARSEK_CHECK(k.size(0) == B && k.size(2) == S && k.size(3) == D, "k must be (", B, ", Hkv, ", S, ", ", D, "), got ", k.sizes());
+  SPARSEK_CHECK(D == 64 || D == 128, "head dim must be 64 or 128, got ", D);
+  SPARSEK_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, "q must be float16 or bfloat16, got ", q.scalar_type());
+  SPARSEK_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "k and v must have q's dtype ", q.scalar_type());
+  SPARSEK_CHECK(Hkv >= 1 && Hq % Hkv == 0, "Hq=", Hq, " must be a multiple of Hkv=", Hkv);
+  const int64_t group = Hq / Hkv;
+  SPARSEK_CHECK(sparsek::kAttnRows % group == 0 && block_q == sparsek::kAttnRows / group, "GQA group ", group,
+                " must divide ", sparsek::kAttnRows, " and block_q must be ", sparsek::kAttnRows, " / group, got ", block_q);
+  const int64_t n_blocks = (S + block_q - 1) / block_q;
+  SPARSEK_CHECK(scores.sizes() == at::IntArrayRef({B, Hkv, S}) && scores.scalar_type() == at::kFloat, "scores must be float32 (B, Hkv, S)");
+  SPARSEK_CHECK(tau.sizes() == scores.sizes() && tau.scalar_type() == at::kFloat && tau.is_contiguous(), "tau must be contiguous float32 (B, Hkv, S)");
+  SPARSEK_CHECK(end.sizes() == scores.sizes() && end.scalar_type() == at::kInt && end.is_contiguous(), "end must be contiguous int32 (B, Hkv, S)");
+  SPARSEK_CHECK(block_keys.dim() == 3 && block_keys.size(0) == B * Hkv && block_keys.size(1) == n_blocks && block_keys.is_contiguous() &&
+                    block_keys.scalar_type() == at::kInt,
+                "block_keys must be contiguous int32 (B*Hkv, ", n_blocks, ", cap), got ", block_keys.sizes());
+  SPARSEK_CHECK(block_count.sizes() == at::IntArrayRef({B * Hkv, n_blocks}) && block_count.is_contiguous() &&
+                    block_count.scalar_type() == at::kInt,
+                "block_count must be contiguous int32 (B*Hkv, ", n_blocks, ")");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor qa = rows_aligned(q), ka = rows_aligned(k), va = rows_aligned(v);
+  const at::Tensor u = scores.contiguous();
+  at::Tensor out = at::empty({B, Hq, S, D}, q.options());
+  at::Tensor lse = at::empty({B, Hq, S}, q.options().dtype(at::kFloat));
+  if (poison) {
+    out.fill_(std::numeric_limits<float>::quiet_NaN());
+    lse.fill_(std::numeric_limits<float>::quiet_NaN());
+  }
+
+  sparsek::AttnParams p = {};
+  p.q = qa.data_ptr();
+  p.k = ka.data_ptr();
+  p.v = va.data_ptr();
+  p.scores = u.data_ptr<float>();
+  p.tau = tau.data_ptr<float>();
+  p.end = end.data_ptr<int>();
+  p.block_keys = block_keys.data_ptr<int>();
+  p.block_count = block_count.data_ptr<int>();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.q_batch_stride = qa.stride(0);
+  p.q_head_stride = qa.stride(1);
+  p.q_row_stride = qa.stride(2);
+  p.k_batch_stride = ka.stride(0);
+  p.k_head_stride = ka.stride(1);
+  p.k_row_stride = ka.stride(2);
+  p.v_batch_stride = va.stride(0);
+  p.v_head_stride = va.stride(1);
+  p.v_row_stride = va.stride(2);
+  p.batch = static_cast<int>(B);
+  p.q_heads = static_cast<int>(Hq);
+  p.kv_heads = static_cast<int>(Hkv);
+  p.group = static_cast<int>(group);
+  p.seq_len = static_cast<int>(S);
+  p.window = static_cast<int>(std::min<int64_t>(window, S));
+  p.block_q = static_cast<int>(block_q);
+  p.n_blocks = static_cast<int>(n_blocks);
+  p.cap = static_cast<int>(block_keys.size(2));
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  p.is_bf16 = q.scalar_type() == at::kBFloat16;
+  const cudaError_t err = sparsek::launch_attention_fwd(p, static_cast<int>(D), c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "sparsek_cuda: attention launch failed: ", cudaGetErrorString(err));
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(sparsek_cuda, m) {
+  m.def("select(Tensor scores, int topk, int window, int block_q, bool poison=False) -> (Tensor tau, Tensor end, Tensor block_keys, Tensor block_count)");
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor scores, Tensor tau, Tensor end, Tensor block_keys, "
+      "Tensor block_count, int window, float scale, int block_q, bool poison=False) -> (Tensor out, Tensor lse)");
+}
+
+TORCH_LIBRARY_IMPL(sparsek_cuda, CUDA, m) {
+  m.impl("select", &select_cuda);
+  m.impl("attention_fwd", &attention_fwd_cuda);
+}
+
+
 // ---- decode (owned by the decode kernels) ----
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+
+#include "decode_params.h"
+
+// Errors name the argument, the value and what was expected (ValueError / TypeError in Python).
+#define DECODE_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, "sparsek decode: ", __VA_ARGS__)
+#define DECODE_CHECK_TYPE(cond, ...) TORCH_CHECK_TYPE(cond, "sparsek decode: ", __VA_ARGS__)
+
+namespace sparsek_decode_binding {
+
+// A cache tensor: on the device of q, the given dtype and shape, contiguous.
+void check_state(const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape, const at::Device& device) {
+  DECODE_CHECK(t.device() == device, name, " must be on ", device, ", got ", t.device());
+  DECODE_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  DECODE_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+  DECODE_CHECK(t.is_contiguous(), name, " must be contiguous (strides ", t.strides(), ")");
+}
+
+// A (B, H, 1, D) row tensor that the kernels read or write with 16-byte accesses.
+void check_rows(const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape, const at::Device& device) {
+  DECODE_CHECK(t.device() == device, name, " must be on ", device, ", got ", t.device());
+  DECODE_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  DECODE_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+  const int64_t es = t.element_size();
+  DECODE_CHECK(t.stride(3) == 1 && (t.stride(0) * es) % 16 == 0 && (t.stride(1) * es) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0,
+               name, " must have a contiguous last dim and 16-byte aligned rows, got strides ", t.strides());
+}
+
+struct DecodeShape {
+  int64_t B, Hkv, NS, D, topk, window;
+  at::ScalarType dtype;
+  at::Device device;
+};
+
+// Validates the cache tensors against k_slots, which fixes B, Hkv, NS, D and the dtype.
+DecodeShape check_cache(const at::Tensor& k_slots, const at::Tensor& v_slots, const at::Tensor& slot_score, const at::Tensor& tau,
+                        const at::Tensor& lengths, const at::Tensor& status, int64_t topk, int64_t window) {
+  DECODE_CHECK(k_slots.is_cuda(), "k_slots must be a CUDA tensor, got device ", k_slots.device());
+  DECODE_CHECK(k_slots.dim() == 4, "k_slots must be (B, Hkv, window + topk, D), got ", k_slots.sizes());
+  DECODE_CHECK(topk >= 1, "topk must be >= 1, got ", topk);
+  DECODE_CHECK(window >= 0, "window must be >= 0, got ", window);
+  const DecodeShape s = {k_slots.size(0), k_slots.size(1), k_slots.size(2), k_slots.size(3), topk, window,
+                         k_slots.scalar_type(), k_slots.device()};
+  DECODE_CHECK(s.NS == topk + window, "k_slots must have window + topk = ", topk + window, " slots, got ", s.NS);
+  DECODE_CHECK(s.NS < (int64_t{1} << 30), "window + topk = ", s.NS, " is too large for int32 slot indices");
+  DECODE_CHECK(s.D == 64 || s.D == 128, "head dim must be 64 or 128, got ", s.D);
+  DECODE_CHECK_TYPE(s.dtype == at::kHalf || s.dtype == at::kBFloat16, "k_slots must be float16 or bfloat16, got ", s.dtype);
+  check_state(k_slots, "k_slots", s.dtype, {s.B, s.Hkv, s.NS, s.D}, s.device);
+  check_state(v_slots, "v_slots", s.dtype, {s.B, s.Hkv, s.NS, s.D}, s.device);
+  check_state(slot_score, "slot_score", at::kFloat, {s.B, s.Hkv, topk}, s.device);
+  check_state(tau, "tau", at::kDouble, {s.B, s.Hkv}, s.device);
+  check_state(lengths, "lengths", at::kInt, {s.B, s.Hkv}, s.device);
+  check_state(status, "status", at::kInt, {s.B, s.Hkv, 2}, s.device);
+  return s;
+}
+
+int64_t pick_splits(int64_t requested, int64_t work_items, int64_t num_slots, int64_t head_dim, bool is_bf16) {
+  DECODE_CHECK(requested >= 0 && requested <= sparsek::kDecodeMaxSplits, "num_splits must be in [0, ", sparsek::kDecodeMaxSplits,
+               "] (0: automatic), got ", requested);
+  const int64_t tiles = (num_slots + sparsek::kDecodeTileSlots - 1) / sparsek::kDecodeTileSlots;
+  if (requested > 0) return std::min(requested, tiles);  // every split gets at least one tile
+  // occupancy per (head dim, dtype), computed once per process
+  static std::array<int, 4> ctas_per_sm = {0, 0, 0, 0};
+  int& ctas = ctas_per_sm[(head_dim == 128 ? 2 : 0) + (is_bf16 ? 1 : 0)];
+  if (ctas == 0) ctas = sparsek::decode_attention_ctas_per_sm(static_cast<int>(head_dim), is_bf16);
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return sparsek::decode_num_splits(static_cast<int>(work_items), static_cast<int>(num_slots), sms * ctas);
+}
+
+void launch_update(const DecodeShape& s, const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& score_new,
+                   at::Tensor& k_slots, at::Tensor& v_slots, at::Tensor& slot_score, at::Tensor& slot_pos, at::Tensor& win_score,
+                   at::Tensor& soft, at::Tensor& soft_count, at::Tensor& tau, at::Tensor& lengths, at::Tensor& status) {
+  check_rows(k_new, "k_new", s.dtype, {s.B, s.Hkv, 1, s.D}, s.device);
+  check_rows(v_new, "v_new", s.dtype, {s.B, s.Hkv, 1, s.D}, s.device);
+  check_state(score_new, "score_new", at::kFloat, {s.B, s.Hkv}, s.device);
+  check_state(slot_pos, "slot_pos", at::kInt, {s.B, s.Hkv, s.topk}, s.device);
+  check_state(win_score, "win_score", at::kFloat, {s.B, s.Hkv, s.window}, s.device);
+  DECODE_CHECK(soft.dim() == 3, "soft must be (B, Hkv, soft_capacity), got ", soft.sizes());
+  const int64_t capacity = soft.size(2);
+  // the first step past topk candidates holds topk + 1 scores before it drops any
+  DECODE_CHECK(capacity > s.topk, "soft_capacity must be > topk = ", s.topk, ", got ", capacity);
+  check_state(soft, "soft", at::kFloat, {s.B, s.Hkv, capacity}, s.device);
+  check_state(soft_count, "soft_count", at::kInt, {s.B, s.Hkv}, s.device);
+  DECODE_CHECK(s.B * s.Hkv * std::max(capacity, s.NS * s.D) < (int64_t{1} << 62), "cache too large");
+
+  sparsek::DecodeUpdateParams params = {};
+  params.k_slots = k_slots.data_ptr();
+  params.v_slots = v_slots.data_ptr();
+  params.slot_score = slot_score.data_ptr<float>();
+  params.slot_pos = slot_pos.data_ptr<int>();
+  params.win_score = s.window > 0 ? win_score.data_ptr<float>() : nullptr;
+  params.soft = soft.data_ptr<float>();
+  params.soft_count = soft_count.data_ptr<int>();
+  params.tau = tau.data_ptr<double>();
+  params.lengths = lengths.data_ptr<int>();
+  params.status = status.data_ptr<int>();
+  params.k_new = k_new.data_ptr();
+  params.v_new = v_new.data_ptr();
+  params.k_new_batch_stride = k_new.stride(0);
+  params.k_new_head_stride = k_new.stride(1);
+  params.v_new_batch_stride = v_new.stride(0);
+  params.v_new_head_stride = v_new.stride(1);
+  params.score_new = score_new.data_ptr<float>();
+  params.batch = static_cast<int>(s.B);
+  params.kv_heads = static_cast<int>(s.Hkv);
+  params.head_dim = static_cast<int>(s.D);
+  params.elem_bytes = static_cast<int>(k_slots.element_size());
+  params.topk = static_cast<int>(s.topk);
+  params.window = static_cast<int>(s.window);
+  params.num_slots = static_cast<int>(s.NS);
+  params.soft_capacity = static_cast<int>(capacity);
+  const cudaError_t err = sparsek::launch_decode_update(params, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "sparsek decode: update launch failed: ", cudaGetErrorString(err));
+}
+
+at::Tensor launch_attention(const DecodeShape& s, const at::Tensor& q, const at::Tensor& k_slots, const at::Tensor& v_slots,
+                            const at::Tensor& slot_score, const at::Tensor& tau, const at::Tensor& lengths, const at::Tensor& status,
+                            at::Tensor& counters, double scale, int64_t num_splits, bool after_update) {
+  DECODE_CHECK(q.dim() == 4 && q.size(0) == s.B && q.size(2) == 1 && q.size(3) == s.D,
+               "q must be (B=", s.B, ", Hq, 1, D=", s.D, "), got ", q.sizes());
+  const int64_t Hq = q.size(1);
+  DECODE_CHECK(Hq >= s.Hkv && Hq % s.Hkv == 0, "query heads Hq=", Hq, " must be a multiple of kv heads Hkv=", s.Hkv);
+  check_rows(q, "q", s.dtype, {s.B, Hq, 1, s.D}, s.device);
+  DECODE_CHECK(scale > 0.0, "scale must be > 0, got ", scale);
+  const int64_t group = Hq / s.Hkv;
+  const int64_t head_chunks = (group + sparsek::kDecodeHeadsPerCta - 1) / sparsek::kDecodeHeadsPerCta;
+  const int64_t work_items = s.B * s.Hkv * head_chunks;
+  DECODE_CHECK(s.B <= 65535 && s.Hkv * head_chunks <= 65535, "batch ", s.B, " and kv heads x head chunks ", s.Hkv * head_chunks,
+               " must each be <= 65535 (CUDA grid limits)");
+  check_state(counters, "counters", at::kInt, {work_items}, s.device);
+  const bool is_bf16 = s.dtype == at::kBFloat16;
+  const int64_t splits = pick_splits(num_splits, work_items, s.NS, s.D, is_bf16);
+  const int64_t tiles = (s.NS + sparsek::kDecodeTileSlots - 1) / sparsek::kDecodeTileSlots;
+  const int64_t slots_per_split = (tiles + splits - 1) / splits * sparsek::kDecodeTileSlots;
+
+  at::Tensor out = at::empty({s.B, Hq, 1, s.D}, q.options());
+  at::Tensor o_part, ml_part;
+  if (splits > 1) {
+    const auto fopt = q.options().dtype(at::kFloat);
+    o_part = at::empty({work_items, splits, sparsek::kDecodeHeadsPerCta, s.D}, fopt);
+    ml_part = at::empty({work_items, splits, sparsek::kDecodeHeadsPerCta, 2}, fopt);
+  }
+
+  sparsek::DecodeAttentionParams params = {};
+  params.q = q.data_ptr();
+  params.q_batch_stride = q.stride(0);
+  params.q_head_stride = q.stride(1);
+  params.k_slots = k_slots.data_ptr();
+  params.v_slots = v_slots.data_ptr();
+  params.slot_score = slot_score.data_ptr<float>();
+  params.tau = tau.data_ptr<double>();
+  params.lengths = lengths.data_ptr<int>();
+  params.status = status.data_ptr<int>();
+  params.out = out.data_ptr();
+  params.out_batch_stride = out.stride(0);
+  params.out_head_stride = out.stride(1);
+  params.o_part = splits > 1 ? o_part.data_ptr<float>() : nullptr;
+  params.ml_part = splits > 1 ? ml_part.data_ptr<float>() : nullptr;
+  params.counters = counters.data_ptr<int>();
+  params.batch = static_cast<int>(s.B);
+  params.q_heads = static_cast<int>(Hq);
+  params.kv_heads = static_cast<int>(s.Hkv);
+  params.head_dim = static_cast<int>(s.D);
+  params.topk = static_cast<int>(s.topk);
+  params.window = static_cast<int>(s.window);
+  params.num_slots = static_cast<int>(s.NS);
+  params.group = static_cast<int>(group);
+  params.head_chunks = static_cast<int>(head_chunks);
+  params.num_splits = static_cast<int>(splits);
+  params.slots_per_split = static_cast<int>(slots_per_split);
+  params.scale_log2 = static_cast<float>(scale * 1.4426950408889634);  // log2(e)
+  params.is_bf16 = is_bf16;
+  params.use_pdl = after_update;
+  const cudaError_t err = sparsek::launch_decode_attention(params, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "sparsek decode: attention launch failed: ", cudaGetErrorString(err));
+  return out;
+}
+
+// One decode step: the cache update, then attention of q over the updated slots.
+at::Tensor decode_step_cuda(const at::Tensor& q,          // (B, Hq, 1, D)
+                            const at::Tensor& k_new,      // (B, Hkv, 1, D)
+                            const at::Tensor& v_new,      // (B, Hkv, 1, D)
+                            const at::Tensor& score_new,  // (B, Hkv) float32
+                            at::Tensor k_slots, at::Tensor v_slots, at::Tensor slot_score, at::Tensor slot_pos, at::Tensor win_score,
+                            at::Tensor soft, at::Tensor soft_count, at::Tensor tau, at::Tensor lengths, at::Tensor status,
+                            at::Tensor counters, int64_t topk, int64_t window, double scale, int64_t num_splits) {
+  const DecodeShape s = check_cache(k_slots, v_slots, slot_score, tau, lengths, status, topk, window);
+  const c10::cuda::CUDAGuard guard(s.device);
+  launch_update(s, k_new, v_new, score_new, k_slots, v_slots, slot_score, slot_pos, win_score, soft, soft_count, tau, lengths, status);
+  return launch_attention(s, q, k_slots, v_slots, slot_score, tau, lengths, status, counters, scale, num_splits, /*after_update=*/true);
+}
+
+// The update alone (tests and the update-share measurement).
+void decode_update_cuda(const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& score_new, at::Tensor k_slots,
+                        at::Tensor v_slots, at::Tensor slot_score, at::Tensor slot_pos, at::Tensor win_score, at::Tensor soft,
+                        at::Tensor soft_count, at::Tensor tau, at::Tensor lengths, at::Tensor status, int64_t topk, int64_t window) {
+  const DecodeShape s = check_cache(k_slots, v_slots, slot_score, tau, lengths, status, topk, window);
+  const c10::cuda::CUDAGuard guard(s.device);
+  launch_update(s, k_new, v_new, score_new, k_slots, v_slots, slot_score, slot_pos, win_score, soft, soft_count, tau, lengths, status);
+}
+
+// Attention over the current slots alone, without an update (lengths already count the query).
+at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_slots, const at::Tensor& v_slots, const at::Tensor& slot_score,
+                                 const at::Tensor& tau, const at::Tensor& lengths, const at::Tensor& status, at::Tensor counters,
+                                 int64_t topk, int64_t window, double scale, int64_t num_splits) {
+  const DecodeShape s = check_cache(k_slots, v_slots, slot_score, tau, lengths, status, topk, window);
+  const c10::cuda::CUDAGuard guard(s.device);
+  return launch_attention(s, q, k_slots, v_slots, slot_score, tau, lengths, status, counters, scale, num_splits, /*after_update=*/false);
+}
+
+}  // namespace sparsek_decode_binding
+
+TORCH_LIBRARY_FRAGMENT(sparsek_cuda, m) {
+  m.def(
+      "decode_step(Tensor q, Tensor k_new, Tensor v_new, Tensor score_new, Tensor(a!) k_slots, Tensor(b!) v_slots, "
+      "Tensor(c!) slot_score, Tensor(d!) slot_pos, Tensor(e!) win_score, Tensor(f!) soft, Tensor(g!) soft_count, "
+      "Tensor(h!) tau, Tensor(i!) lengths, Tensor(j!) status, Tensor(k!) counters, int topk, int window, float scale, "
+      "int num_splits=0) -> Tensor");
+  m.def(
+      "decode_update(Tensor k_new, Tensor v_new, Tensor score_new, Tensor(a!) k_slots, Tensor(b!) v_slots, "
+      "Tensor(c!) slot_score, Tensor(d!) slot_pos, Tensor(e!) win_score, Tensor(f!) soft, Tensor(g!) soft_count, "
+      "Tensor(h!) tau, Tensor(i!) lengths, Tensor(j!) status, int topk, int window) -> ()");
+  m.def(
+      "decode_attention(Tensor q, Tensor k_slots, Tensor v_slots, Tensor slot_score, Tensor tau, Tensor lengths, "
+      "Tensor status, Tensor(a!) counters, int topk, int window, float scale, int num_splits=0) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(sparsek_cuda, CUDA, m) {
+  m.impl("decode_step", &sparsek_decode_binding::decode_step_cuda);
+  m.impl("decode_update", &sparsek_decode_binding::decode_update_cuda);
+  m.impl("decode_attention", &sparsek_decode_binding::decode_attention_cuda);
+}

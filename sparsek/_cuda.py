@@ -13,9 +13,12 @@ from pathlib import Path
 
 import torch
 
+from ._nvtx import annotate
+
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (64, 128)
+ATTN_ROWS = 64  # rows (query x head of a GQA group) per attention CTA: kAttnRows in csrc
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,6 +67,9 @@ def unsupported_reason(q, k, v, scores) -> str | None:
         return f"the kernels take head dim 64 or 128, got {q.shape[-1]}"
     if scores.dtype != torch.float32:
         return f"the kernels take float32 scores, got {scores.dtype}"
+    group = q.shape[1] // k.shape[1]
+    if ATTN_ROWS % group:
+        return f"the kernels pack a GQA group into {ATTN_ROWS} rows; group size {group} does not divide it"
     ops, reason = _build()
     return reason if ops is None else None
 
@@ -76,6 +82,20 @@ def ops():
     return module
 
 
+def block_q_for(q_heads: int, kv_heads: int) -> int:
+    """Queries per attention block: the CTA's ATTN_ROWS rows hold every head of a GQA group."""
+    return ATTN_ROWS // (q_heads // kv_heads)
+
+
 def forward(q, k, v, scores, topk: int, window: int, scale: float):
-    """(out, lse, tau, end) from the selection and attention kernels."""
-    raise NotImplementedError("filled in by the kernel issue")
+    """(out, lse, tau, end) from the selection and attention kernels.
+
+    q (B, Hq, S, D), k and v (B, Hkv, S, D) float16/bfloat16, scores (B, Hkv, S) float32.
+    """
+    cuda = ops()
+    block_q = block_q_for(q.shape[1], k.shape[1])
+    with annotate("selection"):
+        tau, end, keys, count = cuda.select(scores, topk, window, block_q)
+    with annotate("attention"):
+        out, lse = cuda.attention_fwd(q, k, v, scores, tau, end, keys, count, window, scale, block_q)
+    return out, lse, tau, end

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# Rows of candidate prefixes processed at once; bounds the (B, H, rows, S) work tensors.
-_ELEMENTS_PER_CHUNK = 1 << 22
+# Elements of the (B, H, rows, S) work tensors per chunk of candidate prefixes: small on the
+# CPU (cache), large on a GPU (fewer, bigger launches; about 1.5 GB of work tensors).
+_ELEMENTS_PER_CHUNK = {"cpu": 1 << 22, "cuda": 1 << 26}
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,8 @@ def select(scores: Tensor, topk: int, window: int) -> Selection:
     tau_n = values.new_full((B, H, n_max), float("-inf"))
     nsoft_n = torch.zeros(B, H, n_max, dtype=torch.long, device=scores.device)
     kth_n = torch.full((B, H, n_max), -1, dtype=torch.long, device=scores.device)
-    rows = max(1, _ELEMENTS_PER_CHUNK // max(1, B * H * S))
+    budget = _ELEMENTS_PER_CHUNK.get(scores.device.type, 1 << 22)
+    rows = max(1, budget // max(1, B * H * S))
     for r0 in range(0, n_max, rows):
         n = lengths[r0 : r0 + rows]
         if int(n[-1]) <= topk:  # every candidate is selected: nothing to solve

@@ -1,0 +1,70 @@
+// Plain parameter structs: the only things that cross from the torch binding into device code.
+// Raw pointers, sizes, strides in elements. Kernel files include this header and CUDA headers
+// only, so they compile with plain nvcc (no torch).
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace sparsek {
+
+// Selection over rows of scores: one row = one (batch, kv head), all tensors contiguous.
+// Prefix length n = number of candidates of query i = n + window - 1.
+struct SelectParams {
+  const float* scores;   // (rows, S)
+  const float* sorted;   // (rows, S) scores in ascending (score, index) order
+  const int* key_at;     // (rows, S) key index at each sorted position
+  const int* pos;        // (rows, S) sorted position of each key
+  int* kth;              // (rows, S + 1) workspace: sorted position of the K-th best candidate per n
+  float* tau;            // (rows, S) out: threshold per query (-inf while n <= topk)
+  int* end;              // (rows, S) out: key j is selected by queries [j + window, end[j])
+  int* block_keys;       // (rows, n_blocks, cap) out: union of selected keys per query block
+  int* block_count;      // (rows, n_blocks) out
+  int rows;
+  int seq_len;
+  int topk;
+  int window;
+  int n_max;      // candidates of the last query: max(0, S - window)
+  int chunk;      // prefix lengths walked per CTA
+  int n_chunks;   // ceil((n_max - topk) / chunk), 0 when every prefix fits in topk
+  int block_q;    // queries per attention block
+  int n_blocks;   // ceil(S / block_q)
+  int cap;        // topk + block_q - 1: most keys a block can select
+};
+
+// Forward attention over the window and the selected keys of each query block.
+struct AttnParams {
+  const void* q;          // (B, Hq, S, D)
+  const void* k;          // (B, Hkv, S, D)
+  const void* v;          // (B, Hkv, S, D)
+  const float* scores;    // (B, Hkv, S) contiguous
+  const float* tau;       // (B, Hkv, S) contiguous
+  const int* end;         // (B, Hkv, S) contiguous
+  const int* block_keys;  // (B * Hkv, n_blocks, cap)
+  const int* block_count; // (B * Hkv, n_blocks)
+  void* out;              // (B, Hq, S, D) contiguous
+  float* lse;             // (B, Hq, S) contiguous, natural log
+  int64_t q_batch_stride, q_head_stride, q_row_stride;
+  int64_t k_batch_stride, k_head_stride, k_row_stride;
+  int64_t v_batch_stride, v_head_stride, v_row_stride;
+  int batch;
+  int q_heads;
+  int kv_heads;
+  int group;       // q_heads / kv_heads, packed into the rows of one CTA
+  int seq_len;
+  int window;
+  int block_q;     // queries per CTA = kRows / group
+  int n_blocks;
+  int cap;
+  float scale_log2;  // softmax scale * log2(e)
+  bool is_bf16;
+};
+
+// Host launchers (defined in the .cu files). Each checks the launch and returns its error.
+cudaError_t launch_selection(const SelectParams& p, cudaStream_t stream);
+cudaError_t launch_attention_fwd(const AttnParams& p, int head_dim, cudaStream_t stream);
+
+// Rows of the attention tile, shared by the host (block_q = kAttnRows / group) and the kernel.
+constexpr int kAttnRows = 64;
+
+}  // namespace sparsek
