@@ -29,6 +29,8 @@ def _build() -> tuple[object | None, str | None]:
     sources = [CSRC / "binding.cpp", *sorted(CSRC.glob("*.cu"))]
     if not (CSRC / "binding.cpp").exists():
         return None, f"the CUDA sources are not in {CSRC} (installed without csrc/)"
+    # One device code target (sm_90a) instead of torch's default list: half the build time.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
     try:
         from torch.utils.cpp_extension import load
 

@@ -1,0 +1,105 @@
+"""Kernel-development probe (docs/perf-notes.md): the prefill kernels' phases against the
+device's own ceilings and against dense SDPA, all measured in one process on one GPU.
+
+    python -m sparsek.bench.kernel_probe [--cases long-16k,long-64k,seed] [--json PATH]
+
+Times with ``triton.testing.do_bench`` (CUDA events, L2 cleared between calls, median). This is
+the quick loop for kernel work; the full, fingerprinted benchmark is ``sparsek-bench run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from .. import _cuda
+from ..ops import sparsek_attention
+from .cases import get_case, make_inputs
+from .metrics import flops
+
+
+def _bench(fn, ms=200):
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=ms, return_mode="median") * 1e-3  # seconds
+
+
+def ceilings(dev) -> dict:
+    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    t_mm = _bench(lambda: a @ b)
+    src = torch.randn(1 << 29, device=dev, dtype=torch.float32)  # 2 GiB
+    dst = torch.empty_like(src)
+    t_cp = _bench(lambda: dst.copy_(src))
+    return {"matmul_tflops": 2 * 8192**3 / t_mm / 1e12, "copy_tbps": 2 * src.numel() * 4 / t_cp / 1e12}
+
+
+def probe_case(name: str, peaks: dict) -> list[dict]:
+    case = get_case(name)
+    inp = make_inputs(case)
+    q, k, v, u = inp.q, inp.k, inp.v, inp.scores
+    ops = _cuda.ops()
+    block_q = _cuda.block_q_for(q.shape[1], k.shape[1])
+    scale = q.shape[-1] ** -0.5
+    sel = ops.select(u, case.topk, case.window, block_q)
+    rows = []
+    work = flops(case, "sparsek")
+    dense = flops(case, "dense-causal")
+
+    def add(impl, seconds, fl):
+        rows.append({"case": name, "impl": impl, "ms": seconds * 1e3, "tflops": fl / seconds / 1e12 if fl else None,
+                     "pct_peak": 100 * fl / seconds / 1e12 / peaks["matmul_tflops"] if fl else None})
+
+    add("select", _bench(lambda: ops.select(u, case.topk, case.window, block_q)), 0)
+    add("attention", _bench(lambda: ops.attention_fwd(q, k, v, u, *sel, case.window, scale, block_q)), work)
+    os.environ["SPARSEK_SKIP_FINITE_CHECK"] = "1"
+    add("sparsek (op, no finite check)", _bench(lambda: sparsek_attention(q, k, v, u, topk=case.topk, window=case.window)), work)
+    os.environ.pop("SPARSEK_SKIP_FINITE_CHECK")
+    add("sparsek (op)", _bench(lambda: sparsek_attention(q, k, v, u, topk=case.topk, window=case.window)), work)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for impl, backend in (("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):
+        try:
+            with sdpa_kernel(backend):
+                fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                fn()
+                add(impl, _bench(fn), dense)
+        except RuntimeError as exc:
+            rows.append({"case": name, "impl": impl, "error": str(exc).splitlines()[0]})
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default="long-16k,long-64k,seed")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda")
+    peaks = ceilings(dev)
+    result = {"device": torch.cuda.get_device_name(dev), "peaks": peaks, "rows": []}
+    print(f"{result['device']}: bf16 matmul {peaks['matmul_tflops']:.0f} TFLOP/s, copy {peaks['copy_tbps']:.2f} TB/s", flush=True)
+    for name in args.cases.split(","):
+        try:
+            result["rows"] += probe_case(name, peaks)
+        except Exception as exc:  # keep the other cases
+            result["rows"].append({"case": name, "impl": "*", "error": f"{type(exc).__name__}: {exc}"})
+        torch.cuda.empty_cache()
+    for r in result["rows"]:
+        if "error" in r:
+            print(f"{r['case']:10s} {r['impl']:32s} ERROR {r['error'][:120]}")
+        else:
+            tf = f"{r['tflops']:7.1f} TFLOP/s {r['pct_peak']:5.1f}%" if r["tflops"] else ""
+            print(f"{r['case']:10s} {r['impl']:32s} {r['ms']:9.3f} ms {tf}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
