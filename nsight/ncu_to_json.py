@@ -218,7 +218,10 @@ def _details_kernels(table: csvparse.Table, devices: dict) -> list[dict]:
         if kernel is None:
             kernel = kernels[key] = _kernel_identity(header, row)
             kernel["rules"] = []
-        get = lambda name: row[col[name]] if name in col else ""  # noqa: E731
+
+        def get(name: str) -> str:
+            return row[col[name]] if name in col else ""
+
         if get("Metric Name"):
             _put(kernel, devices, get("Metric Name"), get("Metric Value"), get("Metric Unit"), get("Section Name"))
         if get("Rule Name"):

@@ -11,13 +11,16 @@ raises is recorded as failed; both go to the ``--status`` JSON that the driver r
     python nsight/profile_worker.py --case long-16k --impl sdpa-cudnn --overhead [--samples 200] [--output PATH]
 
 measures what the ranges cost instead (no ncu needed): the host time of entering and leaving the
-two nested ranges, and the latency of the timed call with the ranges on and off, interleaved.
+two nested ranges, the latency of the timed call with the ranges on and off, interleaved, and the
+harness's own measurement (sparsek.bench.timing.measure, the ranges as its ``around``) in
+alternating rounds with the ranges on and off.
 Both modes need the ``nvtx`` package: without it the ranges are no-ops and ncu would match nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -107,6 +110,27 @@ def call_latency_us(fn, annotate, set_enabled, names: tuple[str, str], *, sample
             "delta_pct": 100.0 * delta / off["median"] if off["median"] else None}
 
 
+def harness_latency_us(fn, device, annotate, set_enabled, names: tuple[str, str], *, rounds: int, measure) -> dict:
+    """Median latency as the suite reports it, ranges on and off in alternating rounds."""
+
+    @contextlib.contextmanager
+    def ranges():
+        with annotate(names[0]), annotate(names[1]):
+            yield
+
+    medians = {True: [], False: []}
+    for _ in range(rounds):
+        for flag in (True, False):
+            previous = set_enabled(flag)
+            try:
+                medians[flag].append(measure(fn, device=device, around=ranges).median * 1e6)
+            finally:
+                set_enabled(previous)
+    on, off = statistics.median(medians[True]), statistics.median(medians[False])
+    return {"round_medians_on": medians[True], "round_medians_off": medians[False], "ranges_on": on,
+            "ranges_off": off, "delta_us": on - off, "delta_pct": 100.0 * (on - off) / off if off else None}
+
+
 def _cuda_timer(torch):
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
@@ -126,7 +150,11 @@ def _host_timer(call) -> float:
     return time.perf_counter() - t0
 
 
-def measure_overhead(case, inputs, impls, *, samples: int, warmup: int, nvtx_mod, torch) -> dict:
+def measure_overhead(case, inputs, impls, *, samples: int, warmup: int, rounds: int, nvtx_mod, torch) -> dict:
+    try:
+        from sparsek.bench.timing import measure
+    except ImportError as exc:
+        measure, missing = None, f"sparsek.bench.timing is not importable: {exc}"
     on_gpu = torch.cuda.is_available()
     timer = _cuda_timer(torch) if on_gpu else _host_timer
     report = {"case": case.name, "timer": "cuda events" if on_gpu else "host perf_counter",
@@ -148,6 +176,10 @@ def measure_overhead(case, inputs, impls, *, samples: int, warmup: int, nvtx_mod
                 "range_pair_host_ns": range_cost_ns(nvtx_mod.annotate, nvtx_mod.set_enabled, names),
                 "call_latency_us": call_latency_us(fn, nvtx_mod.annotate, nvtx_mod.set_enabled, names,
                                                    samples=samples, timer=timer),
+                "harness_latency_us": (
+                    harness_latency_us(fn, case.device, nvtx_mod.annotate, nvtx_mod.set_enabled, names,
+                                       rounds=rounds, measure=measure)
+                    if measure else {"status": "unavailable", "reason": missing}),
             }
         except Exception as exc:
             report["impls"][impl.id] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
@@ -173,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--status", help="write the per-implementation status JSON here")
     parser.add_argument("--overhead", action="store_true", help="measure the NVTX range overhead instead")
     parser.add_argument("--samples", type=int, default=200, help="--overhead: timed calls per setting")
+    parser.add_argument("--rounds", type=int, default=3, help="--overhead: harness measurements per setting")
     parser.add_argument("--output", help="--overhead: JSON file (default: stdout)")
     args = parser.parse_args(argv)
 
@@ -207,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.overhead:
         _write(measure_overhead(case, inputs, impls, samples=args.samples, warmup=args.warmup,
-                                nvtx_mod=_nvtx, torch=torch), args.output)
+                                rounds=args.rounds, nvtx_mod=_nvtx, torch=torch), args.output)
         return 0
 
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)

@@ -45,6 +45,12 @@ if "--query-metrics" in argv:
     for name in os.environ["FAKE_NCU_METRICS"].split(","):
         print(f'"{{name}}","Counter","","fake","1"')
     sys.exit(0)
+if os.environ.get("FAKE_NCU_HANG"):  # ncu and the worker it started both hang
+    import subprocess, time
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    with open(os.environ["FAKE_NCU_HANG"], "w") as f:
+        f.write(str(worker.pid))
+    time.sleep(120)
 with open(os.environ["FAKE_NCU_RECORD"], "a") as f:
     f.write(json.dumps({{"argv": argv, "LC_ALL": os.environ.get("LC_ALL"),
                         "PYTHONPATH": os.environ.get("PYTHONPATH")}}) + "\\n")
@@ -190,6 +196,16 @@ def test_no_kernels_is_a_failed_case(tmp_path, fake_ncu, monkeypatch):
     case = doc["cases"][0]
     assert "no kernel profiled" in case["error"] and "No kernels were profiled" in case["error"]
     assert all(r["status"] == "unknown" for r in case["impls"])
+
+
+def test_timeout_ends_ncu_and_its_worker(tmp_path, fake_ncu, monkeypatch):
+    pid_file = tmp_path / "worker.pid"
+    monkeypatch.setenv("FAKE_NCU_HANG", str(pid_file))
+    rc, doc = run(tmp_path, "--timeout", "5")
+    assert rc == profile.EXIT_FAILED
+    assert "did not finish within --timeout 5 s" in doc["cases"][0]["error"]
+    status = Path(f"/proc/{pid_file.read_text()}/status")
+    assert not status.exists() or "State:\tZ" in status.read_text()  # gone, or a zombie awaiting init
 
 
 def test_missing_ncu(tmp_path, monkeypatch, capsys):
@@ -348,3 +364,20 @@ def test_overhead_helpers_measure_enabled_and_disabled():
     assert calls == [True, False] * 5  # interleaved
     assert latency["ranges_on"]["median"] == pytest.approx(1.0) and latency["delta_us"] == pytest.approx(0.0)
     assert latency["ranges_on"]["n"] == latency["ranges_off"]["n"] == 5
+
+    seen = []
+
+    def measure(fn, *, device, around):  # stands in for sparsek.bench.timing.measure
+        with around():
+            fn()
+        seen.append((device, enabled["on"], tuple(entered[-2:])))
+        return types.SimpleNamespace(median=(2e-6 if enabled["on"] else 1e-6))
+
+    entered.clear()
+    harness = profile_worker.harness_latency_us(lambda: None, "cuda", annotate, set_enabled, ("case:x", "impl"),
+                                                rounds=2, measure=measure)
+    assert [s[1] for s in seen] == [True, False, True, False]
+    assert seen[0] == ("cuda", True, ("case:x", "impl")) and len(entered) == 4  # ranges only when enabled
+    assert harness["ranges_on"] == pytest.approx(2.0) and harness["ranges_off"] == pytest.approx(1.0)
+    assert harness["delta_us"] == pytest.approx(1.0) and harness["delta_pct"] == pytest.approx(100.0)
+    assert enabled["on"] is True

@@ -25,6 +25,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -269,6 +270,24 @@ def impl_records(doc: dict | None, case: str, impls: list[str], status: dict, it
     return records, unattributed
 
 
+def _run_profiled(argv: list[str], env: dict, timeout: float, out_path: Path) -> tuple[int | None, str]:
+    """Run ncu and the worker it starts; (exit code or None on timeout, their stdout and stderr).
+
+    In a session of its own, so a timeout ends the worker too and not only ncu (a worker left
+    behind would hold the GPU).
+    """
+    with open(out_path, "w+", encoding="utf-8", errors="replace") as out:
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            code = None
+        out.seek(0)
+        return code, out.read()
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -284,13 +303,9 @@ def profile_case(case: str, impls: list[str], opts, ncu: str, env: dict, workdir
                     clock_control=opts.clock_control, cache_control=opts.cache_control, log_file=str(log), app=app)
     print(f"sparsek-bench profile: {shlex.join(argv)}", file=sys.stderr, flush=True)
     record = {"case": case, "command": argv, "exit_code": None, "error": None, "impls": [], "unattributed_kernels": 0}
-    try:
-        out = _run(argv, env, timeout=opts.timeout)
-        record["exit_code"] = out.returncode
-        output = out.stdout + out.stderr
-    except subprocess.TimeoutExpired as exc:
-        record["error"] = f"ncu did not finish within --timeout {opts.timeout:g} s"
-        output = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+    record["exit_code"], output = _run_profiled(argv, env, opts.timeout, workdir / f"{case}.out.txt")
+    if record["exit_code"] is None:
+        record["error"] = f"ncu did not finish within --timeout {opts.timeout:g} s (killed)"
     text = log.read_text(encoding="utf-8", errors="replace") if log.is_file() else ""
     if "ERR_NVGPUCTRPERM" in text + output:
         raise ProfileError(_PERMISSION_HELP, EXIT_PERMISSION)
