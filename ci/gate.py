@@ -1,0 +1,294 @@
+"""Performance gate: compare a base and a head result set, print a markdown table, fail on a regression.
+
+    python ci/gate.py BASE HEAD [--threshold 0.05] [--alpha 0.01] [--machine NAME]
+                      [--base-commit SHA] [--head-commit SHA] [--bench REGEX]
+                      [--title TEXT] [--note TEXT ...] [--json PATH]
+
+BASE and HEAD are each one or more paths, joined with commas:
+- an asv results directory (asv's `results_dir`, or one machine's folder in it) or one asv result
+  file. Only benchmarks whose unit is seconds (read from `benchmarks.json` beside the machine
+  folders) are compared; their raw samples are there when asv ran with `--record-samples` or
+  `--append-samples`. A result without samples counts as one sample: too few to decide.
+- sparsek-bench results JSON (`sparsek-bench run --json`), or a directory of them.
+Several files of one side (rounds of the same commit on the same machine) pool their samples.
+
+The statistics live in sparsek.bench.compare. The table goes to stdout and, when
+$GITHUB_STEP_SUMMARY is set, is appended to the job summary.
+
+Exit status: 0 no regression, 1 a regression beyond the threshold, 2 bad input or nothing that
+could be compared (a gate that compared nothing must not pass).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+if __name__ == "__main__":
+    # Always the statistics of the checkout this script lives in, not whatever is installed.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sparsek.bench.compare import compare_samples, has_regression, to_markdown  # noqa: E402
+
+ASV_SKIP_FILES = {"machine.json", "benchmarks.json"}
+ASV_TIME_UNIT = "seconds"
+
+Samples = dict[str, list[float]]
+
+
+class GateError(Exception):
+    """Input the gate cannot judge; the message says which path and why."""
+
+
+def load_side(spec: str, *, commit: str | None = None, machine: str | None = None) -> tuple[Samples, dict]:
+    """Samples by benchmark key for one side, and what was found: {"format", "commit", "machine", "files"}."""
+    files = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        files.extend(_json_files(Path(part)))
+    if not files:
+        raise GateError(f"{spec}: no result files found")
+    asv_files, bench_files = [], []
+    for path in files:
+        data = _read_json(path)
+        (asv_files if _is_asv_result(data) else bench_files).append((path, data))
+    if asv_files and bench_files:
+        raise GateError(
+            f"{spec}: mixes asv results ({asv_files[0][0]}) and sparsek-bench results "
+            f"({bench_files[0][0]}); give one kind per side"
+        )
+    if asv_files:
+        return _load_asv(spec, asv_files, commit=commit, machine=machine)
+    return _load_sparsek_bench(bench_files)
+
+
+def asv_samples(data: dict, units: dict[str, str] | None) -> tuple[Samples, dict[str, str]]:
+    """Samples and benchmark versions by key from one asv (0.6, api version 2) result file.
+
+    Keys read like asv's own: `module.Class.track_x('seed', 'sparsek')` for parametrised benchmarks.
+    `units` maps benchmark name -> unit from benchmarks.json; None keeps every benchmark with samples.
+    """
+    columns = data["result_columns"]
+    samples: Samples = {}
+    versions: dict[str, str] = {}
+    for name, values in data["results"].items():
+        row = dict(zip(columns, values))  # asv drops trailing None columns
+        if units is not None and units.get(name) != ASV_TIME_UNIT:
+            continue
+        params = row.get("params") or []
+        combos = list(itertools.product(*params)) if params else [()]
+        results = _per_combo(row.get("result"), len(combos))
+        raw = _per_combo(row.get("samples"), len(combos))
+        for combo, result, combo_samples in zip(combos, results, raw):
+            if combo_samples:
+                values_ = [float(s) for s in combo_samples if _is_number(s)]
+            elif _is_number(result) and units is not None:
+                # A timing recorded without --record-samples: its median alone, too few to judge.
+                values_ = [float(result)]
+            else:
+                continue  # skipped (NotImplementedError in setup), failed, or not a timing
+            if not values_:
+                continue
+            key = f"{name}({', '.join(combo)})" if combo else name
+            samples[key] = values_
+            versions[key] = row.get("version")
+    return samples, versions
+
+
+def run_gate(args: argparse.Namespace) -> int:
+    try:
+        base, base_info = load_side(args.base, commit=args.base_commit, machine=args.machine)
+        head, head_info = load_side(args.head, commit=args.head_commit, machine=args.machine)
+    except GateError as exc:
+        print(f"gate: {exc}", file=sys.stderr)
+        return 2
+
+    notes = list(args.note or [])
+    if base_info.get("machine") and head_info.get("machine") and base_info["machine"] != head_info["machine"]:
+        notes.append(
+            f"base ran on machine `{base_info['machine']}`, head on `{head_info['machine']}`: "
+            "timings from different machines are not comparable"
+        )
+    if args.bench:
+        pattern = re.compile(args.bench)
+        base = {k: v for k, v in base.items() if pattern.search(k)}
+        head = {k: v for k, v in head.items() if pattern.search(k)}
+    for key in sorted(set(base) & set(head)):
+        vb, vh = base_info.get("versions", {}).get(key), head_info.get("versions", {}).get(key)
+        if vb != vh:
+            notes.append(f"`{key}`: the benchmark changed between base and head (version differs); not compared")
+            del base[key]
+
+    rows = compare_samples(base, head, threshold=args.threshold, alpha=args.alpha)
+    report = _report(args, rows, base_info, head_info, notes)
+    print(report)
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        with open(summary, "a", encoding="utf-8") as f:
+            f.write(report + "\n")
+    if args.json:
+        payload = {
+            "threshold": args.threshold,
+            "alpha": args.alpha,
+            "base": {k: v for k, v in base_info.items() if k != "versions"},
+            "head": {k: v for k, v in head_info.items() if k != "versions"},
+            "rows": [asdict(row) for row in rows],
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+    decided = [row for row in rows if row.verdict in ("regression", "improvement", "unchanged")]
+    if not decided:
+        print(
+            "gate: no benchmark had enough samples on both sides to decide; "
+            "were samples recorded (asv run --record-samples) and did the benchmarks run?",
+            file=sys.stderr,
+        )
+        return 2
+    return 1 if has_regression(rows) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="gate.py", description="Fail on a significant performance regression of HEAD against BASE."
+    )
+    parser.add_argument("base", help="base results: asv results dir/file or sparsek-bench JSON (comma-separated)")
+    parser.add_argument("head", help="head results, same kinds as base")
+    parser.add_argument("--threshold", type=float, default=0.05, help="relative slowdown that fails (default 0.05)")
+    parser.add_argument("--alpha", type=float, default=0.01, help="significance level (default 0.01)")
+    parser.add_argument("--machine", help="asv: only results of this machine")
+    parser.add_argument("--base-commit", help="asv: only base results of this commit (a prefix is enough)")
+    parser.add_argument("--head-commit", help="asv: only head results of this commit (a prefix is enough)")
+    parser.add_argument("--bench", help="only benchmark keys matching this regular expression")
+    parser.add_argument("--title", default="Performance gate", help="heading of the markdown report")
+    parser.add_argument("--note", action="append", help="a line to add under the table (repeatable)")
+    parser.add_argument("--json", help="also write the rows as JSON to this path")
+    args = parser.parse_args(argv)
+    if not (math.isfinite(args.threshold) and args.threshold >= 0):
+        parser.error(f"--threshold {args.threshold}: expected a relative change >= 0, e.g. 0.05")
+    if not 0 < args.alpha < 1:
+        parser.error(f"--alpha {args.alpha}: expected a significance level in (0, 1), e.g. 0.01")
+    return run_gate(args)
+
+
+def _report(args, rows, base_info, head_info, notes) -> str:
+    def describe(info):
+        parts = [info["format"]]
+        if info.get("commit"):
+            parts.append(f"commit `{info['commit'][:12]}`")
+        if info.get("machine"):
+            parts.append(f"machine `{info['machine']}`")
+        return ", ".join(parts)
+
+    lines = [
+        f"### {args.title}",
+        "",
+        f"Base: {describe(base_info)}. Head: {describe(head_info)}.",
+        "",
+        to_markdown(rows),
+        f"A regression is a two-sided Mann-Whitney U test with p < {args.alpha:g} on the raw samples "
+        f"and a median slowdown above {args.threshold:.1%} (head/base > {1 + args.threshold:.3f}).",
+    ]
+    lines.extend(f"\n> {note}" for note in notes)
+    verdict = "FAIL: significant regression" if has_regression(rows) else "PASS: no significant regression"
+    lines.extend(["", f"**{verdict}**"])
+    return "\n".join(lines) + "\n"
+
+
+def _load_asv(spec, files, *, commit, machine) -> tuple[Samples, dict]:
+    chosen = []
+    for path, data in files:
+        file_machine = data.get("params", {}).get("machine")
+        if machine and file_machine != machine:
+            continue
+        if commit and not data.get("commit_hash", "").startswith(commit):
+            continue
+        chosen.append((path, data, file_machine))
+    if not chosen:
+        wanted = ", ".join(f"{k} {v}" for k, v in (("commit", commit), ("machine", machine)) if v)
+        raise GateError(f"{spec}: no asv result file" + (f" for {wanted}" if wanted else ""))
+    commits = sorted({data.get("commit_hash") for _, data, _ in chosen})
+    machines = sorted({m for _, _, m in chosen})
+    if len(commits) > 1:
+        raise GateError(f"{spec}: results of {len(commits)} commits ({', '.join(commits)}); pass --base-commit/--head-commit")
+    if len(machines) > 1:
+        raise GateError(f"{spec}: results of {len(machines)} machines ({', '.join(machines)}); pass --machine")
+
+    samples: Samples = {}
+    versions: dict[str, str] = {}
+    for path, data, _ in chosen:
+        file_samples, file_versions = asv_samples(data, _asv_units(path))
+        for key, values in file_samples.items():
+            samples.setdefault(key, []).extend(values)
+        versions.update(file_versions)
+    info = {
+        "format": "asv",
+        "commit": commits[0],
+        "machine": machines[0],
+        "files": [str(p) for p, _, _ in chosen],
+        "versions": versions,
+    }
+    return samples, info
+
+
+def _asv_units(result_file: Path) -> dict[str, str] | None:
+    """Benchmark name -> unit from the results dir's benchmarks.json (results_dir/machine/file.json)."""
+    path = result_file.parent.parent / "benchmarks.json"
+    if not path.is_file():
+        return None
+    data = _read_json(path)
+    return {name: b.get("unit") for name, b in data.items() if isinstance(b, dict)}
+
+
+def _load_sparsek_bench(files) -> tuple[Samples, dict]:
+    # Imported here: asv-only use of the gate must not depend on the harness.
+    from sparsek.bench.results import load_results, samples_by_key
+
+    samples: Samples = {}
+    for path, _ in files:
+        try:
+            by_key = samples_by_key(load_results(path))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise GateError(f"{path}: not a sparsek-bench results file ({exc})") from exc
+        for key, values in by_key.items():
+            samples.setdefault(key, []).extend(float(v) for v in values)
+    return samples, {"format": "sparsek-bench", "files": [str(p) for p, _ in files]}
+
+
+def _json_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*.json") if p.name not in ASV_SKIP_FILES)
+    raise GateError(f"{path}: no such file or directory")
+
+
+def _read_json(path: Path):
+    try:
+        # asv writes NaN for skipped parameter combinations; json reads it as float('nan').
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise GateError(f"{path}: cannot read JSON ({exc})") from exc
+
+
+def _is_asv_result(data) -> bool:
+    return isinstance(data, dict) and "result_columns" in data and "results" in data
+
+
+def _per_combo(values, n: int) -> list:
+    if values is None:
+        return [None] * n
+    return list(values) + [None] * (n - len(values))
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
