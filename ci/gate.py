@@ -35,7 +35,14 @@ if __name__ == "__main__":
     # Always the statistics of the checkout this script lives in, not whatever is installed.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sparsek.bench.compare import compare_samples, has_regression, to_markdown  # noqa: E402
+from sparsek.bench.compare import (  # noqa: E402
+    IMPROVEMENT,
+    REGRESSION,
+    UNCHANGED,
+    compare_samples,
+    has_regression,
+    to_markdown,
+)
 
 ASV_SKIP_FILES = {"machine.json", "benchmarks.json"}
 ASV_TIME_UNIT = "seconds"
@@ -87,17 +94,16 @@ def asv_samples(data: dict, units: dict[str, str] | None) -> tuple[Samples, dict
         raw = _per_combo(row.get("samples"), len(combos))
         for combo, result, combo_samples in zip(combos, results, raw):
             if combo_samples:
-                values_ = [float(s) for s in combo_samples if _is_number(s)]
+                kept = [float(s) for s in combo_samples if _is_number(s)]
             elif _is_number(result) and units is not None:
                 # A timing recorded without --record-samples: its median alone, too few to judge.
-                values_ = [float(result)]
+                kept = [float(result)]
             else:
                 continue  # skipped (NotImplementedError in setup), failed, or not a timing
-            if not values_:
-                continue
-            key = f"{name}({', '.join(combo)})" if combo else name
-            samples[key] = values_
-            versions[key] = row.get("version")
+            if kept:
+                key = f"{name}({', '.join(combo)})" if combo else name
+                samples[key] = kept
+                versions[key] = row.get("version")
     return samples, versions
 
 
@@ -116,9 +122,8 @@ def run_gate(args: argparse.Namespace) -> int:
             "timings from different machines are not comparable"
         )
     if args.bench:
-        pattern = re.compile(args.bench)
-        base = {k: v for k, v in base.items() if pattern.search(k)}
-        head = {k: v for k, v in head.items() if pattern.search(k)}
+        base = {k: v for k, v in base.items() if args.bench.search(k)}
+        head = {k: v for k, v in head.items() if args.bench.search(k)}
     for key in sorted(set(base) & set(head)):
         vb, vh = base_info.get("versions", {}).get(key), head_info.get("versions", {}).get(key)
         if vb != vh:
@@ -126,7 +131,14 @@ def run_gate(args: argparse.Namespace) -> int:
             del base[key]
 
     rows = compare_samples(base, head, threshold=args.threshold, alpha=args.alpha)
-    report = _report(args, rows, base_info, head_info, notes)
+    decided = any(row.verdict in (REGRESSION, IMPROVEMENT, UNCHANGED) for row in rows)
+    if not decided:
+        outcome = "NO VERDICT: no benchmark could be compared"
+    elif has_regression(rows):
+        outcome = "FAIL: significant regression"
+    else:
+        outcome = "PASS: no significant regression"
+    report = _report(args, rows, base_info, head_info, notes, outcome)
     print(report)
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary:
@@ -142,7 +154,6 @@ def run_gate(args: argparse.Namespace) -> int:
         }
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
-    decided = [row for row in rows if row.verdict in ("regression", "improvement", "unchanged")]
     if not decided:
         print(
             "gate: no benchmark had enough samples on both sides to decide; "
@@ -173,10 +184,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--threshold {args.threshold}: expected a relative change >= 0, e.g. 0.05")
     if not 0 < args.alpha < 1:
         parser.error(f"--alpha {args.alpha}: expected a significance level in (0, 1), e.g. 0.01")
+    if args.bench:
+        try:
+            args.bench = re.compile(args.bench)
+        except re.error as exc:
+            parser.error(f"--bench {args.bench!r}: not a regular expression ({exc})")
     return run_gate(args)
 
 
-def _report(args, rows, base_info, head_info, notes) -> str:
+def _report(args, rows, base_info, head_info, notes, outcome) -> str:
     def describe(info):
         parts = [info["format"]]
         if info.get("commit"):
@@ -195,8 +211,7 @@ def _report(args, rows, base_info, head_info, notes) -> str:
         f"and a median slowdown above {args.threshold:.1%} (head/base > {1 + args.threshold:.3f}).",
     ]
     lines.extend(f"\n> {note}" for note in notes)
-    verdict = "FAIL: significant regression" if has_regression(rows) else "PASS: no significant regression"
-    lines.extend(["", f"**{verdict}**"])
+    lines.extend(["", f"**{outcome}**"])
     return "\n".join(lines) + "\n"
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the static history site (asv publish + the tier-history page) into a directory for Pages.
 #
-#   ci/publish.sh [OUT_DIR]        (default: _site)
+#   ci/publish.sh [OUT_DIR]        (default: out/site)
 #
 # Results: the committed benchmarks/results/ with, on top, benchmarks/results/ of the results branch
 # ($SPARSEK_RESULTS_BRANCH, default benchmark-results, fetched from $SPARSEK_RESULTS_REMOTE, default
@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 
-out="${1:-_site}"
+out="${1:-out/site}"
 branch="${SPARSEK_RESULTS_BRANCH:-benchmark-results}"
 remote="${SPARSEK_RESULTS_REMOTE:-origin}"
 tracking="refs/remotes/$remote/$branch"
@@ -36,6 +36,7 @@ if [ ! -f "$html_dir/index.html" ]; then
   exit 1
 fi
 rm -rf "$out"
+mkdir -p "$(dirname "$out")"
 cp -R "$html_dir" "$out"
-touch "$out/.nojekyll"  # serve asv's files and folders as they are
+touch "$out/.nojekyll"  # for Pages served from a branch; the Actions deployment runs no Jekyll
 echo "publish: site in $out"

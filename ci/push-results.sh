@@ -17,6 +17,10 @@ message="${2:-benchmark results}"
 branch="${SPARSEK_RESULTS_BRANCH:-benchmark-results}"
 remote="${SPARSEK_RESULTS_REMOTE:-origin}"
 cd "$(git rev-parse --show-toplevel)"
+if [ -z "$(find "$staged" -type f -print -quit)" ]; then
+  echo "push-results: nothing staged in $staged"
+  exit 0
+fi
 
 index="$(mktemp -d)/index"
 trap 'rm -rf "$(dirname "$index")"' EXIT

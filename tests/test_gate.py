@@ -226,6 +226,7 @@ def test_asv_without_recorded_samples_cannot_decide(tmp_path, capsys):
     code, out, err = run_gate(capsys, tmp_path / "base", tmp_path / "head", "--json", tmp_path / "g.json")
     assert code == 2
     assert "--record-samples" in err
+    assert "NO VERDICT" in out
     rows = rows_by_key(tmp_path / "g.json")
     assert {row["verdict"] for row in rows.values()} == {"too-few-samples"}
     assert rows[f"{TRACK_LATENCY}('seed', 'sparsek')"]["ratio"] == pytest.approx(1.5, rel=0.02)
@@ -495,9 +496,12 @@ def test_bench_sh_stages_results_and_push_results_publishes_them(toy_repo, tmp_p
     assert result["commit_hash"] == sha
     assert result["params"]["gpu"] == "cpu" and result["params"]["machine"] == "toy-box"
 
-    def push(message):
-        return subprocess.run(["bash", "ci/push-results.sh", str(staged), message], cwd=repo, env=env,
+    def push_dir(directory, message="results"):
+        return subprocess.run(["bash", "ci/push-results.sh", str(directory), message], cwd=repo, env=env,
                               capture_output=True, text=True, timeout=120)
+
+    def push(message):
+        return push_dir(staged, message)
 
     proc = push("first")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -509,11 +513,26 @@ def test_bench_sh_stages_results_and_push_results_publishes_them(toy_repo, tmp_p
     other = tmp_path / "other" / "benchmarks" / "results" / "other-box"
     other.mkdir(parents=True)
     (other / "machine.json").write_text("{}")
-    proc = subprocess.run(["bash", "ci/push-results.sh", str(tmp_path / "other"), "second"], cwd=repo, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = push_dir(tmp_path / "other", "second")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert len(git(remote, "ls-tree", "-r", "--name-only", "benchmark-results").splitlines()) == 4
     assert git(remote, "log", "--format=%s", "benchmark-results").splitlines() == ["second", "first"]
+
+    # Two runs pushing at once: whichever loses the race rebuilds on the winner's commit.
+    racers = []
+    for name in ("box-a", "box-b"):
+        machine_dir = tmp_path / name / "benchmarks" / "results" / name
+        machine_dir.mkdir(parents=True)
+        (machine_dir / "machine.json").write_text(json.dumps({"machine": name}))
+        racers.append(subprocess.Popen(["bash", "ci/push-results.sh", str(tmp_path / name), name], cwd=repo,
+                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for racer in racers:
+        assert racer.wait(timeout=120) == 0, racer.stdout.read()
+    listing = git(remote, "ls-tree", "-r", "--name-only", "benchmark-results").splitlines()
+    assert {"benchmarks/results/box-a/machine.json", "benchmarks/results/box-b/machine.json"} <= set(listing)
+    assert len(listing) == 6
+    (tmp_path / "empty").mkdir()
+    assert "nothing staged" in push_dir(tmp_path / "empty").stdout
     # The results gate.py reads straight from the branch layout.
     code = gate.main([str(staged / "benchmarks" / "results")] * 2)
     assert code == 0

@@ -158,7 +158,7 @@ def test_bench_publishes_results_pages_and_metrics():
     assert "bash ci/bench.sh" in run_lines
     assert "make bench-profile" in run_lines
     assert "bash ci/push-results.sh" in run_lines
-    assert "bash ci/publish.sh _site" in run_lines
+    assert "bash ci/publish.sh out/site" in run_lines
     uses = [s["uses"].split("@")[0] for j in bench.values() for s in steps(j) if "uses" in s]
     for action in ("actions/upload-pages-artifact", "actions/deploy-pages", "actions/upload-artifact",
                    "actions/download-artifact"):

@@ -60,7 +60,7 @@ def compare_samples(
 ) -> list[Row]:
     """One Row per key of base or head, sorted by key.
 
-    Non-finite samples (asv writes NaN for failed repeats) are dropped before anything else.
+    Missing and non-finite samples (None, NaN, inf) are dropped before anything else.
     """
     if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold >= 0):
         raise ValueError(f"threshold={threshold!r}: expected a finite relative change >= 0, e.g. 0.05")
