@@ -1,0 +1,224 @@
+"""``sparsek-bench``: run the suite, assess tiers, compare two runs, print the environment, profile.
+
+    sparsek-bench run --default                     # make bench: the default cases of this machine
+    sparsek-bench run --case seed --impl sparsek,sdpa-cudnn --warm --json out.json
+    sparsek-bench tiers --results benchmarks/runs/X.json --explain
+    sparsek-bench report --results part1.json --results part2.json --json merged.json
+    sparsek-bench compare base.json head.json       # exit 1 on a significant regression
+    sparsek-bench env
+    sparsek-bench profile ...                        # Nsight Compute (sparsek.bench.profile)
+
+Also ``python -m sparsek.bench.cli``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EXIT_OK = 0
+EXIT_REGRESSION = 1
+EXIT_USAGE = 2
+
+
+def _split(values: list[str] | None) -> list[str]:
+    out = []
+    for v in values or []:
+        out += [x.strip() for x in v.split(",") if x.strip()]
+    return out
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--case", action="append", metavar="NAME",
+                   help="case name (repeatable or comma-separated; learn-* cases go to sparsek.learn)")
+    p.add_argument("--impl", action="append", metavar="ID", help="implementation id (repeatable or comma-separated)")
+    p.add_argument("--default", action="store_true",
+                   help="the default cases of this machine (GPU: seed and long-*; CPU: cpu-smoke)")
+    p.add_argument("--quick", action="store_true", help="fewer samples and a shorter time cap (smoke runs)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--cold", dest="cold", action="store_true", default=True,
+                      help="flush L2 before every sample (default)")
+    mode.add_argument("--warm", dest="cold", action="store_false", help="no L2 flush between samples")
+    p.add_argument("--cuda-graph", action="store_true", help="time CUDA-graph replays of each call")
+    p.add_argument("--json", metavar="PATH", help="results file (default: benchmarks/runs/<date>-<gpu>-<commit>.json)")
+    p.add_argument("--timeout", type=float, default=300.0, metavar="S",
+                   help="per case x implementation: prepare + check + timing (default 300; 0 = none)")
+    p.add_argument("--max-time", type=float, metavar="S", help="time cap of one timed loop")
+    p.add_argument("--min-samples", type=int, metavar="N", help="samples before the stopping rule may stop")
+    p.add_argument("--target-rel-iqr", type=float, metavar="F", help="stop when IQR/median is under this")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+
+
+def _do_run(args, argv):
+    from . import runner
+
+    cases = _split(args.case)
+    if args.default:
+        cases = runner.default_cases() + [c for c in cases if c not in runner.default_cases()]
+    if not cases:
+        from .cases import CASES
+
+        raise SystemExit(f"sparsek-bench: choose cases with --case NAME or --default; cases: {', '.join(CASES)}")
+    overrides = {k: v for k, v in (("max_time_s", args.max_time), ("min_samples", args.min_samples),
+                                   ("target_rel_iqr", args.target_rel_iqr)) if v is not None}
+    options = runner.RunOptions(quick=args.quick, cold=args.cold, cuda_graph=args.cuda_graph,
+                                timeout_s=args.timeout, timing=overrides)
+    progress = None if args.no_progress else runner.stderr_progress
+    return runner.run(cases, _split(args.impl) or None, options=options, json_path=args.json,
+                      progress=progress, argv=argv)
+
+
+def cmd_run(args, argv) -> int:
+    from . import report
+
+    doc = _do_run(args, argv)
+    print(report.format_report(doc))
+    print()
+    print(report.format_tiers(doc["tiers"]))
+    print(f"\nresults: {doc['run']['json_path']}")
+    return EXIT_OK
+
+
+def cmd_tiers(args, argv) -> int:
+    from . import report, tiers
+
+    doc = None
+    if args.results:
+        doc = _load_many(args.results)
+    elif args.case or args.default:
+        doc = _do_run(args, argv)
+    if doc is not None:
+        print(report.format_tiers(tiers.assess(doc)))
+    if args.explain:
+        peaks = None  # the brief's targets are GPU figures: only a GPU peak is a fair yardstick
+        if doc is not None:
+            peaks = (doc["run"].get("peaks") or {}).get("cuda")
+        else:
+            import torch
+
+            from .metrics import measure_peaks
+
+            if torch.cuda.is_available():
+                peaks = measure_peaks("cuda", quick=True)
+        if doc is not None:
+            print()
+        print(report.format_explain(tiers.explain(peaks if peaks and "error" not in peaks else None)))
+    if doc is None and not args.explain:
+        raise SystemExit("sparsek-bench tiers: give --results FILE, cases to run (--case/--default), or --explain")
+    return EXIT_OK
+
+
+def _load_many(paths: list[str]) -> dict:
+    from .results import load_results, merge_results
+
+    docs = [load_results(p) for p in paths]
+    return docs[0] if len(docs) == 1 else merge_results(docs, paths)
+
+
+def cmd_report(args, argv) -> int:
+    from . import report, tiers
+    from .results import write_json_atomic
+
+    doc = _load_many(args.results)
+    doc["tiers"] = tiers.assess(doc)
+    if args.json:
+        write_json_atomic(args.json, doc)
+    print(report.format_report(doc))
+    print()
+    print(report.format_tiers(doc["tiers"]))
+    if args.json:
+        print(f"\nmerged results: {args.json}")
+    return EXIT_OK
+
+
+def cmd_compare(args, argv) -> int:
+    from .results import load_results, samples_by_key
+
+    try:
+        from . import compare
+    except ImportError as exc:
+        print(f"sparsek-bench compare: the statistics module sparsek.bench.compare is missing ({exc})", file=sys.stderr)
+        return EXIT_USAGE
+    base, head = load_results(args.base), load_results(args.head)
+    names = [(d["run"].get("device") or {}).get("name") for d in (base, head)]
+    if names[0] != names[1]:
+        print(f"warning: {args.base} ran on {names[0]} and {args.head} on {names[1]}; "
+              "timings from different cards are not comparable", file=sys.stderr)
+    rows = compare.compare_samples(samples_by_key(base), samples_by_key(head), threshold=args.threshold,
+                                   alpha=args.alpha)
+    print(compare.to_markdown(rows), end="")
+    return EXIT_REGRESSION if compare.has_regression(rows) else EXIT_OK
+
+
+def cmd_env(args, argv) -> int:
+    from .device import fingerprint
+
+    fp = fingerprint()
+    if args.json:
+        print(json.dumps(fp, indent=1, default=str))
+        return EXIT_OK
+    from tabulate import tabulate
+
+    flat = []
+    for key, value in fp.items():
+        if isinstance(value, dict):
+            flat += [(f"{key}.{k}", v) for k, v in value.items()]
+        else:
+            flat.append((key, ", ".join(map(str, value)) if isinstance(value, list) else value))
+    print(tabulate(flat, tablefmt="plain", disable_numparse=True))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsek-bench", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run cases x implementations; print the report and the tier assessment")
+    _add_run_args(p)
+    p = sub.add_parser("tiers", help="tier assessment from a results file or a fresh run")
+    p.add_argument("--results", metavar="FILE", action="append",
+                   help="a results JSON (repeatable: runs of one GPU are merged); otherwise run the given cases")
+    p.add_argument("--explain", action="store_true",
+                   help="what the brief's absolute us/head targets imply in TFLOP/s, next to the measured peak")
+    _add_run_args(p)
+    p = sub.add_parser("report", help="print the report and tiers of results files (merging runs of one GPU)")
+    p.add_argument("--results", metavar="FILE", action="append", required=True, help="a results JSON (repeatable)")
+    p.add_argument("--json", metavar="PATH", help="also write the merged document here")
+    p = sub.add_parser("compare", help="base vs head: significance test on the samples; exit 1 on a regression")
+    p.add_argument("base", help="results JSON of the base run")
+    p.add_argument("head", help="results JSON of the head run")
+    p.add_argument("--threshold", type=float, default=0.05, help="relative slowdown that counts (default 0.05)")
+    p.add_argument("--alpha", type=float, default=0.01, help="significance level (default 0.01)")
+    p = sub.add_parser("env", help="print the device fingerprint, versions and commit")
+    p.add_argument("--json", action="store_true", help="as JSON")
+    sub.add_parser("profile", help="Nsight Compute profile (sparsek.bench.profile; see `profile --help`)",
+                   add_help=False)
+    return parser
+
+
+COMMANDS = {"run": cmd_run, "tiers": cmd_tiers, "report": cmd_report, "compare": cmd_compare, "env": cmd_env}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "profile":
+        from .profile import main as profile_main
+
+        return profile_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    from .cases import UnknownName
+
+    try:
+        return COMMANDS[args.command](args, argv)
+    except UnknownName as exc:
+        print(f"sparsek-bench: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ValueError, FileNotFoundError) as exc:
+        if args.command in ("compare", "tiers", "report"):  # unreadable or mismatched results files
+            print(f"sparsek-bench: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The results file (atomic, versioned) and the runner's promise: one bad record never loses the others."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import pytest
+import torch
+
+from sparsek.bench import results, runner
+from sparsek.bench.cases import CASES
+from sparsek.bench.impls import base, get_impl
+
+QUICK = runner.RunOptions(quick=True, peaks=False, timeout_s=2.0,
+                          timing={"min_samples": 3, "max_time_s": 0.05, "warmup": 1, "warmup_s": 0.0})
+
+
+def test_atomic_write_replaces_whole_files(tmp_path):
+    path = tmp_path / "sub" / "r.json"
+    results.write_json_atomic(path, {"a": 1, "x": math.inf, "y": [math.nan]})
+    assert json.loads(path.read_text()) == {"a": 1, "x": "inf", "y": ["nan"]}
+    with pytest.raises(TypeError):
+        results.write_json_atomic(path, {"bad": object()})
+    assert json.loads(path.read_text())["a"] == 1  # the old file survives a failed write
+    assert os.listdir(path.parent) == ["r.json"]  # and no temp file is left behind
+
+
+def test_load_checks_the_schema(tmp_path):
+    good = tmp_path / "good.json"
+    results.write_json_atomic(good, results.new_results({"argv": []}))
+    assert results.load_results(good)["schema_version"] == results.SCHEMA_VERSION
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"schema": "sparsek-bench", "schema_version": 0}))
+    with pytest.raises(ValueError, match="schema_version 0; this sparsek-bench reads version 1"):
+        results.load_results(old)
+    other = tmp_path / "other.json"
+    other.write_text("{}")
+    with pytest.raises(ValueError, match="not a sparsek-bench results file"):
+        results.load_results(other)
+
+
+def test_samples_by_key_takes_ok_records_only():
+    doc = {"records": [
+        {"case": "seed", "impl": "sdpa-cudnn", "status": "ok", "timing": {"samples": [1.0, 2.0]}},
+        {"case": "seed", "impl": "sparsek", "status": "skipped", "reason": "no kernels"},
+        {"case": "seed", "impl": "flex-window", "status": "failed", "reason": "boom"},
+    ]}
+    assert results.samples_by_key(doc) == {"seed/sdpa-cudnn": [1.0, 2.0]}
+
+
+class Boom(base.Impl):
+    def __init__(self, id, exc):
+        super().__init__(id, family="test", kind="prefill", pattern="dense-causal")
+        self.exc = exc
+
+    def prepare(self, case, inputs):
+        if self.exc == "slow":
+            time.sleep(30)
+        raise self.exc
+
+
+class WrongShape(base.Impl):
+    def __init__(self):
+        super().__init__("wrong-shape", family="test", kind="prefill", pattern="dense-causal")
+
+    def prepare(self, case, inputs):
+        return base.Prepared(fn=lambda: inputs.q[:, :, :3])
+
+
+def test_a_failing_case_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    plan = [get_impl("sdpa-math"), Boom("boom", RuntimeError("kernel exploded")),
+            Boom("oom", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB")),
+            Boom("slow", "slow"), WrongShape(), get_impl("sparsek"), get_impl("sdpa-flash")]
+    monkeypatch.setattr(runner, "impls_for", lambda case: plan)
+    seen = []
+
+    def progress(line):  # after each record the file on disk already holds it
+        if ": preparing" not in line and line.startswith("["):
+            seen.append(len(results.load_results(path)["records"]))
+
+    path = tmp_path / "run.json"
+    doc = runner.run(["cpu-smoke"], options=QUICK, json_path=path, progress=progress)
+    status = {r["impl"]: r["status"] for r in doc["records"]}
+    assert status == {"sdpa-math": "ok", "boom": "failed", "oom": "oom", "slow": "timeout", "wrong-shape": "failed",
+                      "sparsek": "skipped", "sdpa-flash": "ok"}
+    by_id = {r["impl"]: r for r in doc["records"]}
+    assert by_id["boom"]["reason"] == "RuntimeError: kernel exploded" and by_id["boom"]["traceback"]
+    assert "exceeded the per-record timeout of 2 s" in by_id["slow"]["reason"]
+    assert "returned shape (1, 4, 3, 32)" in by_id["wrong-shape"]["reason"]
+    ok = by_id["sdpa-math"]
+    assert ok["error"]["passed"] and ok["error"]["rows"] == 256 and ok["timing"]["count"] >= 3
+    assert ok["metrics"]["us_per_iter"] == pytest.approx(ok["timing"]["median"] * 1e6)
+    assert seen == [0, 1, 2, 3, 4, 5, 6]  # printed before the write of the record they report
+    on_disk = results.load_results(path)
+    assert [r["impl"] for r in on_disk["records"]] == [i.id for i in plan]
+    assert on_disk["run"]["finished"] and on_disk["run"]["status_counts"]["failed"] == 2
+    assert {r["tier"] for r in on_disk["tiers"]} == {"T1", "T2", "T3"}
+    assert set(results.samples_by_key(on_disk)) == {"cpu-smoke/sdpa-math", "cpu-smoke/sdpa-flash"}
+
+
+def test_an_interrupted_run_keeps_the_finished_records(tmp_path, monkeypatch):
+    plan = [get_impl("sdpa-math"), Boom("interrupt", KeyboardInterrupt())]
+    monkeypatch.setattr(runner, "impls_for", lambda case: plan)
+    path = tmp_path / "run.json"
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(["cpu-smoke"], options=QUICK, json_path=path)
+    assert [r["impl"] for r in results.load_results(path)["records"]] == ["sdpa-math"]
+
+
+def test_cuda_cases_without_cuda_are_skipped_with_a_reason(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    doc = runner.run(["seed"], ["sdpa-cudnn", "sparsek"], options=QUICK, json_path=tmp_path / "r.json")
+    assert [(r["impl"], r["status"], r["reason"]) for r in doc["records"]] == [
+        ("sparsek", "skipped", "CUDA is not available on this machine"),
+        ("sdpa-cudnn", "skipped", "CUDA is not available on this machine")]
+    assert doc["run"]["cases"]["seed"] == dict(CASES["seed"].__dict__)
+
+
+def test_nvtx_ranges_nest_impl_inside_case(monkeypatch):
+    from sparsek import _nvtx
+
+    stack, seen = [], []
+
+    class Range:
+        def __init__(self, name):
+            self.name = name
+
+        def __enter__(self):
+            stack.append(self.name)
+
+        def __exit__(self, *exc):
+            stack.pop()
+
+    monkeypatch.setattr(_nvtx, "annotate", Range)
+    case, impl = CASES["cpu-smoke"], get_impl("sdpa-math")
+    with runner.nvtx_ranges(case, impl):
+        seen.append(list(stack))
+    assert seen == [["case:cpu-smoke", "sdpa-math"]] and stack == []  # impl innermost, nothing between
+
+
+def test_merging_runs_of_one_gpu():
+    def run(started, device, records, throttled=None):
+        doc = results.new_results({"started": started, "device": {"name": device}, "throttled": throttled})
+        doc["records"] = [{"case": c, "impl": i, "status": s} for c, i, s in records]
+        return doc
+
+    a = run("t0", "NVIDIA H200", [("seed", "sparsek", "failed"), ("seed", "sdpa-cudnn", "ok")], throttled=False)
+    b = run("t1", "NVIDIA H200", [("seed", "sparsek", "ok"), ("long-16k", "sdpa-cudnn", "ok")], throttled=True)
+    merged = results.merge_results([a, b], ["a.json", "b.json"])
+    assert [(r["case"], r["impl"], r["status"]) for r in merged["records"]] == [
+        ("seed", "sparsek", "ok"), ("seed", "sdpa-cudnn", "ok"), ("long-16k", "sdpa-cudnn", "ok")]
+    assert [m["path"] for m in merged["run"]["merged"]] == ["a.json", "b.json"] and merged["run"]["throttled"] is True
+    with pytest.raises(ValueError, match="different devices"):
+        results.merge_results([a, run("t2", "NVIDIA H100 80GB HBM3", [])])
