@@ -43,7 +43,7 @@ RUNS_DIR = Path("benchmarks/runs")
 LEARN_PREFIX = "learn-"
 
 TIMING_PROFILES = {
-    "normal": {"target_rel_iqr": 0.01, "min_samples": 10, "max_samples": 1000, "max_time_s": 10.0,
+    "normal": {"target_rel_iqr": 0.01, "min_samples": 10, "max_samples": 1000, "max_time_s": 5.0,
                "warmup": 3, "warmup_s": 0.1},
     "quick": {"target_rel_iqr": 0.05, "min_samples": 5, "max_samples": 50, "max_time_s": 1.0,
               "warmup": 1, "warmup_s": 0.02},
@@ -183,14 +183,19 @@ def run_one(ctx: CaseContext, impl: Impl, options: RunOptions, *, peaks: dict | 
             if cuda:
                 torch.cuda.synchronize()
                 base_bytes = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
             prepared = impl.prepare(case, ctx.inputs)
             record["notes"] = list(prepared.notes)
+            if cuda:  # what the implementation keeps (block masks, layouts), not prepare's scratch
+                torch.cuda.synchronize()
+                state_bytes = torch.cuda.memory_allocated() - base_bytes
+                torch.cuda.reset_peak_memory_stats()
             out = prepared.output()
             if cuda:
                 torch.cuda.synchronize()
-                record["memory"] = {"peak_bytes": torch.cuda.max_memory_allocated() - base_bytes,
-                                    "note": "prepared state + workspace + output of one call, beyond the inputs"}
+                call_bytes = torch.cuda.max_memory_allocated() - base_bytes - state_bytes
+                record["memory"] = {"peak_bytes": state_bytes + call_bytes, "prepared_bytes": state_bytes,
+                                    "call_bytes": call_bytes,
+                                    "note": "beyond the inputs: prepared state + one call's workspace and output"}
             record["error"] = check_output(ctx, impl, out, prepared.compare_with)
             out = None
             with sampler if sampler is not None else contextlib.nullcontext():
@@ -209,7 +214,7 @@ def run_one(ctx: CaseContext, impl: Impl, options: RunOptions, *, peaks: dict | 
         status = "oom" if _is_oom(exc) else "failed"
         record.update(status=status, reason=first_line(exc, limit=500))
         if status == "failed":
-            record["traceback"] = traceback.format_exc(limit=8).splitlines()[-12:]
+            record["traceback"] = traceback.format_exc(limit=-6).splitlines()[-14:]
     finally:
         prepared = out = None
         _cleanup(cuda)
@@ -229,7 +234,7 @@ def run_learn(name: str, quick: bool) -> dict:
         out = run_learn_case(name, quick)
     except Exception as exc:
         record.update(status="failed", reason=first_line(exc, limit=500),
-                      traceback=traceback.format_exc(limit=8).splitlines()[-12:])
+                      traceback=traceback.format_exc(limit=-6).splitlines()[-14:])
         return record
     if not isinstance(out, dict):
         record.update(status="failed", reason=f"run_learn_case returned {type(out).__name__}, expected dict")
