@@ -279,13 +279,15 @@ class XFormersImpl(Impl):
 
     @staticmethod
     def layout(case: Case, q, k, v):
-        """q (B, Hq, S, D), k, v (B, Hkv, S, D) -> xFormers' (B, S, [Hkv, G,] D) views."""
+        """q (B, Hq, S, D), k, v (B, Hkv, S, D) -> xFormers' (B, S, [Hkv, G,] D), stored in that
+        order (as an xFormers model holds them), k and v broadcast over G without a copy."""
         B, S, D = q.shape[0], q.shape[2], q.shape[3]
+        qs, ks, vs = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # (B, S, H, D)
         if case.group == 1:
-            return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q5 = q.transpose(1, 2).reshape(B, S, case.kv_heads, case.group, D)
-        k5 = k.transpose(1, 2).unsqueeze(3).expand(B, S, case.kv_heads, case.group, D)
-        v5 = v.transpose(1, 2).unsqueeze(3).expand(B, S, case.kv_heads, case.group, D)
+            return qs, ks, vs
+        q5 = qs.view(B, S, case.kv_heads, case.group, D)
+        k5 = ks.unsqueeze(3).expand(B, S, case.kv_heads, case.group, D)
+        v5 = vs.unsqueeze(3).expand(B, S, case.kv_heads, case.group, D)
         return q5, k5, v5
 
     @staticmethod
