@@ -26,18 +26,19 @@ constexpr int kRows = kAttnRows;          // rows (query x head) per CTA
 constexpr int kWarps = kRows / 16;        // one m16 slice of rows per warp
 constexpr int kThreads = kWarps * 32;
 constexpr int kTileN = 64;                // keys per tile
-constexpr int kStages = 2;
+constexpr int kStages = 3;                // tiles in flight: hides the gather latency
 constexpr float kLn2 = 0.69314718055994531f;
 
 template <int kD>
 struct Traits {
   static constexpr int kChunks = kD / 8;                    // 16-byte chunks per row
-  static constexpr int kChunksPerThread = kChunks / 2;      // two threads load one key row
+  static constexpr int kLoadersPerRow = kThreads / kTileN;  // threads that copy one key row
+  static constexpr int kChunksPerThread = kChunks / kLoadersPerRow;
   static constexpr int kTileElems = kTileN * kD;
   static constexpr int kSmemBytes =
       (kRows * kD + 2 * kStages * kTileElems) * 2 + kStages * kTileN * (2 * sizeof(int) + sizeof(float));
 };
-static_assert(kThreads == 2 * kTileN, "two loader threads per key row");
+static_assert(kThreads % kTileN == 0, "whole loader threads per key row");
 
 // Element offset of 16-byte chunk `chunk` of row `row`: XOR-swizzled so that the 8 rows an
 // ldmatrix reads at one logical chunk fall into 8 different bank groups.
@@ -115,7 +116,7 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
 }
 
 template <int kD, typename Elem>
-__global__ void __launch_bounds__(kThreads, 2) attention_fwd_kernel(const AttnParams p) {
+__global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnParams p) {
   using T = Traits<kD>;
   constexpr int kKSteps = kD / 16;  // k-steps of Q.K^T
   constexpr int kDBlocks = kD / 8;  // n-blocks of the output
@@ -149,8 +150,8 @@ __global__ void __launch_bounds__(kThreads, 2) attention_fwd_kernel(const AttnPa
   const int* list = p.block_keys + ((size_t)bh * p.n_blocks + blk) * p.cap;
   const int n_tiles = n_win + (count + kTileN - 1) / kTileN;
 
-  // Loader role: thread pair (2r, 2r+1) copies key row r of every tile, half a row each.
-  const int my_row = tid >> 1, my_half = tid & 1;
+  // Loader role: kLoadersPerRow consecutive threads copy key row r of every tile.
+  const int my_row = tid / T::kLoadersPerRow, my_part = tid % T::kLoadersPerRow;
   auto tile_key = [&](int t) -> int {  // key index of my_row in tile t, -1 for padding
     if (t >= n_tiles) return -1;
     if (t < n_win) {
@@ -169,11 +170,11 @@ __global__ void __launch_bounds__(kThreads, 2) attention_fwd_kernel(const AttnPa
     Elem* vdst = sV + stage * T::kTileElems;
 #pragma unroll
     for (int c = 0; c < T::kChunksPerThread; ++c) {
-      const int ch = my_half * T::kChunksPerThread + c;
+      const int ch = my_part * T::kChunksPerThread + c;
       cp_async16(kdst + swz<kD>(my_row, ch), ksrc + ch * 8, ok);
       cp_async16(vdst + swz<kD>(my_row, ch), vsrc + ch * 8, ok);
     }
-    if (my_half == 0) {
+    if (my_part == 0) {
       const int m = stage * kTileN + my_row;
       sKey[m] = j;
       if (t >= n_win && ok) {
@@ -186,7 +187,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_fwd_kernel(const AttnPa
     }
   };
 
-  // ---- prologue: Q rows (zero beyond S) and tile 0 ----
+  // ---- prologue: Q rows (zero beyond S) with tile 0, then tile 1 ----
   for (int c = tid; c < kRows * T::kChunks; c += kThreads) {
     const int r = c / T::kChunks, ch = c % T::kChunks;
     const int i = i0 + r % p.block_q, head = hkv * p.group + r / p.block_q;
@@ -196,7 +197,9 @@ __global__ void __launch_bounds__(kThreads, 2) attention_fwd_kernel(const AttnPa
   }
   if (n_tiles > 0) load_tile(0, 0, tile_key(0));
   cp_async_commit();
-  int key_next = tile_key(1);
+  if (n_tiles > 1) load_tile(1, 1, tile_key(1));
+  cp_async_commit();
+  int key_next = tile_key(2);
 
   // Per-thread rows (mma accumulator layout): r_lo = warp*16 + lane/4 and r_lo + 8.
   const int r_lo = warp * 16 + (lane >> 2);
@@ -210,7 +213,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_fwd_kernel(const AttnPa
     tau_row[h] = qi[h] < S ? p.tau[(size_t)bh * S + qi[h]] : 0.f;
   }
 
-  cp_async_wait<0>();
+  cp_async_wait<1>();  // Q and tile 0
   __syncthreads();
   uint32_t qf[kKSteps][4];
 #pragma unroll
@@ -225,12 +228,13 @@ __global__ void __launch_bounds__(kThreads, 2) attention_fwd_kernel(const AttnPa
   float l_run[2] = {0.f, 0.f};
 
   for (int t = 0; t < n_tiles; ++t) {
-    const int stage = t & 1;
-    if (t + 1 < n_tiles) load_tile(t + 1, stage ^ 1, key_next);
-    cp_async_commit();
-    key_next = tile_key(t + 2);
-    cp_async_wait<1>();
+    const int stage = t % kStages;
+    cp_async_wait<kStages - 2>();  // tile t has landed
+    // Also the barrier before refilling: the stage loaded below was read during tile t - 1.
     __syncthreads();
+    if (t + kStages - 1 < n_tiles) load_tile(t + kStages - 1, (t + kStages - 1) % kStages, key_next);
+    cp_async_commit();  // possibly empty: keeps the group count uniform
+    key_next = tile_key(t + kStages);
 
     const Elem* sKs = sK + stage * T::kTileElems;
     const Elem* sVs = sV + stage * T::kTileElems;
@@ -335,7 +339,6 @@ __global__ void __launch_bounds__(kThreads, 2) attention_fwd_kernel(const AttnPa
         mma16816<Elem>(o[2 * nd2 + 1], a, bfr[2], bfr[3]);
       }
     }
-    __syncthreads();  // this stage is refilled two tiles from now
   }
 
   // ---- epilogue: normalise, write out and lse ----

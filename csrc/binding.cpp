@@ -21,9 +21,14 @@
 
 namespace {
 
-// Prefix lengths walked by one CTA of the selection: long enough to amortise the parallel
-// start, short enough to give B * Hkv * S / kSelectChunk CTAs.
-constexpr int64_t kSelectChunk = 256;
+// Prefix lengths walked by one CTA of the selection. Each CTA first scans up to S sorted
+// positions to rebuild its start state, so the scans cost O(S^2 / chunk) per row while the
+// serial walk costs O(chunk): grow the chunk with S, within [256, 2048].
+int64_t select_chunk(int64_t S) {
+  int64_t chunk = 256;
+  while (chunk < 2048 && chunk * 128 < S) chunk *= 2;
+  return chunk;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_cuda(
     const at::Tensor& scores,  // (B, H, S) float32
@@ -49,7 +54,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_cuda(
 
   const int64_t k_eff = std::min<int64_t>(topk, S);
   const int64_t n_max = std::max<int64_t>(0, S - window);
-  const int64_t n_chunks = n_max > k_eff ? (n_max - k_eff + kSelectChunk - 1) / kSelectChunk : 0;
+  const int64_t chunk = select_chunk(S);
+  const int64_t n_chunks = n_max > k_eff ? (n_max - k_eff + chunk - 1) / chunk : 0;
   const int64_t n_blocks = block_q > 0 ? (S + block_q - 1) / block_q : 0;
   const int64_t cap = block_q > 0 ? k_eff + block_q - 1 : 0;
 
@@ -79,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_cuda(
   p.topk = static_cast<int>(k_eff);  // topk >= S selects every candidate, like topk = S
   p.window = static_cast<int>(std::min<int64_t>(window, S));
   p.n_max = static_cast<int>(n_max);
-  p.chunk = static_cast<int>(kSelectChunk);
+  p.chunk = static_cast<int>(chunk);
   p.n_chunks = static_cast<int>(n_chunks);
   p.block_q = static_cast<int>(block_q);
   p.n_blocks = static_cast<int>(n_blocks);
@@ -312,7 +318,7 @@ void launch_update(const DecodeShape& s, const at::Tensor& k_new, const at::Tens
   params.window = static_cast<int>(s.window);
   params.num_slots = static_cast<int>(s.NS);
   params.soft_capacity = static_cast<int>(capacity);
-  const cudaError_t err = sparsek::launch_decode_update(params, at::cuda::getCurrentCUDAStream());
+  const cudaError_t err = sparsek::launch_decode_update(params, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "sparsek decode: update launch failed: ", cudaGetErrorString(err));
 }
 
@@ -374,7 +380,7 @@ at::Tensor launch_attention(const DecodeShape& s, const at::Tensor& q, const at:
   params.scale_log2 = static_cast<float>(scale * 1.4426950408889634);  // log2(e)
   params.is_bf16 = is_bf16;
   params.use_pdl = after_update;
-  const cudaError_t err = sparsek::launch_decode_attention(params, at::cuda::getCurrentCUDAStream());
+  const cudaError_t err = sparsek::launch_decode_attention(params, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "sparsek decode: attention launch failed: ", cudaGetErrorString(err));
   return out;
 }

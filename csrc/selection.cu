@@ -26,6 +26,7 @@ constexpr int kWarps = kWalkThreads / 32;
 constexpr int kMaxBisect = 80;          // float64 bisection of a unit interval needs < 60
 constexpr int kListThreads = 32;        // one warp compacts one block's key list
 constexpr int kEndThreads = 256;
+constexpr int kMaxBand = 12288;        // keys a walker keeps in shared memory (144 KB)
 constexpr unsigned kFullMask = 0xffffffffu;
 
 template <typename T>
@@ -41,27 +42,101 @@ __device__ T block_sum(T v, T* scratch) {
   return total;
 }
 
-// f(t) = sum over present keys at positions [from, S) of clip(u - t, 0, 1).
-__device__ double soft_mass(const float* sorted, const int* key_at, int from, int S, int n, double t, double* scratch) {
-  double f = 0.0;
-  for (int q = from + threadIdx.x; q < S; q += kWalkThreads) {
-    if (key_at[q] < n) f += fmin(fmax((double)sorted[q] - t, 0.0), 1.0);
-  }
-  return block_sum(f, scratch);
-}
+// The sorted positions a walker reads, indexed in ascending order. GlobalBand is the whole row in
+// global memory; SharedBand is the compact copy in shared memory of the keys that matter for
+// the chunk (present by its end, score above the floor), stored in descending order.
+struct GlobalBand {
+  const float* sorted;
+  const int* key_at;
+  const int* pos;
+  int size;
+  __device__ float value(int a) const { return sorted[a]; }
+  __device__ int key(int a) const { return key_at[a]; }
+  __device__ int global_pos(int a) const { return a; }
+  __device__ int index_of(int j) const { return pos[j]; }  // band index of key j, -1 if absent
+};
 
-// First sorted position whose value satisfies value > t (strict) or value >= t.
-__device__ int first_above(const float* sorted, int S, double t, bool strict) {
-  int lo = 0, hi = S;
+struct SharedBand {
+  const float* val;  // descending
+  const int* idx;
+  const int* gpos;
+  const int* chunk_slot;  // descending slot of key n0 + c, -1 when below the floor
+  int n0;
+  int size;
+  __device__ float value(int a) const { return val[size - 1 - a]; }
+  __device__ int key(int a) const { return idx[size - 1 - a]; }
+  __device__ int global_pos(int a) const { return gpos[size - 1 - a]; }
+  __device__ int index_of(int j) const {
+    const int d = chunk_slot[j - n0];
+    return d < 0 ? -1 : size - 1 - d;
+  }
+};
+
+// First band index whose value satisfies value > t (strict) or value >= t.
+template <class Band>
+__device__ int band_first_above(const Band& band, double t, bool strict) {
+  int lo = 0, hi = band.size;
   while (lo < hi) {
     const int mid = (lo + hi) >> 1;
-    const double v = sorted[mid];
+    const double v = band.value(mid);
     if (strict ? (v > t) : (v >= t)) hi = mid; else lo = mid + 1;
   }
   return lo;
 }
 
-__global__ void __launch_bounds__(kWalkThreads, 4) chunk_walk_kernel(SelectParams p) {
+// The serial walk over prefix lengths [n0, n_end) from the state at n0: tau, the K-th best
+// band index, and the saturated count / soft count / soft sum of the present keys.
+//   lo: first band index above tau (keys below never matter again, tau only grows);
+//   hi: first band index at or above tau + 1 (present keys from there on are saturated).
+// Inserting key n can only raise f(tau) = cU + sF - cF * tau; tau then moves up through the
+// breakpoints (a soft key reaching 0, a saturated key turning soft) until f = K again.
+template <class Band>
+__device__ void walk_chunk(const Band& band, const float* scores, float* tau_out, int* kth_out, int window, int K,
+                           int n0, int n_end, double tau, int kth, long long cU, long long cF, double sF) {
+  int lo = band_first_above(band, tau, true);
+  int hi = band_first_above(band, tau + 1.0, false);
+  for (int n = n0;; ++n) {
+    tau_out[n + window - 1] = (float)tau;
+    kth_out[n] = band.global_pos(kth);
+    if (n + 1 >= n_end) break;
+    // Key n becomes a candidate: prefix length n + 1, present means key index <= n.
+    const double x = scores[n];
+    if (x > tau) {
+      if (x >= tau + 1.0) ++cU; else { ++cF; sF += x; }
+    }
+    if (band.index_of(n) > kth) {
+      do { ++kth; } while (band.key(kth) > n);  // next present index up; stops at key n
+    }
+    double f = (double)cU + sF - (double)cF * tau;
+    while (f > K) {
+      const double e1 = lo < band.size ? (double)band.value(lo) : CUDART_INF;        // a soft key hits 0
+      const double e2 = hi < band.size ? (double)band.value(hi) - 1.0 : CUDART_INF;  // a saturated key turns soft
+      const double t = fmin(e1, e2);
+      if (!(t < CUDART_INF)) break;  // unreachable: f > 0 needs a present key above tau
+      if ((double)cU + sF - (double)cF * t <= K) {  // root inside this linear piece (cF > 0)
+        tau = (sF - (double)(K - cU)) / (double)cF;
+        break;
+      }
+      tau = t;
+      if (e1 <= e2) {
+        if (band.key(lo) <= n) { --cF; sF -= (double)band.value(lo); }
+        ++lo;
+      } else {
+        if (band.key(hi) <= n) { --cU; ++cF; sF += (double)band.value(hi); }
+        ++hi;
+      }
+      f = (double)cU + sF - (double)cF * tau;
+    }
+    // The root can land exactly on the next soft score (a gate of exactly 0): drop such keys
+    // now, so that lo stays "first above tau" and a later key equal to tau is not miscounted.
+    while (lo < band.size && (double)band.value(lo) <= tau) {
+      if (band.key(lo) <= n) { --cF; sF -= (double)band.value(lo); }
+      ++lo;
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kWalkThreads, 1) chunk_walk_kernel(SelectParams p, int band_cap) {
   const int row = blockIdx.y;
   const int S = p.seq_len, K = p.topk;
   const int n0 = K + 1 + blockIdx.x * p.chunk;
@@ -73,114 +148,125 @@ __global__ void __launch_bounds__(kWalkThreads, 4) chunk_walk_kernel(SelectParam
   float* tau_out = p.tau + (size_t)row * S;
   int* kth_out = p.kth + (size_t)row * (S + 1);
 
-  __shared__ int s_count[kWarps];
+  __shared__ int s_count0[kWarps], s_count_end[kWarps];
   __shared__ int s_found[2];
+  __shared__ int s_kth_slot;
   __shared__ double s_dscratch[kWarps];
   __shared__ long long s_lscratch[kWarps];
-  __shared__ int s_from;
+  extern __shared__ __align__(16) unsigned char s_band_raw[];
+  float* band_val = reinterpret_cast<float*>(s_band_raw);
+  int* band_idx = reinterpret_cast<int*>(band_val + band_cap);
+  int* band_pos = band_idx + band_cap;
+  int* chunk_slot = band_pos + band_cap;  // p.chunk entries
 
-  // 1. The K-th and (K+1)-th best present keys of prefix n0, scanning down from the top in
-  //    rounds of kWalkThreads positions (n0 > K guarantees both exist).
+  for (int c = threadIdx.x; c < p.chunk; c += kWalkThreads) chunk_slot[c] = -1;
+
+  // 1. One pass down from the top. Keys present at n0 (index < n0) give the K-th and (K+1)-th
+  //    best; keys present by the chunk end (index < n_end) go to the shared band, descending.
+  //    The pass stops once the scores fall to u_(K+1) - 1: tau(n0) lies in [u_(K+1) - 1, u_(K))
+  //    (below it K+1 keys are saturated; at u_(K) at most K-1 keys are above) and tau only
+  //    grows, so lower keys never contribute during this chunk.
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int seen = 0;
-  for (int base = S - 1; base >= 0 && seen <= K; base -= kWalkThreads) {
+  int seen0 = 0, seen_end = 0;
+  int from = 0;  // lowest sorted position scanned
+  __syncthreads();
+  for (int base = S - 1; base >= 0; base -= kWalkThreads) {
     const int q = base - threadIdx.x;
-    const bool present = q >= 0 && key_at[q] < n0;
-    const unsigned ballot = __ballot_sync(kFullMask, present);
-    if (lane == 0) s_count[warp] = __popc(ballot);
+    const int key = q >= 0 ? key_at[q] : S;
+    const bool present0 = key < n0, present_end = key < n_end;
+    const unsigned b0 = __ballot_sync(kFullMask, present0);
+    const unsigned b_end = __ballot_sync(kFullMask, present_end);
+    if (lane == 0) {
+      s_count0[warp] = __popc(b0);
+      s_count_end[warp] = __popc(b_end);
+    }
     __syncthreads();
-    int before = seen, total = 0;
+    int before0 = seen0, before_end = seen_end, total0 = 0, total_end = 0;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) {
-      before += (w < warp) ? s_count[w] : 0;
-      total += s_count[w];
+      before0 += (w < warp) ? s_count0[w] : 0;
+      before_end += (w < warp) ? s_count_end[w] : 0;
+      total0 += s_count0[w];
+      total_end += s_count_end[w];
     }
-    const int rank = before + __popc(ballot & ((1u << lane) - 1u)) + 1;  // 1 = best
-    if (present && rank == K) s_found[0] = q;
-    if (present && rank == K + 1) s_found[1] = q;
-    seen += total;
+    const unsigned below = (1u << lane) - 1u;
+    if (present0) {
+      const int rank = before0 + __popc(b0 & below) + 1;  // 1 = best
+      if (rank == K) {
+        s_found[0] = q;
+        s_kth_slot = before_end + __popc(b_end & below);  // present at n0, so also by n_end
+      }
+      if (rank == K + 1) s_found[1] = q;
+    }
+    if (present_end) {
+      const int slot = before_end + __popc(b_end & below);
+      if (slot < band_cap) {
+        band_val[slot] = sorted[q];
+        band_idx[slot] = key;
+        band_pos[slot] = q;
+        if (key >= n0) chunk_slot[key - n0] = slot;
+      }
+    }
+    seen0 += total0;
+    seen_end += total_end;
+    from = max(base - kWalkThreads + 1, 0);
     __syncthreads();
+    if (seen0 > K && (double)sorted[from] <= (double)sorted[s_found[1]] - 1.0) break;
   }
+  const bool in_shared = seen_end <= band_cap;  // else walk the row in global memory
   const int kth0 = s_found[0];
   const double u_k = sorted[kth0], u_k1 = sorted[s_found[1]];
 
-  // 2. tau(n0) lies in [u_(K+1) - 1, u_(K)): below, K+1 keys are saturated (f > K); at u_(K)
-  //    at most K-1 keys are above it (f < K). Keys at or below u_(K+1) - 1 never contribute.
-  if (threadIdx.x == 0) s_from = first_above(sorted, S, u_k1 - 1.0, true);
-  __syncthreads();
-  const int from = s_from;
+  // f(t) = sum of clip(u - t, 0, 1) over the keys present at n0, as counts and a sum:
+  // saturated (u >= t + 1), soft (t < u < t + 1) and the soft keys' scores.
+  auto for_present0 = [&](auto&& fn) {
+    if (in_shared) {
+      for (int d = threadIdx.x; d < seen_end; d += kWalkThreads) {
+        if (band_idx[d] < n0) fn((double)band_val[d]);
+      }
+    } else {
+      for (int q = from + threadIdx.x; q < S; q += kWalkThreads) {
+        if (key_at[q] < n0) fn((double)sorted[q]);
+      }
+    }
+  };
+  auto masses = [&](double t, long long& cU, long long& cF, double& sF) {
+    long long u = 0, c = 0;
+    double sum = 0.0;
+    for_present0([&](double v) {
+      if (v >= t + 1.0) ++u;
+      else if (v > t) { ++c; sum += v; }
+    });
+    cU = block_sum(u, s_lscratch);
+    cF = block_sum(c, s_lscratch);
+    sF = block_sum(sum, s_dscratch);
+  };
+
+  // 2. Bisection for the piece where f crosses K ...
   double lo = u_k1 - 1.0, hi = u_k;  // f(lo) > K >= f(hi)
   for (int it = 0; it < kMaxBisect; ++it) {
     const double mid = 0.5 * (lo + hi);
     if (mid <= lo || mid >= hi) break;
-    if (soft_mass(sorted, key_at, from, S, n0, mid, s_dscratch) > K) lo = mid; else hi = mid;
+    double f = 0.0;
+    for_present0([&](double v) { f += fmin(fmax(v - mid, 0.0), 1.0); });
+    if (block_sum(f, s_dscratch) > K) lo = mid; else hi = mid;
   }
-  // 3. Closed form on the linear piece around the bracket: f(t) = cU + sF - cF * t.
-  const double mid = 0.5 * (lo + hi);
-  long long cU = 0, cF = 0;
-  double sF = 0.0;
-  for (int q = from + threadIdx.x; q < S; q += kWalkThreads) {
-    if (key_at[q] >= n0) continue;
-    const double v = sorted[q];
-    if (v >= mid + 1.0) ++cU;
-    else if (v > mid) { ++cF; sF += v; }
-  }
-  cU = block_sum(cU, s_lscratch);
-  cF = block_sum(cF, s_lscratch);
-  sF = block_sum(sF, s_dscratch);
+  // 3. ... then the closed form on that linear piece: f(t) = cU + sF - cF * t.
+  long long cU, cF;
+  double sF;
+  masses(0.5 * (lo + hi), cU, cF, sF);
   const double tau0 = cF > 0 ? (sF - (double)(K - cU)) / (double)cF : hi;
-
   // 4. The walker's state at tau0 itself.
-  cU = 0; cF = 0; sF = 0.0;
-  for (int q = from + threadIdx.x; q < S; q += kWalkThreads) {
-    if (key_at[q] >= n0) continue;
-    const double v = sorted[q];
-    if (v >= tau0 + 1.0) ++cU;
-    else if (v > tau0) { ++cF; sF += v; }
-  }
-  cU = block_sum(cU, s_lscratch);
-  cF = block_sum(cF, s_lscratch);
-  sF = block_sum(sF, s_dscratch);
+  masses(tau0, cU, cF, sF);
   if (threadIdx.x != 0) return;
 
-  // 5. Walk the chunk. lo_p: first position above tau (keys below never matter again);
-  //    hi_p: first position at or above tau + 1 (present keys from there on are saturated).
-  int lo_p = first_above(sorted, S, tau0, true);
-  int hi_p = first_above(sorted, S, tau0 + 1.0, false);
-  double tau = tau0;
-  int kth = kth0;
-  for (int n = n0;; ++n) {
-    tau_out[n + p.window - 1] = (float)tau;
-    kth_out[n] = kth;
-    if (n + 1 >= n_end) break;
-    // Key n becomes a candidate: prefix length n + 1, present means key index <= n.
-    const double x = scores[n];
-    if (x > tau) {
-      if (x >= tau + 1.0) ++cU; else { ++cF; sF += x; }
-    }
-    if (pos[n] > kth) {
-      do { ++kth; } while (key_at[kth] > n);  // next present position up; stops at pos[n]
-    }
-    double f = (double)cU + sF - (double)cF * tau;
-    while (f > K) {
-      const double e1 = lo_p < S ? (double)sorted[lo_p] : CUDART_INF;        // a soft key hits 0
-      const double e2 = hi_p < S ? (double)sorted[hi_p] - 1.0 : CUDART_INF;  // a saturated key turns soft
-      const double t = fmin(e1, e2);
-      if (!(t < CUDART_INF)) break;  // unreachable: f > 0 needs a present key above tau
-      if ((double)cU + sF - (double)cF * t <= K) {  // root inside this linear piece (cF > 0)
-        tau = (sF - (double)(K - cU)) / (double)cF;
-        break;
-      }
-      tau = t;
-      if (e1 <= e2) {
-        if (key_at[lo_p] <= n) { --cF; sF -= (double)sorted[lo_p]; }
-        ++lo_p;
-      } else {
-        if (key_at[hi_p] <= n) { --cU; ++cF; sF += (double)sorted[hi_p]; }
-        ++hi_p;
-      }
-      f = (double)cU + sF - (double)cF * tau;
-    }
+  // 5. Walk the chunk.
+  if (in_shared) {
+    const SharedBand band{band_val, band_idx, band_pos, chunk_slot, n0, seen_end};
+    walk_chunk(band, scores, tau_out, kth_out, p.window, K, n0, n_end, tau0, seen_end - 1 - s_kth_slot, cU, cF, sF);
+  } else {
+    const GlobalBand band{sorted, key_at, pos, S};
+    walk_chunk(band, scores, tau_out, kth_out, p.window, K, n0, n_end, tau0, kth0, cU, cF, sF);
   }
 }
 
@@ -224,14 +310,27 @@ __global__ void __launch_bounds__(kListThreads) block_lists_kernel(SelectParams 
     for (int j = lane; j < n; j += kListThreads) out[j] = j;
     count = n;
   } else if (n > K) {
+    // The K present keys at or above kth(n): scan whichever is shorter, the n candidates in
+    // index order (keep pos >= kth) or the sorted positions from kth up (keep index < n).
     const int top = p.kth[(size_t)row * (S + 1) + n];
-    for (int base = top; base < S && count < K; base += kListThreads) {
-      const int q = base + lane;
-      const int key = q < S ? key_at[q] : S;
-      const bool take = key < n;
-      const unsigned ballot = __ballot_sync(kFullMask, take);
-      if (take) out[count + __popc(ballot & ((1u << lane) - 1u))] = key;
-      count += __popc(ballot);
+    const int* pos = p.pos + (size_t)row * S;
+    if (n <= S - top) {
+      for (int base = 0; base < n && count < K; base += kListThreads) {
+        const int j = base + lane;
+        const bool take = j < n && pos[j] >= top;
+        const unsigned ballot = __ballot_sync(kFullMask, take);
+        if (take) out[count + __popc(ballot & ((1u << lane) - 1u))] = j;
+        count += __popc(ballot);
+      }
+    } else {
+      for (int base = top; base < S && count < K; base += kListThreads) {
+        const int q = base + lane;
+        const int key = q < S ? key_at[q] : S;
+        const bool take = key < n;
+        const unsigned ballot = __ballot_sync(kFullMask, take);
+        if (take) out[count + __popc(ballot & ((1u << lane) - 1u))] = key;
+        count += __popc(ballot);
+      }
     }
   }
   // Keys whose run starts inside the block: j + W in (i0, i1), run non-empty.
@@ -251,7 +350,15 @@ __global__ void __launch_bounds__(kListThreads) block_lists_kernel(SelectParams 
 cudaError_t launch_selection(const SelectParams& p, cudaStream_t stream) {
   if (p.rows == 0 || p.seq_len == 0) return cudaSuccess;
   if (p.n_chunks > 0) {
-    chunk_walk_kernel<<<dim3(p.n_chunks, p.rows), kWalkThreads, 0, stream>>>(p);
+    // The shared band holds at most every key of the row (12 bytes each) plus the chunk's slots;
+    // past kMaxBand keys a chunk that needs more walks in global memory instead.
+    const int band_cap = p.seq_len < kMaxBand ? p.seq_len : kMaxBand;
+    const size_t smem = (size_t)band_cap * (sizeof(float) + 2 * sizeof(int)) + (size_t)p.chunk * sizeof(int);
+    if (cudaError_t e = cudaFuncSetAttribute(chunk_walk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        e != cudaSuccess) {
+      return e;
+    }
+    chunk_walk_kernel<<<dim3(p.n_chunks, p.rows), kWalkThreads, smem, stream>>>(p, band_cap);
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   }
   end_kernel<<<dim3((p.seq_len + kEndThreads - 1) / kEndThreads, p.rows), kEndThreads, 0, stream>>>(p);

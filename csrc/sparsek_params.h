@@ -65,6 +65,6 @@ cudaError_t launch_selection(const SelectParams& p, cudaStream_t stream);
 cudaError_t launch_attention_fwd(const AttnParams& p, int head_dim, cudaStream_t stream);
 
 // Rows of the attention tile, shared by the host (block_q = kAttnRows / group) and the kernel.
-constexpr int kAttnRows = 64;
+constexpr int kAttnRows = 128;
 
 }  // namespace sparsek

@@ -18,7 +18,7 @@ from ._nvtx import annotate
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (64, 128)
-ATTN_ROWS = 64  # rows (query x head of a GQA group) per attention CTA: kAttnRows in csrc
+ATTN_ROWS = 128  # rows (query x head of a GQA group) per attention CTA: kAttnRows in csrc
 
 
 @functools.lru_cache(maxsize=None)

@@ -26,7 +26,12 @@ from sparsek import selection as sel_mod
 
 pytestmark = pytest.mark.gpu
 
-ATOL_FLOOR = {torch.bfloat16: 2e-3, torch.float16: 5e-4}
+
+def _floor(dtype, ref):
+    """One unit in the last place of the output: the kernel rounds P to the input dtype before
+    P @ V (as FlashAttention does) and rounds the output, so even a one-key row can be off by an
+    ulp where PyTorch's math path, normalising first, is exact."""
+    return torch.finfo(dtype).eps * max(1.0, ref.abs().max().item())
 
 
 def _kernels():
@@ -95,7 +100,7 @@ def _check_attention(q, k, v, u, topk, window, out, lse, sel):
     assert not torch.isnan(out).any(), "unwritten (NaN-poisoned) output elements"
     err = (out.float() - want).abs().max().item()
     low_err = (low.float() - want).abs().max().item()
-    assert err <= 2 * low_err + ATOL_FLOOR[q.dtype], f"kernel error {err:.3g} vs PyTorch low-precision {low_err:.3g}"
+    assert err <= 2 * low_err + _floor(q.dtype, want), f"kernel error {err:.3g} vs PyTorch low-precision {low_err:.3g}"
     torch.testing.assert_close(lse, want_lse.float(), atol=2e-2, rtol=2e-3)
 
 

@@ -74,12 +74,46 @@ def probe_case(name: str, peaks: dict) -> list[dict]:
     return rows
 
 
+def breakdown(name: str) -> list[dict]:
+    """Device time of every kernel of one selection + attention call (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    case = get_case(name)
+    inp = make_inputs(case)
+    ops = _cuda.ops()
+    block_q = _cuda.block_q_for(inp.q.shape[1], inp.k.shape[1])
+
+    def call():
+        sel = ops.select(inp.scores, case.topk, case.window, block_q)
+        ops.attention_fwd(inp.q, inp.k, inp.v, inp.scores, *sel, case.window, inp.q.shape[-1] ** -0.5, block_q)
+
+    call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t > 0:
+            rows.append({"case": name, "kernel": ev.key[:90], "calls": ev.count, "us": t})
+    return sorted(rows, key=lambda r: -r["us"])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="long-16k,long-64k,seed")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--once", action="store_true", help="one selection + attention call per case (for ncu), no timing")
+    ap.add_argument("--breakdown", action="store_true", help="per-kernel device times of one call per case")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
+    if args.once or args.breakdown:
+        for name in args.cases.split(","):
+            rows = breakdown(name)
+            for r in rows if args.breakdown else []:
+                print(f"{r['case']:10s} {r['us']:10.1f} us  x{r['calls']:<3d} {r['kernel']}")
+        return 0
     peaks = ceilings(dev)
     result = {"device": torch.cuda.get_device_name(dev), "peaks": peaks, "rows": []}
     print(f"{result['device']}: bf16 matmul {peaks['matmul_tflops']:.0f} TFLOP/s, copy {peaks['copy_tbps']:.2f} TB/s", flush=True)
