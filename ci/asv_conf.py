@@ -2,6 +2,7 @@
 
     python ci/asv_conf.py --checkout DIR --out FILE [--results DIR]
     python ci/asv_conf.py --checkout DIR --get KEY      (prints a key of that copy, e.g. html_dir)
+    python ci/asv_conf.py --checkout DIR --out FILE --publish   (for asv publish: see below)
 
 Two things in asv.conf.json get in the way of measuring an arbitrary checkout:
 - `asv run -E existing` accepts no commit range and benchmarks the heads of `branches` instead,
@@ -10,6 +11,9 @@ Two things in asv.conf.json get in the way of measuring an arbitrary checkout:
 - `results_dir` has no command-line override. ci/gate.sh sends base and head to separate scratch
   directories so that neither touches the committed benchmarks/results/ nor appends to the other
   (base and head may even be one commit in an A/A check).
+With --publish the copy keeps `branches` (asv publish draws each branch's history) and, in GitHub
+Actions, points `show_commit_url` at the repository being built ($GITHUB_SERVER_URL/$GITHUB_REPOSITORY),
+so a fork's site links its own commits.
 Every path in the copy is absolute, so it can live anywhere (asv resolves paths from the config
 file's folder); the benchmarks still come from the checkout's benchmark_dir.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from pathlib import Path
 
@@ -34,7 +39,7 @@ def load_conf(conf_path: Path) -> dict:
     return load_json(str(conf_path), js_comments=True)
 
 
-def derive(conf_path: Path, checkout: Path, results: Path | None = None) -> dict:
+def derive(conf_path: Path, checkout: Path, results: Path | None = None, publish: bool = False) -> dict:
     conf = load_conf(conf_path)
     checkout = checkout.resolve()
     # asv's own defaults for the keys a config may leave out.
@@ -47,7 +52,13 @@ def derive(conf_path: Path, checkout: Path, results: Path | None = None) -> dict
         conf["html_dir"] = str(results.parent / (results.name + "-html"))
         conf["env_dir"] = str(results.parent / (results.name + "-env"))
     conf["repo"] = str(checkout)
-    conf["branches"] = ["HEAD"]
+    if publish:
+        server, repository = os.environ.get("GITHUB_SERVER_URL"), os.environ.get("GITHUB_REPOSITORY")
+        if server and repository:
+            conf["show_commit_url"] = f"{server}/{repository}/commit/"
+            conf["project_url"] = f"{server}/{repository}"
+    else:
+        conf["branches"] = ["HEAD"]
     conf.setdefault("version", 1)
     return conf
 
@@ -58,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, help="results_dir for the copy (default: the checkout's)")
     parser.add_argument("--out", type=Path, help="where to write the derived config")
     parser.add_argument("--get", metavar="KEY", help="print this key of the checkout's config and exit")
+    parser.add_argument("--publish", action="store_true", help="for asv publish: keep branches, commit URL from GitHub")
     args = parser.parse_args(argv)
     conf_path = args.checkout / "asv.conf.json"
     if not conf_path.is_file():
@@ -67,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.out is None:
         parser.error("--out is required unless --get is given")
-    conf = derive(conf_path, args.checkout, args.results)
+    conf = derive(conf_path, args.checkout, args.results, publish=args.publish)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(conf, indent=2) + "\n", encoding="utf-8")
     print(args.out)

@@ -32,8 +32,10 @@ sha="$(git rev-parse HEAD)"
 python ci/asv_conf.py --checkout . --out out/asv.conf.json >/dev/null
 results_dir="$(python ci/asv_conf.py --checkout . --get results_dir)"
 status=0
-# ASV_PYTHONPATH: the benchmarks import this checkout's sparsek, whatever else is installed.
-ASV_PYTHONPATH="$PWD" asv --config out/asv.conf.json run -E existing --set-commit-hash "$sha" \
+# ASV_PYTHONPATH: the benchmarks import this checkout's sparsek, whatever else is installed. asv's
+# launcher replaces PYTHONPATH by it, so it carries PYTHONPATH along (asv installed with --target).
+# Which cases: SPARSEK_ASV_CASES / SPARSEK_ASV_IMPLS (benchmarks/_common.py; default: the GPU set).
+ASV_PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" asv --config out/asv.conf.json run -E existing --set-commit-hash "$sha" \
   --machine "$SPARSEK_ASV_MACHINE" --record-samples --show-stderr "$@" || status=$?
 
 stage="out/results"
