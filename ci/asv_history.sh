@@ -65,6 +65,14 @@ for ref in "${shas[@]}"; do
       echo "history: ${sha:0:12} has no sparsek/$name; using this checkout's"
     fi
   done
+  # Commits before the decode kernels landed already carried binding.cpp's decode section (it
+  # includes decode_params.h, which was not committed yet), so they do not build as committed.
+  # The section is self-contained at the end of the file: cut it there. The prefill code
+  # measured here stays exactly the commit's own.
+  if [ ! -e "$src/csrc/decode_params.h" ] && grep -q '^// ---- decode' "$src/csrc/binding.cpp" 2>/dev/null; then
+    sed -i '/^\/\/ ---- decode/,$d' "$src/csrc/binding.cpp"
+    echo "history: ${sha:0:12} lacks csrc/decode_params.h; built without binding.cpp's decode section"
+  fi
 done
 
 if [ "${SPARSEK_HISTORY_BUILD:-0}" = 1 ]; then
