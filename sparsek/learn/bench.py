@@ -1,0 +1,109 @@
+"""The learnability cases of the benchmark suite: ``learn-quick`` and ``learn-full``.
+
+``sparsek-bench run`` sends every case whose name starts with ``learn-`` to
+``run_learn_case``; the asv class in benchmarks/bench_learn.py tracks the error rates it
+returns. ``quick=True`` (the CLI's ``--quick``, and CI) keeps only the case's first seed.
+
+* ``learn-quick``: 64 tokens, 4 facts, budgets of 6 to 12 keys, 300 steps. One seed (CI,
+  ``--quick``) takes about a minute on one CPU core.
+* ``learn-cpu``: 128 tokens, 8 facts, budgets of 10 to 24 keys, 600 steps, 3 seeds: the run
+  committed in benchmarks/learn/ and tabled in docs/learn.md (about 25 minutes on one core).
+* ``learn-full``: 512 tokens, 16 facts, budgets of 24 to 80 keys, 2000 steps; meant for a GPU.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+from .task import RetrievalTask
+from .train import LearnConfig, run
+
+CASES: dict[str, LearnConfig] = {
+    "learn-quick": LearnConfig(
+        task=RetrievalTask(seq_len=64, num_facts=4, num_queries=4, num_keys=16, num_values=16, num_filler=16),
+        window=4,
+        topks=(2, 4, 8),
+        seeds=(0, 1, 2),
+        steps=300,
+        batch_size=32,
+        lr=3e-3,
+        warmup_steps=30,
+        eval_size=512,
+        d_model=32,
+        num_heads=1,
+        num_kv_heads=1,
+        num_layers=1,
+    ),
+    "learn-cpu": LearnConfig(
+        task=RetrievalTask(seq_len=128, num_facts=8, num_queries=4, num_keys=16, num_values=16, num_filler=16),
+        window=8,
+        topks=(2, 4, 8, 16),
+        seeds=(0, 1, 2),
+        steps=600,
+        batch_size=32,
+        lr=3e-3,
+        warmup_steps=50,
+        eval_size=512,
+        d_model=32,
+        num_heads=1,
+        num_kv_heads=1,
+        num_layers=1,
+        log_every=100,
+    ),
+    "learn-full": LearnConfig(
+        task=RetrievalTask(seq_len=512, num_facts=16, num_queries=8, num_keys=32, num_values=32, num_filler=32),
+        window=16,
+        topks=(8, 16, 32, 64),
+        seeds=(0, 1, 2),
+        steps=2000,
+        batch_size=64,
+        lr=3e-3,
+        warmup_steps=100,
+        eval_size=1024,
+        eval_batch=128,
+        d_model=64,
+        num_heads=1,
+        num_kv_heads=1,
+        num_layers=1,
+        log_every=250,
+    ),
+}
+
+
+def case_config(name: str, quick: bool = False) -> LearnConfig:
+    if name not in CASES:
+        raise ValueError(f"learn case must be one of {sorted(CASES)}, got {name!r}")
+    cfg = CASES[name]
+    return replace(cfg, seeds=cfg.seeds[:1]) if quick else cfg
+
+
+def variant_table(summary: list[dict]) -> dict:
+    """{variant: {"error_rate", "accuracy", "loss" (means over budgets), "budgets": {budget: row}}}."""
+    out: dict[str, dict] = {}
+    for row in summary:
+        v = out.setdefault(row["variant"], {"budgets": {}})
+        v["budgets"][row["budget"]] = {k: row[k] for k in ("topk", "accuracy", "error_rate", "far_accuracy", "loss", "seeds")}
+    for v in out.values():
+        rows = list(v["budgets"].values())
+        for key in ("accuracy", "error_rate", "loss"):
+            v[key] = sum(r[key] for r in rows) / len(rows)
+    return out
+
+
+def run_learn_case(name: str, quick: bool, *, log=None) -> dict:
+    """Train every variant and key budget of case ``name``; returns the JSON-ready results:
+    per-variant accuracy, loss and error rate (overall and per budget), the settings, the
+    seeds, the steps and the wall time, plus every single run."""
+    cfg = case_config(name, quick)
+    t0 = time.perf_counter()
+    result = run(cfg, log=log)
+    return {
+        "case": name,
+        "quick": quick,
+        "seeds": list(cfg.seeds),
+        "steps": cfg.steps,
+        "variants": variant_table(result["summary"]),
+        **result,
+        "wall_s": time.perf_counter() - t0,
+    }
