@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install install-bench install-test bench bench-profile test site
+.PHONY: install install-bench install-test bench bench-profile bench-learn test site
 
 install:
 	$(PIP) install -q -e .
@@ -20,6 +20,10 @@ bench: install-bench
 # Nsight Compute capture of the default cases -> benchmarks/metrics.json
 bench-profile: install-bench
 	$(PYTHON) -m sparsek.bench.cli profile --default --output benchmarks/metrics.json
+
+# The learnability benchmark's quick setting (CPU, about a minute); learn-cpu/learn-full are longer
+bench-learn: install-bench
+	$(PYTHON) -m sparsek.bench.cli run --case learn-quick --quick
 
 test: install-test
 	$(PYTHON) -m pytest -q

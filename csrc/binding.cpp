@@ -322,25 +322,42 @@ void launch_update(const DecodeShape& s, const at::Tensor& k_new, const at::Tens
   TORCH_CHECK(err == cudaSuccess, "sparsek decode: update launch failed: ", cudaGetErrorString(err));
 }
 
-at::Tensor launch_attention(const DecodeShape& s, const at::Tensor& q, const at::Tensor& k_slots, const at::Tensor& v_slots,
-                            const at::Tensor& slot_score, const at::Tensor& tau, const at::Tensor& lengths, const at::Tensor& status,
-                            at::Tensor& counters, double scale, int64_t num_splits, bool after_update) {
+// The attention launch's sizes, validated before anything is launched.
+struct AttentionPlan {
+  int64_t Hq, group, head_chunks, work_items, splits, slots_per_split;
+  bool is_bf16;
+};
+
+AttentionPlan plan_attention(const DecodeShape& s, const at::Tensor& q, const at::Tensor& counters, double scale,
+                             int64_t num_splits) {
   DECODE_CHECK(q.dim() == 4 && q.size(0) == s.B && q.size(2) == 1 && q.size(3) == s.D,
                "q must be (B=", s.B, ", Hq, 1, D=", s.D, "), got ", q.sizes());
-  const int64_t Hq = q.size(1);
-  DECODE_CHECK(Hq >= s.Hkv && Hq % s.Hkv == 0, "query heads Hq=", Hq, " must be a multiple of kv heads Hkv=", s.Hkv);
-  check_rows(q, "q", s.dtype, {s.B, Hq, 1, s.D}, s.device);
+  AttentionPlan plan = {};
+  plan.Hq = q.size(1);
+  DECODE_CHECK(plan.Hq >= s.Hkv && plan.Hq % s.Hkv == 0, "query heads Hq=", plan.Hq, " must be a multiple of kv heads Hkv=",
+               s.Hkv);
+  check_rows(q, "q", s.dtype, {s.B, plan.Hq, 1, s.D}, s.device);
   DECODE_CHECK(scale > 0.0, "scale must be > 0, got ", scale);
-  const int64_t group = Hq / s.Hkv;
-  const int64_t head_chunks = (group + sparsek::kDecodeHeadsPerCta - 1) / sparsek::kDecodeHeadsPerCta;
-  const int64_t work_items = s.B * s.Hkv * head_chunks;
-  DECODE_CHECK(s.B <= 65535 && s.Hkv * head_chunks <= 65535, "batch ", s.B, " and kv heads x head chunks ", s.Hkv * head_chunks,
-               " must each be <= 65535 (CUDA grid limits)");
-  check_state(counters, "counters", at::kInt, {work_items}, s.device);
-  const bool is_bf16 = s.dtype == at::kBFloat16;
-  const int64_t splits = pick_splits(num_splits, work_items, s.NS, s.D, is_bf16);
+  plan.group = plan.Hq / s.Hkv;
+  plan.head_chunks = (plan.group + sparsek::kDecodeHeadsPerCta - 1) / sparsek::kDecodeHeadsPerCta;
+  plan.work_items = s.B * s.Hkv * plan.head_chunks;
+  DECODE_CHECK(s.B <= 65535 && s.Hkv * plan.head_chunks <= 65535, "batch ", s.B, " and kv heads x head chunks ",
+               s.Hkv * plan.head_chunks, " must each be <= 65535 (CUDA grid limits)");
+  check_state(counters, "counters", at::kInt, {plan.work_items}, s.device);
+  plan.is_bf16 = s.dtype == at::kBFloat16;
+  plan.splits = pick_splits(num_splits, plan.work_items, s.NS, s.D, plan.is_bf16);
   const int64_t tiles = (s.NS + sparsek::kDecodeTileSlots - 1) / sparsek::kDecodeTileSlots;
-  const int64_t slots_per_split = (tiles + splits - 1) / splits * sparsek::kDecodeTileSlots;
+  plan.slots_per_split = (tiles + plan.splits - 1) / plan.splits * sparsek::kDecodeTileSlots;
+  return plan;
+}
+
+at::Tensor launch_attention(const DecodeShape& s, const AttentionPlan& plan, const at::Tensor& q, const at::Tensor& k_slots,
+                            const at::Tensor& v_slots, const at::Tensor& slot_score, const at::Tensor& tau,
+                            const at::Tensor& lengths, const at::Tensor& status, at::Tensor& counters, double scale,
+                            bool after_update) {
+  const int64_t Hq = plan.Hq, group = plan.group, head_chunks = plan.head_chunks, work_items = plan.work_items;
+  const int64_t splits = plan.splits, slots_per_split = plan.slots_per_split;
+  const bool is_bf16 = plan.is_bf16;
 
   at::Tensor out = at::empty({s.B, Hq, 1, s.D}, q.options());
   at::Tensor o_part, ml_part;
@@ -395,8 +412,10 @@ at::Tensor decode_step_cuda(const at::Tensor& q,          // (B, Hq, 1, D)
                             at::Tensor counters, int64_t topk, int64_t window, double scale, int64_t num_splits) {
   const DecodeShape s = check_cache(k_slots, v_slots, slot_score, tau, lengths, status, topk, window);
   const c10::cuda::CUDAGuard guard(s.device);
+  // every argument is checked before the update changes the cache: a refused step changes nothing
+  const AttentionPlan plan = plan_attention(s, q, counters, scale, num_splits);
   launch_update(s, k_new, v_new, score_new, k_slots, v_slots, slot_score, slot_pos, win_score, soft, soft_count, tau, lengths, status);
-  return launch_attention(s, q, k_slots, v_slots, slot_score, tau, lengths, status, counters, scale, num_splits, /*after_update=*/true);
+  return launch_attention(s, plan, q, k_slots, v_slots, slot_score, tau, lengths, status, counters, scale, /*after_update=*/true);
 }
 
 // The update alone (tests and the update-share measurement).
@@ -414,7 +433,8 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_slots,
                                  int64_t topk, int64_t window, double scale, int64_t num_splits) {
   const DecodeShape s = check_cache(k_slots, v_slots, slot_score, tau, lengths, status, topk, window);
   const c10::cuda::CUDAGuard guard(s.device);
-  return launch_attention(s, q, k_slots, v_slots, slot_score, tau, lengths, status, counters, scale, num_splits, /*after_update=*/false);
+  const AttentionPlan plan = plan_attention(s, q, counters, scale, num_splits);
+  return launch_attention(s, plan, q, k_slots, v_slots, slot_score, tau, lengths, status, counters, scale, /*after_update=*/false);
 }
 
 }  // namespace sparsek_decode_binding
