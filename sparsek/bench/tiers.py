@@ -26,6 +26,8 @@ from .cases import CASES, Case
 SDPA_PREFILL = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math")
 SDPA_FLOOR = {"prefill": SDPA_PREFILL, "decode": ("sdpa-decode",)}
 BRIEF_CASE = "seed"  # the brief's B16 H96 S4096 D128 configuration
+# T3's cases (the decode issue): 32k and 128k tokens of context at batch 1, 16 and 64.
+T3_CASES = tuple(f"decode-{ctx}-b{b}" for ctx in ("32k", "128k") for b in (1, 16, 64))
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,9 @@ def assess_case(tier: Tier, case_name: str, records: dict[str, dict]) -> dict:
         row["speedup"] = row["baseline_us"] / row["subject_us"]
         row["status"] = "pass" if row["speedup"] > tier.required_speedup else "fail"
 
+    if tier.kind == "decode" and case is not None:
+        row["kv_bytes_per_seq"] = decode_bytes_per_sequence(case)
+
     if case_name == BRIEF_CASE and tier.brief_us_per_head is not None:
         brief = {"target_us_per_head": tier.brief_us_per_head, "strict": tier.brief_strict, "met": None,
                  "speedup_over_sdpa": None, "speedup_target": tier.brief_speedup_over_sdpa, "speedup_met": None}
@@ -130,6 +135,18 @@ def assess_case(tier: Tier, case_name: str, records: dict[str, dict]) -> dict:
             brief["speedup_met"] = brief["speedup_over_sdpa"] >= tier.brief_speedup_over_sdpa
         row["brief"] = brief
     return row
+
+
+def decode_bytes_per_sequence(case: Case) -> dict:
+    """What one sequence keeps per attention layer for decode (T3): SparseK's K/V slots and its
+    whole cache state, fixed for any context, against the full-context K/V cache of S + 1 tokens."""
+    from sparsek.decode import SparseKCache
+
+    sk = SparseKCache.bytes_per_sequence(case.kv_heads, case.head_dim, topk=case.topk, window=case.window,
+                                         dtype=case.torch_dtype)
+    elem = sk["kv"] // (2 * case.kv_heads * (case.topk + case.window) * case.head_dim)
+    return {"sparsek_kv": sk["kv"], "sparsek_state": sk["total"],
+            "full_context_kv": 2 * case.kv_heads * (case.seq_len + 1) * case.head_dim * elem}
 
 
 def assess(results: dict) -> list[dict]:

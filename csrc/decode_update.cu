@@ -1,0 +1,331 @@
+// SparseK decode: the cache update of one step, one CTA per (batch, kv head) pair.
+//
+// For the new token at position p (= lengths[pair]):
+//   1. The key leaving the window (position p - window, or the new token itself when window == 0)
+//      becomes a candidate. While there are fewer than topk candidates it takes the next free
+//      candidate slot; afterwards it replaces the weakest top-k slot if it beats it in the order
+//      "score, then position" (it is the newest candidate, so it wins ties).
+//   2. tau is updated exactly: the new threshold solves sum_{u in soft + {x}} clip(u - t, 0, 1) = topk
+//      with t >= tau_old (tau never decreases), walking the breakpoints of that piecewise-linear
+//      function upward from tau_old; then every score <= the new tau is dropped from the soft set
+//      for good (its gate is 0 now and at every later step).
+//   3. The new key and value go into the window ring (slot p % window), after the leaving key was
+//      read out of that same slot.
+// docs/decode.md has the proofs and the bound on the soft set.
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+#include <math_constants.h>
+
+#include "decode_params.h"
+
+namespace sparsek {
+namespace {
+
+constexpr int kUpdateThreads = 256;
+constexpr int kUpdateWarps = kUpdateThreads / 32;
+constexpr int kVecBytes = 16;  // one uint4 per thread-move of a key/value row
+// Soft-set entries each thread holds per compaction round (strided, so reads stay coalesced).
+// 8 made ptxas spill the array next to the walk's doubles; 4 keeps it in registers.
+constexpr int kCompactPerThread = 4;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Lets the attention kernel (launched with programmatic stream serialization) become resident
+  // now; it still waits in griddepcontrol.wait until this grid has finished and flushed memory.
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// The weakest top-k slot: lowest score, and among equal scores the lowest position.
+struct WeakestSlot {
+  float score;
+  int pos;
+  int slot;
+};
+
+__device__ __forceinline__ bool weaker(const WeakestSlot& a, const WeakestSlot& b) {
+  return a.score < b.score || (a.score == b.score && a.pos < b.pos);
+}
+
+__device__ __forceinline__ WeakestSlot warp_weakest(WeakestSlot w) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    WeakestSlot other;
+    other.score = __shfl_xor_sync(kFullMask, w.score, offset);
+    other.pos = __shfl_xor_sync(kFullMask, w.pos, offset);
+    other.slot = __shfl_xor_sync(kFullMask, w.slot, offset);
+    if (weaker(other, w)) w = other;
+  }
+  return w;
+}
+
+// Sums of the piecewise-linear f(t) = sum clip(u - t, 0, 1) on the piece just above t:
+// saturated keys (u > t + 1), soft keys (t < u <= t + 1) with their score sum, and the next
+// breakpoint above t (u - 1 of a saturated key, u of a soft key).
+struct PieceSums {
+  int saturated;
+  int soft;
+  double soft_sum;
+  double next_break;
+};
+
+__device__ __forceinline__ void add_to_piece(PieceSums& s, float score, double t) {
+  const double u = static_cast<double>(score);
+  if (u > t) {
+    // u - 1 > t, not u > t + 1: the breakpoint is computed as u - 1.0 below, so at t = u - 1.0 the
+    // key must count as soft, else rounding keeps t on the same breakpoint until the round cap
+    if (u - 1.0 > t) {
+      s.saturated += 1;
+      s.next_break = fmin(s.next_break, u - 1.0);
+    } else {
+      s.soft += 1;
+      s.soft_sum += u;
+      s.next_break = fmin(s.next_break, u);
+    }
+  }
+}
+
+struct UpdateShared {
+  WeakestSlot weakest[kUpdateWarps];
+  PieceSums piece[kUpdateWarps];
+  int scan[kUpdateWarps];
+  int flag;
+};
+
+// Reduces per-thread piece sums over the block; every thread gets the total.
+__device__ PieceSums block_piece_sums(PieceSums s, UpdateShared& sh) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    s.saturated += __shfl_xor_sync(kFullMask, s.saturated, offset);
+    s.soft += __shfl_xor_sync(kFullMask, s.soft, offset);
+    s.soft_sum += __shfl_xor_sync(kFullMask, s.soft_sum, offset);
+    s.next_break = fmin(s.next_break, __shfl_xor_sync(kFullMask, s.next_break, offset));
+  }
+  if (lane == 0) sh.piece[warp] = s;
+  __syncthreads();
+  PieceSums total = sh.piece[0];
+#pragma unroll
+  for (int w = 1; w < kUpdateWarps; ++w) {
+    total.saturated += sh.piece[w].saturated;
+    total.soft += sh.piece[w].soft;
+    total.soft_sum += sh.piece[w].soft_sum;
+    total.next_break = fmin(total.next_break, sh.piece[w].next_break);
+  }
+  __syncthreads();  // sh.piece is reused by the next call
+  return total;
+}
+
+// Exclusive prefix over the block of one count per thread; also returns the block total.
+__device__ int block_exclusive_scan(int count, int& total, UpdateShared& sh) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int inclusive = count;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const int other = __shfl_up_sync(kFullMask, inclusive, offset);
+    if (lane >= offset) inclusive += other;
+  }
+  if (lane == 31) sh.scan[warp] = inclusive;
+  __syncthreads();
+  int warp_base = 0;
+  total = 0;
+#pragma unroll
+  for (int w = 0; w < kUpdateWarps; ++w) {
+    if (w < warp) warp_base += sh.scan[w];
+    total += sh.scan[w];
+  }
+  __syncthreads();  // sh.scan is reused by the next call
+  return warp_base + inclusive - count;
+}
+
+__global__ void __launch_bounds__(kUpdateThreads) decode_update_kernel(const DecodeUpdateParams p) {
+  allow_dependent_launch();
+  __shared__ UpdateShared sh;
+
+  const int h = blockIdx.x, b = blockIdx.y;
+  const int64_t pair = static_cast<int64_t>(b) * p.kv_heads + h;
+  const int tid = threadIdx.x;
+  int* status = p.status + pair * 2;
+  // A poisoned pair stays frozen: its outputs are NaN until the caller rebuilds the cache.
+  if (status[0] != kDecodeOk) return;
+
+  const int K = p.topk, W = p.window;
+  const int pos = p.lengths[pair];
+  const float score_new = p.score_new[pair];
+  // Checked here rather than on the host, which would cost a synchronisation per step.
+  const int bad = pos == INT32_MAX ? kDecodePositionOverflow : (isfinite(score_new) ? kDecodeOk : kDecodeNonFiniteScore);
+  if (bad != kDecodeOk) {
+    if (tid == 0) {
+      status[1] = pos;
+      status[0] = bad;
+    }
+    return;
+  }
+  const int64_t row_bytes = static_cast<int64_t>(p.head_dim) * p.elem_bytes;
+  const int row_vecs = static_cast<int>(row_bytes / kVecBytes);
+  char* k_slots = static_cast<char*>(p.k_slots) + pair * p.num_slots * row_bytes;
+  char* v_slots = static_cast<char*>(p.v_slots) + pair * p.num_slots * row_bytes;
+  const char* k_new = static_cast<const char*>(p.k_new) + (b * p.k_new_batch_stride + h * p.k_new_head_stride) * p.elem_bytes;
+  const char* v_new = static_cast<const char*>(p.v_new) + (b * p.v_new_batch_stride + h * p.v_new_head_stride) * p.elem_bytes;
+  float* slot_score = p.slot_score + pair * K;
+  int* slot_pos = p.slot_pos + pair * K;
+  float* soft = p.soft + pair * p.soft_capacity;
+
+  // The key that becomes a candidate at this step: it leaves the window ring slot that the new
+  // token is about to take, or, without a window, it is the new token.
+  const int x_pos = pos - W;
+  const int ring = W > 0 ? pos % W : 0;
+  const char* kx = W > 0 ? k_slots + ring * row_bytes : k_new;
+  const char* vx = W > 0 ? v_slots + ring * row_bytes : v_new;
+
+  const float ux = x_pos < 0 ? 0.0f : (W > 0 ? p.win_score[pair * W + ring] : score_new);
+
+  int dst = -1;  // candidate slot the leaving key moves into
+  if (x_pos >= 0) {
+    if (x_pos < K) {
+      // Fewer than topk candidates so far: all are selected, tau stays -inf, and the soft set
+      // holds every candidate score (soft_capacity > topk is checked by the binding).
+      dst = x_pos;
+      if (tid == 0) {
+        soft[x_pos] = ux;
+        p.soft_count[pair] = x_pos + 1;
+      }
+    } else {
+      // ---- top-k: does x beat the weakest selected key? ----
+      WeakestSlot weakest = {CUDART_INF_F, INT32_MAX, -1};  // beaten by every slot
+      for (int s = tid; s < K; s += kUpdateThreads) {
+        const WeakestSlot cand = {slot_score[s], slot_pos[s], s};
+        if (weaker(cand, weakest)) weakest = cand;
+      }
+      weakest = warp_weakest(weakest);
+      if ((tid & 31) == 0) sh.weakest[tid >> 5] = weakest;
+      __syncthreads();
+      weakest = sh.weakest[0];
+#pragma unroll
+      for (int w = 1; w < kUpdateWarps; ++w)
+        if (weaker(sh.weakest[w], weakest)) weakest = sh.weakest[w];
+      // x is newer than every candidate, so it wins a tie on the score
+      if (ux >= weakest.score) dst = weakest.slot;
+
+      // ---- tau: smallest t >= tau_old with f(t) = topk over soft + {x} ----
+      const double tau_old = p.tau[pair];
+      if (static_cast<double>(ux) > tau_old) {
+        const int count = p.soft_count[pair];
+        double t = tau_old;  // may be -inf (first step past topk candidates): the walk handles it
+        double tau_new = t;
+        // Each round moves t to the next breakpoint, so 2 * (count + 1) rounds always suffice;
+        // the cap only guards against a corrupted state.
+        const int max_rounds = 2 * (count + 1) + 2;
+        bool solved = false;
+        for (int round = 0; round < max_rounds; ++round) {
+          PieceSums s = {0, 0, 0.0, CUDART_INF};
+          for (int i = tid; i < count; i += kUpdateThreads) add_to_piece(s, soft[i], t);
+          if (tid == 0) add_to_piece(s, ux, t);
+          s = block_piece_sums(s, sh);
+          if (s.soft > 0) {
+            // f is linear on (t, next_break]: f(t') = saturated + soft_sum - soft * t'. Written as
+            // (sum - integer) / count like the reference (sparsek/selection.py): a single soft key at
+            // a flat root gives its own score back exactly, and the two agree to rounding.
+            const double root = (s.soft_sum - static_cast<double>(K - s.saturated)) / s.soft;
+            if (root <= s.next_break) {
+              tau_new = fmax(root, t);
+              solved = true;
+              break;
+            }
+          }
+          if (isinf(s.next_break)) {  // f is constant above t: only rounding can bring us here
+            tau_new = t;
+            solved = true;
+            break;
+          }
+          t = s.next_break;
+        }
+        if (!solved) {
+          if (tid == 0) {
+            status[1] = count;
+            status[0] = kDecodeSolverStuck;
+          }
+          return;
+        }
+
+        // ---- drop every score <= tau_new, in place, x appended last ----
+        int kept_total = 0;
+        for (int base = 0; base < count; base += kUpdateThreads * kCompactPerThread) {
+          float vals[kCompactPerThread];
+          int keep = 0;
+#pragma unroll
+          for (int e = 0; e < kCompactPerThread; ++e) {
+            const int i = base + e * kUpdateThreads + tid;
+            vals[e] = i < count ? soft[i] : 0.0f;
+            if (i < count && static_cast<double>(vals[e]) > tau_new) ++keep;
+          }
+          int round_total;
+          const int offset = block_exclusive_scan(keep, round_total, sh);  // also orders reads before writes
+          int out = kept_total + offset;
+#pragma unroll
+          for (int e = 0; e < kCompactPerThread; ++e) {
+            const int i = base + e * kUpdateThreads + tid;
+            if (i < count && static_cast<double>(vals[e]) > tau_new) soft[out++] = vals[e];
+          }
+          kept_total += round_total;
+          __syncthreads();  // this round's writes land below the next round's reads
+        }
+        const bool keep_x = static_cast<double>(ux) > tau_new;
+        const int new_count = kept_total + (keep_x ? 1 : 0);
+        if (tid == 0) {
+          if (new_count > p.soft_capacity) {
+            status[1] = new_count;
+            status[0] = kDecodeSoftOverflow;
+          } else {
+            if (keep_x) soft[kept_total] = ux;
+            p.soft_count[pair] = new_count;
+            p.tau[pair] = tau_new;
+          }
+        }
+        if (new_count > p.soft_capacity) return;
+      }
+    }
+  }
+
+  // Every thread has read win_score[ring], slot_score, slot_pos and soft before they change below.
+  __syncthreads();
+
+  // ---- move rows: the leaving key into its candidate slot, then the new token into the ring.
+  // The same thread reads and then overwrites each 16-byte piece of the ring slot, so program
+  // order keeps the read before the write. ----
+  if (tid < 2 * row_vecs) {
+    const bool is_v = tid >= row_vecs;
+    const int vec = is_v ? tid - row_vecs : tid;
+    char* slots = is_v ? v_slots : k_slots;
+    const uint4* src_x = reinterpret_cast<const uint4*>(is_v ? vx : kx) + vec;
+    if (dst >= 0) {
+      const uint4 moved = *src_x;
+      reinterpret_cast<uint4*>(slots + static_cast<int64_t>(W + dst) * row_bytes)[vec] = moved;
+    }
+    if (W > 0) {
+      const uint4 incoming = reinterpret_cast<const uint4*>(is_v ? v_new : k_new)[vec];
+      reinterpret_cast<uint4*>(slots + static_cast<int64_t>(ring) * row_bytes)[vec] = incoming;
+    }
+  }
+  if (tid == 0) {
+    if (dst >= 0) {
+      slot_score[dst] = ux;
+      slot_pos[dst] = x_pos;
+    }
+    if (W > 0) p.win_score[pair * W + ring] = score_new;
+    p.lengths[pair] = pos + 1;
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_decode_update(const DecodeUpdateParams& params, cudaStream_t stream) {
+  const dim3 grid(params.kv_heads, params.batch);
+  decode_update_kernel<<<grid, kUpdateThreads, 0, stream>>>(params);
+  return cudaGetLastError();
+}
+
+}  // namespace sparsek

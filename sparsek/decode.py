@@ -1,0 +1,629 @@
+"""SparseK decode: a constant-size cache per sequence and one step per new token.
+
+The state of one (batch, kv head) pair (docs/decode.md derives all of it):
+
+* ``window + topk`` key/value **slots**: ``[0, window)`` is the window ring (the key at position
+  ``p`` lives in slot ``p % window``), ``[window, window + topk)`` the top-k candidates. While there
+  are at most ``topk`` candidates, candidate ``c`` lives in slot ``window + c``; so after ``len``
+  tokens the valid slots are exactly ``[0, min(len, window + topk))``.
+* the **soft set**: every candidate score ``u > tau``, unordered, in a fixed-capacity array.
+  ``tau`` never decreases, so a key with ``u <= tau`` has gate 0 now and forever and is dropped;
+  the keys that remain are exactly what the next ``tau`` depends on. Its size is not bounded by
+  ``topk`` in general (equal scores all share the soft band), so the capacity is a parameter
+  (default ``4 * topk``) and exceeding it is an error, never a silent approximation.
+* ``tau`` (float64, exact), the candidate slots' scores and positions (the tie rule of the top-k:
+  score, then the larger position), the window slots' scores, the token count and a status.
+
+``step`` moves the key leaving the window into the candidates (it replaces the weakest top-k key
+if it beats it; being the newest, it wins ties), advances ``tau`` exactly, writes the new token into
+the ring and attends the new query over the slots with their gates. Stepping through a sequence
+reproduces the prefill op row by row (tests/test_decode.py).
+
+Two paths compute the same step: a pure-PyTorch reference (any device, any float dtype) and the
+CUDA kernels of csrc/decode_*.cu (sm_90a, fp16/bf16, head dim 64/128, float32 scores), chosen like
+``sparsek.ops``: the kernels when they support the cache, else the reference with a one-time
+warning naming the reason.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from . import _cuda
+from .reference import compute_dtype
+
+_FN = "SparseKCache"
+BACKENDS = ("auto", "reference", "cuda")
+# Default soft-set capacity in units of topk. With scores spread like a trained scorer's (or
+# i.i.d. normal with std >= 1) the soft set holds 1.1-2.6 x topk keys up to 128k tokens; scores
+# packed closer than the gate's unit band need more (docs/decode.md, "The soft set").
+DEFAULT_SOFT_FACTOR = 4
+# How often (in steps) a CUDA cache reads its status back to raise on overflow; each check is a
+# host synchronisation, and between checks a failed sequence answers NaN (never a wrong number).
+DEFAULT_CHECK_INTERVAL = 64
+MAX_SPLITS = 64  # kDecodeMaxSplits in csrc/decode_params.h
+INT32_MAX = 2**31 - 1
+# Rows of the prefill threshold solve processed at once; bounds its (rows, 2 S) work tensors.
+_PREFILL_ELEMENTS_PER_CHUNK = 1 << 24
+
+# status codes written by the update (csrc/decode_params.h)
+STATUS_OK = 0
+STATUS_SOFT_OVERFLOW = 1
+STATUS_SOLVER_STUCK = 2
+STATUS_POSITION_OVERFLOW = 3
+STATUS_NONFINITE_SCORE = 4
+
+
+class SparseKCacheError(RuntimeError):
+    """A decode cache cannot continue exactly (its soft set overflowed, a score was not finite,
+    positions ran out). The affected sequences answer NaN until the cache is rebuilt."""
+
+
+@dataclass
+class DecodeState:
+    """The tensors of a decode cache; all fixed-size, so the memory never grows with the context."""
+
+    k_slots: Tensor  # (B, Hkv, W + K, D): [0, W) window ring, [W, W + K) top-k candidates
+    v_slots: Tensor  # (B, Hkv, W + K, D)
+    slot_score: Tensor  # (B, Hkv, K) score of each candidate slot
+    slot_pos: Tensor  # (B, Hkv, K) int32 position of each candidate slot, -1 while empty
+    win_score: Tensor  # (B, Hkv, W) score of each window slot
+    soft: Tensor  # (B, Hkv, C) the candidate scores > tau, unordered; the first soft_count are used
+    soft_count: Tensor  # (B, Hkv) int32
+    tau: Tensor  # (B, Hkv) float64; -inf while there are <= K candidates
+    lengths: Tensor  # (B, Hkv) int32 tokens seen (the next token's position)
+    status: Tensor  # (B, Hkv, 2) int32 {code, detail}, code 0 = ok
+
+    def tensors(self) -> list[Tensor]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    def clone(self) -> "DecodeState":
+        return DecodeState(*(t.clone() for t in self.tensors()))
+
+    def copy_(self, other: "DecodeState") -> None:
+        for mine, theirs in zip(self.tensors(), other.tensors()):
+            mine.copy_(theirs)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"sparsek: SparseKCache uses the PyTorch reference on CUDA tensors: {reason}", RuntimeWarning,
+                      stacklevel=4)
+
+
+def _fail(msg: str, exc=ValueError):
+    raise exc(f"{_FN}: {msg}")
+
+
+def _check_int(name: str, value, minimum: int, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(f"{name} must be an int, got {type(value).__name__} {value!r}", TypeError)
+    if value < minimum or (maximum is not None and value > maximum):
+        want = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        _fail(f"{name} must be {want}, got {value}")
+    return value
+
+
+def _check_tensor(name: str, t, shape: tuple, dtype: torch.dtype | tuple, device: torch.device, layout: str) -> None:
+    if not isinstance(t, Tensor):
+        _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    if tuple(t.shape) != shape:
+        _fail(f"{name} must have shape {layout} = {shape}, got {tuple(t.shape)}")
+    dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
+    if t.dtype not in dtypes:
+        _fail(f"{name} must be {' or '.join(str(d) for d in dtypes)}, got {t.dtype}", TypeError)
+    if t.device != device:
+        _fail(f"{name} is on {t.device} but the cache is on {device}")
+
+
+def _rows16(t: Tensor) -> Tensor:
+    """t (B, H, 1, D) with a contiguous last dim and 16-byte aligned rows (the kernels' loads)."""
+    es = t.element_size()
+    ok = t.stride(-1) == 1 and (t.stride(0) * es) % 16 == 0 and (t.stride(1) * es) % 16 == 0 and t.data_ptr() % 16 == 0
+    return t if ok else t.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# the reference step
+
+
+def _advance_tau(soft: Tensor, count: Tensor, ux: Tensor, tau: Tensor, topk: int, rows: Tensor):
+    """tau after adding candidate score ux (B, H) to the soft set, for the rows ``rows`` (B, H).
+
+    Walks the breakpoints of f(t) = sum clip(u - t, 0, 1) over soft + {ux} upward from tau (the
+    threshold never decreases), then drops every score <= the new tau. Returns (tau, soft, count)
+    for all rows (others unchanged); count may exceed the capacity (the caller raises).
+    """
+    C = soft.shape[-1]
+    idx = torch.arange(C + 1, device=soft.device)
+    valid = (idx < count.unsqueeze(-1)) | (idx == C)
+    vals = torch.cat([soft, ux.unsqueeze(-1)], -1).to(torch.float64)
+    vals = torch.where(valid, vals, torch.full_like(vals, float("-inf")))
+    inf = torch.full_like(vals, float("inf"))
+    t = tau.clone()
+    new_tau = tau.clone()
+    active = rows.clone()
+    while bool(active.any()):
+        tt = t.unsqueeze(-1)
+        above = vals > tt
+        # u - 1 > t, not u > t + 1: the breakpoint below is computed as u - 1.0, so at t = u - 1.0
+        # the key must count as soft, else rounding keeps t on the same breakpoint for ever
+        saturated = above & (vals - 1.0 > tt)
+        soft_band = above & ~saturated
+        n_sat = saturated.sum(-1)
+        n_soft = soft_band.sum(-1)
+        soft_sum = torch.where(soft_band, vals, torch.zeros_like(vals)).sum(-1)
+        next_break = torch.where(saturated, vals - 1.0, torch.where(soft_band, vals, inf)).amin(-1)
+        # f is linear on (t, next_break]; the same (sum - integer) / count form as the prefill
+        root = (soft_sum - (topk - n_sat).to(torch.float64)) / n_soft.clamp(min=1).to(torch.float64)
+        hit = active & (n_soft > 0) & (root <= next_break)
+        flat = active & ~hit & torch.isinf(next_break)  # only rounding leads here
+        new_tau = torch.where(hit, torch.maximum(root, t), torch.where(flat, t, new_tau))
+        active = active & ~hit & ~flat
+        t = torch.where(active, next_break, t)
+    keep = valid & (vals > new_tau.unsqueeze(-1))
+    new_count = keep.sum(-1)
+    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :C]  # kept first
+    packed = vals.gather(-1, order)
+    packed = torch.where(idx[:C] < new_count.unsqueeze(-1), packed, torch.zeros_like(packed)).to(soft.dtype)
+    return (
+        torch.where(rows, new_tau, tau),
+        torch.where(rows.unsqueeze(-1), packed, soft),
+        torch.where(rows, new_count.to(count.dtype), count),
+        torch.where(rows, new_count, torch.zeros_like(new_count)),
+    )
+
+
+def reference_update(st: DecodeState, k_new: Tensor, v_new: Tensor, score_new: Tensor, topk: int, window: int) -> None:
+    """The cache update of one step, in place: k_new, v_new (B, Hkv, 1, D), score_new (B, Hkv).
+
+    Raises SparseKCacheError without changing the state when the soft set would overflow.
+    """
+    B, H, NS, D = st.k_slots.shape
+    K, W, C = topk, window, st.soft.shape[-1]
+    dev = st.k_slots.device
+    bi = torch.arange(B, device=dev).view(B, 1).expand(B, H)
+    hi = torch.arange(H, device=dev).view(1, H).expand(B, H)
+    pos = st.lengths.long()
+    if bool((pos >= INT32_MAX).any()):
+        raise SparseKCacheError(f"{_FN}: positions are int32 and a sequence reached {INT32_MAX} tokens")
+    kn, vn = k_new[:, :, 0], v_new[:, :, 0]  # (B, H, D)
+    un = score_new.to(st.soft.dtype)
+    if W > 0:
+        ring = pos % W
+        x_pos = pos - W  # the key leaving the window: it becomes a candidate now
+        kx, vx, ux = st.k_slots[bi, hi, ring], st.v_slots[bi, hi, ring], st.win_score[bi, hi, ring]
+    else:
+        ring, x_pos = None, pos  # without a window the new token is a candidate at once
+        kx, vx, ux = kn, vn, un
+    filling = (x_pos >= 0) & (x_pos < K)
+    full = x_pos >= K
+
+    # the weakest top-k key: lowest score, then lowest position; x (the newest) beats it on ties
+    weakest = st.slot_score.min(-1).values
+    tied = st.slot_score == weakest.unsqueeze(-1)
+    weakest_slot = torch.where(tied, st.slot_pos.long(), torch.full_like(st.slot_pos, INT32_MAX, dtype=torch.long)).argmin(-1)
+    enter = full & (ux >= weakest)
+    dst = torch.where(filling, x_pos.clamp(0, K - 1), weakest_slot)
+    write = filling | enter
+
+    solve = full & (ux.to(torch.float64) > st.tau)
+    if bool(solve.any()):
+        tau, soft, count, needed = _advance_tau(st.soft, st.soft_count, ux, st.tau, K, solve)
+        if bool((needed > C).any()):
+            b, h = (needed > C).nonzero()[0].tolist()
+            raise SparseKCacheError(_overflow_message(b, h, int(needed[b, h]), C))
+        st.tau.copy_(tau)
+        st.soft.copy_(soft)
+        st.soft_count.copy_(count)
+    if bool(filling.any()):
+        st.soft[bi[filling], hi[filling], x_pos[filling]] = ux[filling]
+        st.soft_count[filling] = (x_pos[filling] + 1).to(st.soft_count.dtype)
+    if bool(write.any()):
+        bw, hw, dw = bi[write], hi[write], dst[write]
+        st.k_slots[bw, hw, W + dw] = kx[write]
+        st.v_slots[bw, hw, W + dw] = vx[write]
+        st.slot_score[bw, hw, dw] = ux[write]
+        st.slot_pos[bw, hw, dw] = x_pos[write].to(st.slot_pos.dtype)
+    if W > 0:  # kx, vx, ux were copied out of the ring above
+        st.k_slots[bi, hi, ring] = kn
+        st.v_slots[bi, hi, ring] = vn
+        st.win_score[bi, hi, ring] = un
+    st.lengths += 1
+
+
+def reference_attention(st: DecodeState, q: Tensor, window: int, scale: float) -> Tensor:
+    """The new query (B, Hq, 1, D) over the slots with their gates -> (B, Hq, 1, D) in q's dtype.
+
+    Float32 arithmetic (float64 for float64 q) with tau rounded to the score dtype first, exactly
+    as the prefill reference computes the gates.
+    """
+    B, H, NS, D = st.k_slots.shape
+    Hq = q.shape[1]
+    W = window
+    ct = compute_dtype(q.dtype)
+    nvalid = st.lengths.long().clamp(max=NS)  # valid slots are [0, nvalid)
+    valid = torch.arange(NS, device=q.device).view(1, 1, NS) < nvalid.unsqueeze(-1)  # (B, H, NS)
+    tau = st.tau.to(st.slot_score.dtype).to(ct).unsqueeze(-1)
+    gate = torch.cat([torch.ones(B, H, W, dtype=ct, device=q.device), (st.slot_score.to(ct) - tau).clamp(0.0, 1.0)], -1)
+    gate = torch.where(valid, gate, torch.zeros_like(gate))
+    k = torch.where(valid.unsqueeze(-1), st.k_slots.to(ct), torch.zeros((), dtype=ct, device=q.device))
+    v = torch.where(valid.unsqueeze(-1), st.v_slots.to(ct), torch.zeros((), dtype=ct, device=q.device))
+    qg = q.to(ct).reshape(B, H, Hq // H, D)  # (B, Hkv, G, D): query head h reads kv head h // G
+    logits = scale * qg @ k.transpose(-1, -2)  # (B, Hkv, G, NS)
+    log_gate = torch.where(gate > 0, torch.log(gate.clamp(min=torch.finfo(ct).tiny)), torch.full_like(gate, float("-inf")))
+    logits = torch.where(gate.unsqueeze(2) > 0, logits + log_gate.unsqueeze(2), torch.full_like(logits, float("-inf")))
+    out = torch.softmax(logits, -1) @ v  # (B, Hkv, G, D)
+    return out.reshape(B, Hq, 1, D).to(q.dtype)
+
+
+def _overflow_message(b: int, h: int, needed: int, capacity: int) -> str:
+    return (f"{_FN}: the soft set of batch {b}, kv head {h} needs {needed} entries but soft_capacity={capacity}. "
+            f"Every candidate score within the threshold's unit band stays in it, so scores packed closer than "
+            f"1 apart need more room; rebuild the cache with a larger soft_capacity (4 bytes per entry per "
+            f"sequence and kv head). The sequence's outputs are NaN until then.")
+
+
+# ---------------------------------------------------------------------------------------------
+# prefill: the state after `lengths` tokens, from the context
+
+
+def _prefill_tau(cand: Tensor, n: Tensor, topk: int) -> Tensor:
+    """Exact tau of rows of candidate scores cand (R, S) float64 (-inf past each row's n (R,)
+    candidates, n > topk): bisection over the sorted breakpoints {u, u - 1}, then the closed form
+    on the bracketing piece, the same computation as sparsek.selection."""
+    v = torch.sort(cand, -1).values.contiguous()  # -inf (not candidates) first
+    R, S = v.shape
+    cum = torch.cat([v.new_zeros(R, 1), torch.where(torch.isfinite(v), v, torch.zeros_like(v)).cumsum(-1)], -1)
+
+    def sums(t: Tensor):
+        lo = torch.searchsorted(v, t.unsqueeze(-1).contiguous(), right=True).squeeze(-1)  # keys u <= t
+        hi = torch.searchsorted(v, (t + 1.0).unsqueeze(-1).contiguous(), right=False).squeeze(-1)  # u < t + 1
+        return S - hi, hi - lo, cum.gather(-1, hi.unsqueeze(-1)).squeeze(-1) - cum.gather(-1, lo.unsqueeze(-1)).squeeze(-1)
+
+    breaks = torch.sort(torch.cat([v - 1.0, v], -1), -1).values
+    lo = 2 * (S - n)  # first finite breakpoint, min(u) - 1: f = n > topk there
+    hi = torch.full_like(lo, 2 * S - 1)  # max(u): f = 0
+    while bool(((hi - lo) > 1).any()):
+        move = (hi - lo) > 1
+        mid = (lo + hi) // 2
+        t = breaks.gather(-1, mid.unsqueeze(-1)).squeeze(-1)
+        sat, cnt, tot = sums(t)
+        above = (sat + tot - t * cnt) > topk
+        lo = torch.where(move & above, mid, lo)
+        hi = torch.where(move & ~above, mid, hi)
+    t_mid = 0.5 * (breaks.gather(-1, lo.unsqueeze(-1)) + breaks.gather(-1, hi.unsqueeze(-1))).squeeze(-1)
+    sat, cnt, tot = sums(t_mid)
+    return (tot - (topk - sat).to(torch.float64)) / cnt.clamp(min=1).to(torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# the cache
+
+
+class SparseKCache:
+    """Constant-size SparseK decode cache for a batch of sequences.
+
+    Args:
+        batch, kv_heads, head_dim: the cache's shape (query heads may be any multiple of kv_heads).
+        topk, window: as in ``sparsek_attention``.
+        dtype: key/value dtype (float16/bfloat16 for the CUDA kernels; float32/64 run the reference).
+        device: where the cache lives.
+        score_dtype: float32 (float64 is accepted for float64 caches, reference only).
+        soft_capacity: room for candidate scores above tau per (batch, kv head); default 4 * topk;
+            must exceed topk. Overflow raises ``SparseKCacheError`` (see docs/decode.md).
+        scale: softmax scale, default head_dim ** -0.5.
+        backend: "auto" (CUDA kernels when they support the cache, else the reference with a
+            warning), "cuda" (raise if the kernels cannot run) or "reference".
+        check_interval: CUDA path: read the status back every this many steps (a host
+            synchronisation) and raise on a failed sequence; 0 = only when ``check()`` is called
+            (for CUDA graphs). The reference checks every step.
+        num_splits: CUDA path: splits of the slots per (batch, kv head); 0 = automatic.
+
+    Use ``SparseKCache.from_prefill(k, v, scores, ...)`` to start from a context.
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        topk: int,
+        window: int = 0,
+        dtype: torch.dtype = torch.bfloat16,
+        device=None,
+        score_dtype: torch.dtype = torch.float32,
+        soft_capacity: int | None = None,
+        scale: float | None = None,
+        backend: str = "auto",
+        check_interval: int = DEFAULT_CHECK_INTERVAL,
+        num_splits: int = 0,
+    ):
+        _check_int("batch", batch, 1)
+        _check_int("kv_heads", kv_heads, 1)
+        _check_int("head_dim", head_dim, 1)
+        self.topk = _check_int("topk", topk, 1)
+        self.window = _check_int("window", window, 0)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            _fail(f"dtype must be a floating torch.dtype, got {dtype!r}", TypeError)
+        if score_dtype not in (torch.float32, torch.float64):
+            _fail(f"score_dtype must be torch.float32 or torch.float64, got {score_dtype!r}", TypeError)
+        if soft_capacity is None:
+            soft_capacity = DEFAULT_SOFT_FACTOR * topk
+        self.soft_capacity = _check_int("soft_capacity", soft_capacity, topk + 1)
+        if topk + window >= INT32_MAX // 2 or soft_capacity >= INT32_MAX // 2:
+            _fail(f"topk + window ({topk + window}) and soft_capacity ({soft_capacity}) must be < {INT32_MAX // 2}")
+        if scale is None:
+            scale = head_dim**-0.5
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            _fail(f"scale must be a finite float > 0 or None, got {scale!r}")
+        self.scale = float(scale)
+        if backend not in BACKENDS:
+            _fail(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.check_interval = _check_int("check_interval", check_interval, 0)
+        self.num_splits = _check_int("num_splits", num_splits, 0, MAX_SPLITS)
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+
+        B, H, D, K, W, C = batch, kv_heads, head_dim, topk, window, soft_capacity
+        i32 = dict(dtype=torch.int32, device=dev)
+        f = dict(dtype=score_dtype, device=dev)
+        # zeros, not empty: slots past the valid range are never read as data, but a NaN left in
+        # freed memory must not be able to reach an output through a 0 * NaN
+        self.state = DecodeState(
+            k_slots=torch.zeros(B, H, W + K, D, dtype=dtype, device=dev),
+            v_slots=torch.zeros(B, H, W + K, D, dtype=dtype, device=dev),
+            slot_score=torch.zeros(B, H, K, **f),
+            slot_pos=torch.full((B, H, K), -1, **i32),
+            win_score=torch.zeros(B, H, W, **f),
+            soft=torch.zeros(B, H, C, **f),
+            soft_count=torch.zeros(B, H, **i32),
+            tau=torch.full((B, H), float("-inf"), dtype=torch.float64, device=dev),
+            lengths=torch.zeros(B, H, **i32),
+            status=torch.zeros(B, H, 2, **i32),
+        )
+        self.batch, self.kv_heads, self.head_dim = B, H, D
+        self.dtype, self.score_dtype, self.device = dtype, score_dtype, dev
+        self._counters: dict[int, Tensor] = {}  # CUDA split-K counters per head-chunk count
+        self._steps = 0
+        # probing builds the extension (minutes, once), so a requested reference skips it
+        reason = "the reference was requested" if backend == "reference" else self._cuda_reason()
+        if backend == "cuda" and reason is not None:
+            _fail(f"backend='cuda' but the decode kernels cannot run this cache: {reason}", RuntimeError)
+        if backend == "auto" and reason is not None and dev.type == "cuda":
+            _warn_once(reason)
+        self.backend = "cuda" if reason is None else "reference"
+
+    # -- construction from a context --------------------------------------------------------
+
+    @classmethod
+    def from_prefill(
+        cls,
+        k: Tensor,  # (B, Hkv, S, D)
+        v: Tensor,  # (B, Hkv, S, D)
+        scores: Tensor,  # (B, Hkv, S) float32
+        *,
+        topk: int,
+        window: int = 0,
+        lengths=None,  # (B,) tokens of each sequence (the rest is padding); default S for all
+        **options,
+    ) -> "SparseKCache":
+        """The cache after the context (k, v, scores); the next ``step`` is position ``lengths[b]``.
+
+        ``options`` are the constructor's keyword arguments (soft_capacity, scale, backend, ...).
+        """
+        for name, t in (("k", k), ("v", v), ("scores", scores)):
+            if not isinstance(t, Tensor):
+                _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+        if k.dim() != 4:
+            _fail(f"k must be 4-D (B, Hkv, S, D), got shape {tuple(k.shape)}")
+        B, H, S, D = k.shape
+        if S < 1:
+            _fail(f"the context length S must be >= 1, got {S} (use SparseKCache(...) for an empty cache)")
+        _check_tensor("v", v, (B, H, S, D), k.dtype, k.device, "(B, Hkv, S, D)")
+        _check_tensor("scores", scores, (B, H, S), (torch.float32, torch.float64), k.device, "(B, Hkv, S)")
+        if scores.dtype == torch.float64 and k.dtype != torch.float64:
+            _fail(f"scores must be float32 for k of dtype {k.dtype}, got {scores.dtype}", TypeError)
+        _check_int("topk", topk, 1)
+        _check_int("window", window, 0)
+        if lengths is None:
+            L = torch.full((B,), S, dtype=torch.long, device=k.device)
+        else:
+            L = torch.as_tensor(lengths, device=k.device)
+            if L.shape != (B,) or L.dtype.is_floating_point or L.dtype == torch.bool:
+                _fail(f"lengths must be B={B} integers, got {tuple(L.shape)} {L.dtype}")
+            L = L.long()
+            if bool(((L < 0) | (L > S)).any()):
+                _fail(f"lengths must be in [0, S={S}], got {L.tolist()}")
+        inside = torch.arange(S, device=k.device).view(1, 1, S) < L.view(B, 1, 1)
+        if not bool((torch.isfinite(scores) | ~inside).all()):
+            bad = (~torch.isfinite(scores) & inside).nonzero()[0].tolist()
+            _fail(f"scores must be finite, got {scores[tuple(bad)].item()} at index {tuple(bad)}")
+        cache = cls(B, H, D, topk=topk, window=window, dtype=k.dtype, device=k.device, score_dtype=scores.dtype, **options)
+        cache._fill(k, v, scores, L)
+        return cache
+
+    def _fill(self, k: Tensor, v: Tensor, scores: Tensor, L: Tensor) -> None:
+        st = self.state
+        B, H, S, D = k.shape
+        K, W, C = self.topk, self.window, self.soft_capacity
+        dev = k.device
+        zero = torch.zeros((), dtype=k.dtype, device=dev)
+
+        # window: slot r holds the last position q < L with q % W == r (none when q < 0)
+        if W > 0:
+            last = (L - 1).view(B, 1)
+            q_pos = last - (last - torch.arange(W, device=dev).view(1, W)) % W  # (B, W)
+            present = (q_pos >= 0).view(B, 1, W)
+            idx = q_pos.clamp(min=0).view(B, 1, W).expand(B, H, W)
+            rows = idx.unsqueeze(-1).expand(B, H, W, D)
+            st.k_slots[:, :, :W] = torch.where(present.unsqueeze(-1), k.gather(2, rows), zero)
+            st.v_slots[:, :, :W] = torch.where(present.unsqueeze(-1), v.gather(2, rows), zero)
+            st.win_score.copy_(torch.where(present, scores.gather(-1, idx), torch.zeros((), dtype=scores.dtype, device=dev)))
+
+        # candidates: positions [0, n); the top-k by (score, position), in position order while n <= K
+        n = (L - W).clamp(min=0)  # (B,)
+        width = max(S, K)
+        cand = torch.full((B, H, width), float("-inf"), dtype=torch.float64, device=dev)
+        j = torch.arange(S, device=dev).view(1, 1, S)
+        cand[..., :S] = torch.where(j < n.view(B, 1, 1), scores.to(torch.float64), torch.full_like(cand[..., :S], float("-inf")))
+        # stable ascending sort: equal scores stay in position order, so the tail (the top-k)
+        # prefers the larger position, the tie rule of the selection
+        top = torch.sort(cand, dim=-1, stable=True).indices[..., width - K:]
+        in_order = torch.arange(K, device=dev).view(1, 1, K).expand(B, H, K)
+        pos = torch.where((n > K).view(B, 1, 1), top, in_order)
+        present = torch.arange(K, device=dev).view(1, 1, K) < n.clamp(max=K).view(B, 1, 1)
+        pos = torch.where(present, pos, torch.zeros_like(pos)).clamp(max=S - 1)
+        rows = pos.unsqueeze(-1).expand(B, H, K, D)
+        st.k_slots[:, :, W:] = torch.where(present.unsqueeze(-1), k.gather(2, rows), zero)
+        st.v_slots[:, :, W:] = torch.where(present.unsqueeze(-1), v.gather(2, rows), zero)
+        st.slot_score.copy_(torch.where(present, scores.gather(-1, pos), torch.zeros((), dtype=scores.dtype, device=dev)))
+        st.slot_pos.copy_(torch.where(present, pos, torch.full_like(pos, -1)).to(torch.int32))
+
+        # tau: exact for sequences with more than K candidates
+        tau = torch.full((B, H), float("-inf"), dtype=torch.float64, device=dev)
+        over = (n > K).nonzero().flatten().tolist()
+        chunk = max(1, _PREFILL_ELEMENTS_PER_CHUNK // max(1, H * 2 * width))
+        for c0 in range(0, len(over), chunk):
+            b = torch.tensor(over[c0 : c0 + chunk], device=dev)
+            nb = n[b].view(-1, 1).expand(-1, H).reshape(-1)
+            tau[b] = _prefill_tau(cand[b].reshape(-1, width), nb, K).view(-1, H)
+        st.tau.copy_(tau)
+
+        # soft set: every candidate score above tau
+        keep = cand > tau.unsqueeze(-1)  # -inf never passes
+        count = keep.sum(-1)
+        if bool((count > C).any()):
+            b, h = (count > C).nonzero()[0].tolist()
+            raise SparseKCacheError(_overflow_message(b, h, int(count[b, h]), C).replace(
+                "The sequence's outputs are NaN until then.", "(while building the cache from the context)"))
+        order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :C]
+        packed = cand.gather(-1, order) if width >= C else torch.cat(
+            [cand.gather(-1, order), cand.new_full((B, H, C - width), float("-inf"))], -1)
+        slot = torch.arange(C, device=dev).view(1, 1, C)
+        st.soft.copy_(torch.where(slot < count.unsqueeze(-1), packed, torch.zeros_like(packed)).to(st.soft.dtype))
+        st.soft_count.copy_(count.to(torch.int32))
+        st.lengths.copy_(L.view(B, 1).expand(B, H).to(torch.int32))
+
+    # -- stepping ------------------------------------------------------------------------------
+
+    def step(
+        self,
+        q: Tensor,  # (B, Hq, 1, D)
+        k_new: Tensor,  # (B, Hkv, 1, D)
+        v_new: Tensor,  # (B, Hkv, 1, D)
+        score_new: Tensor,  # (B, Hkv, 1) or (B, Hkv)
+    ) -> Tensor:
+        """Add one token to every sequence and return the attention output of its query,
+        (B, Hq, 1, D) in the cache's dtype."""
+        B, H, D = self.batch, self.kv_heads, self.head_dim
+        if not isinstance(q, Tensor) or q.dim() != 4 or q.shape[0] != B or q.shape[2] != 1 or q.shape[3] != D:
+            shape = tuple(q.shape) if isinstance(q, Tensor) else type(q).__name__
+            _fail(f"q must be (B={B}, Hq, 1, D={D}), got {shape}")
+        Hq = q.shape[1]
+        if Hq < H or Hq % H:
+            _fail(f"query heads Hq={Hq} must be a multiple of kv heads Hkv={H}")
+        _check_tensor("q", q, (B, Hq, 1, D), self.dtype, self.device, "(B, Hq, 1, D)")
+        _check_tensor("k_new", k_new, (B, H, 1, D), self.dtype, self.device, "(B, Hkv, 1, D)")
+        _check_tensor("v_new", v_new, (B, H, 1, D), self.dtype, self.device, "(B, Hkv, 1, D)")
+        if isinstance(score_new, Tensor) and score_new.dim() == 3:
+            _check_tensor("score_new", score_new, (B, H, 1), self.score_dtype, self.device, "(B, Hkv, 1)")
+            score_new = score_new[..., 0]
+        _check_tensor("score_new", score_new, (B, H), self.score_dtype, self.device, "(B, Hkv, 1) or (B, Hkv)")
+        self._steps += 1
+        if self.backend == "cuda":
+            out = self._cuda_ops().decode_step(
+                _rows16(q), _rows16(k_new), _rows16(v_new), score_new.contiguous(), *self.state.tensors(),
+                self._counters_for(Hq), self.topk, self.window, self.scale, self.num_splits)
+            if self.check_interval and self._steps % self.check_interval == 0:
+                self.check()
+            return out
+        self.check()  # a failed cache stays failed
+        if not bool(torch.isfinite(score_new).all()):
+            b, h = (~torch.isfinite(score_new)).nonzero()[0].tolist()
+            _fail(f"score_new must be finite, got {score_new[b, h].item()} at batch {b}, kv head {h}")
+        reference_update(self.state, k_new, v_new, score_new, self.topk, self.window)
+        return reference_attention(self.state, q, self.window, self.scale)
+
+    def check(self) -> None:
+        """Raise SparseKCacheError if any sequence failed (reads the status: a host sync on CUDA)."""
+        code = self.state.status[..., 0]
+        if not bool((code != STATUS_OK).any()):
+            return
+        b, h = (code != STATUS_OK).nonzero()[0].tolist()
+        c, detail = (int(x) for x in self.state.status[b, h].tolist())
+        if c == STATUS_SOFT_OVERFLOW:
+            raise SparseKCacheError(_overflow_message(b, h, detail, self.soft_capacity))
+        if c == STATUS_NONFINITE_SCORE:
+            raise SparseKCacheError(f"{_FN}: score_new must be finite; batch {b}, kv head {h} got a non-finite score "
+                                    f"at position {detail}. The sequence's outputs are NaN until the cache is rebuilt.")
+        if c == STATUS_POSITION_OVERFLOW:
+            raise SparseKCacheError(f"{_FN}: positions are int32 and batch {b}, kv head {h} reached {detail} tokens")
+        raise SparseKCacheError(f"{_FN}: internal error (status {c}, detail {detail}) at batch {b}, kv head {h}: "
+                                f"the threshold walk did not converge; please report it")
+
+    # -- facts ----------------------------------------------------------------------------------
+
+    @property
+    def seq_lens(self) -> Tensor:
+        """(B,) int64: tokens seen by each sequence."""
+        return self.state.lengths[:, 0].long()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole state; fixed at construction, independent of the context length."""
+        return sum(t.numel() * t.element_size() for t in self.state.tensors()) + sum(
+            t.numel() * t.element_size() for t in self._counters.values())
+
+    @staticmethod
+    def bytes_per_sequence(kv_heads: int, head_dim: int, *, topk: int, window: int, dtype=torch.bfloat16,
+                           soft_capacity: int | None = None, score_bytes: int = 4) -> dict:
+        """Bytes one sequence's cache holds: {"kv": key/value slots, "total": everything}."""
+        elem = torch.empty((), dtype=dtype).element_size()
+        C = DEFAULT_SOFT_FACTOR * topk if soft_capacity is None else soft_capacity
+        kv = 2 * kv_heads * (topk + window) * head_dim * elem
+        # slot scores + positions, window scores, soft set, soft count + tau + length + status
+        other = kv_heads * (topk * (score_bytes + 4) + window * score_bytes + C * score_bytes + 4 + 8 + 4 + 8)
+        return {"kv": kv, "total": kv + other}
+
+    def __repr__(self) -> str:
+        return (f"SparseKCache(batch={self.batch}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, topk={self.topk}, "
+                f"window={self.window}, dtype={self.dtype}, device={self.device}, soft_capacity={self.soft_capacity}, "
+                f"backend={self.backend!r}, nbytes={self.nbytes})")
+
+    # -- the CUDA path --------------------------------------------------------------------------
+
+    def _cuda_reason(self) -> str | None:
+        """None when the decode kernels can run this cache, else why not."""
+        if self.device.type != "cuda":
+            return f"the cache is on {self.device}, not a CUDA device"
+        st = self.state
+        if self.score_dtype != torch.float32:
+            return f"the kernels take float32 scores, got {self.score_dtype}"
+        # the op's own support check, with the cache's tensors in the roles of q, k, v, scores
+        reason = _cuda.unsupported_reason(st.k_slots, st.k_slots, st.v_slots, st.slot_score)
+        if reason is None and not hasattr(self._cuda_ops(), "decode_step"):
+            reason = "the CUDA extension was built without the decode kernels"
+        return reason
+
+    @staticmethod
+    def _cuda_ops():
+        return _cuda.ops()
+
+    def _counters_for(self, q_heads: int) -> Tensor:
+        """Split-K arrival counters, one per (batch, kv head, head chunk); zero between launches."""
+        chunks = -(-(q_heads // self.kv_heads) // 8)  # kDecodeHeadsPerCta query heads per CTA
+        if chunks not in self._counters:
+            self._counters[chunks] = torch.zeros(self.batch * self.kv_heads * chunks, dtype=torch.int32, device=self.device)
+        return self._counters[chunks]
