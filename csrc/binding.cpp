@@ -5,6 +5,36 @@
 #include <torch/library.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <string>
+#include <type_traits>
+
+// Error messages are built as one std::string here and handed to TORCH_CHECK whole. Streaming
+// numbers into c10::str's ostringstream inside this extension crashed (SIGSEGV in
+// ostream::_M_insert<long>) on the H200 machine, where the extension's g++ and the libstdc++
+// loaded by torch differ; string appends do not touch the stream's locale facets.
+namespace sparsek_msg {
+inline void append(std::string& out, const char* x) { out += x; }
+inline void append(std::string& out, const std::string& x) { out += x; }
+inline void append(std::string& out, const c10::Device& x) { out += x.str(); }
+inline void append(std::string& out, c10::ScalarType x) { out += c10::toString(x); }
+inline void append(std::string& out, c10::IntArrayRef x) {
+  out += "(";
+  for (size_t i = 0; i < x.size(); ++i) out += (i ? ", " : "") + std::to_string(x[i]);
+  out += ")";
+}
+template <typename T, typename = std::enable_if_t<std::is_arithmetic_v<T>>>
+inline void append(std::string& out, T x) {
+  if constexpr (std::is_same_v<T, bool>) out += x ? "true" : "false";
+  else out += std::to_string(x);
+}
+template <typename... Args>
+std::string build(const Args&... args) {
+  std::string out;
+  (append(out, args), ...);
+  return out;
+}
+}  // namespace sparsek_msg
+
 // ---- prefill: selection + attention (owned by the prefill kernels) ----
 
 #include <ATen/ATen.h>
@@ -15,7 +45,7 @@
 
 #include "sparsek_params.h"
 
-#define SPARSEK_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, "sparsek_cuda: ", __VA_ARGS__)
+#define SPARSEK_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, sparsek_msg::build("sparsek_cuda: ", __VA_ARGS__))
 #define SPARSEK_CHECK_CUDA(name, t) \
   SPARSEK_CHECK((t).is_cuda(), name " must be a CUDA tensor, got device ", (t).device())
 
@@ -91,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_cuda(
   p.n_blocks = static_cast<int>(n_blocks);
   p.cap = static_cast<int>(cap);
   const cudaError_t err = sparsek::launch_selection(p, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "sparsek_cuda: selection launch failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, sparsek_msg::build("sparsek_cuda: selection launch failed: ", cudaGetErrorString(err)));
   return {tau, end, keys, count};
 }
 
@@ -179,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   p.is_bf16 = q.scalar_type() == at::kBFloat16;
   const cudaError_t err = sparsek::launch_attention_fwd(p, static_cast<int>(D), c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "sparsek_cuda: attention launch failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, sparsek_msg::build("sparsek_cuda: attention launch failed: ", cudaGetErrorString(err)));
   return {out, lse};
 }
 
@@ -207,32 +237,42 @@ TORCH_LIBRARY_IMPL(sparsek_cuda, CUDA, m) {
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #include "decode_params.h"
 
 // Errors name the argument, the value and what was expected (ValueError / TypeError in Python).
-#define DECODE_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, "sparsek decode: ", __VA_ARGS__)
-#define DECODE_CHECK_TYPE(cond, ...) TORCH_CHECK_TYPE(cond, "sparsek decode: ", __VA_ARGS__)
+#define DECODE_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, sparsek_msg::build("sparsek decode: ", __VA_ARGS__))
+#define DECODE_CHECK_TYPE(cond, ...) TORCH_CHECK_TYPE(cond, sparsek_msg::build("sparsek decode: ", __VA_ARGS__))
 
 namespace sparsek_decode_binding {
 
+// "(2, 8, 64)": shapes are formatted here, into an owning string, instead of streaming
+// c10::ArrayRef into the error message (that crashed on the H200 build when the check failed).
+std::string shape_str(at::IntArrayRef shape) {
+  std::string out = "(";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+  return out + ")";
+}
+
 // A cache tensor: on the device of q, the given dtype and shape, contiguous.
-void check_state(const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape, const at::Device& device) {
+void check_state(const at::Tensor& t, const char* name, at::ScalarType dtype, std::vector<int64_t> shape, const at::Device& device) {
   DECODE_CHECK(t.device() == device, name, " must be on ", device, ", got ", t.device());
   DECODE_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
-  DECODE_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
-  DECODE_CHECK(t.is_contiguous(), name, " must be contiguous (strides ", t.strides(), ")");
+  DECODE_CHECK(t.sizes() == at::IntArrayRef(shape), name, " must have shape ", shape_str(shape), ", got ", shape_str(t.sizes()));
+  DECODE_CHECK(t.is_contiguous(), name, " must be contiguous (strides ", shape_str(t.strides()), ")");
 }
 
 // A (B, H, 1, D) row tensor that the kernels read or write with 16-byte accesses.
-void check_rows(const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape, const at::Device& device) {
+void check_rows(const at::Tensor& t, const char* name, at::ScalarType dtype, std::vector<int64_t> shape, const at::Device& device) {
   DECODE_CHECK(t.device() == device, name, " must be on ", device, ", got ", t.device());
   DECODE_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
-  DECODE_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+  DECODE_CHECK(t.sizes() == at::IntArrayRef(shape), name, " must have shape ", shape_str(shape), ", got ", shape_str(t.sizes()));
   const int64_t es = t.element_size();
   DECODE_CHECK(t.stride(3) == 1 && (t.stride(0) * es) % 16 == 0 && (t.stride(1) * es) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0,
-               name, " must have a contiguous last dim and 16-byte aligned rows, got strides ", t.strides());
+               name, " must have a contiguous last dim and 16-byte aligned rows, got strides ", shape_str(t.strides()));
 }
 
 struct DecodeShape {
@@ -245,7 +285,7 @@ struct DecodeShape {
 DecodeShape check_cache(const at::Tensor& k_slots, const at::Tensor& v_slots, const at::Tensor& slot_score, const at::Tensor& tau,
                         const at::Tensor& lengths, const at::Tensor& status, int64_t topk, int64_t window) {
   DECODE_CHECK(k_slots.is_cuda(), "k_slots must be a CUDA tensor, got device ", k_slots.device());
-  DECODE_CHECK(k_slots.dim() == 4, "k_slots must be (B, Hkv, window + topk, D), got ", k_slots.sizes());
+  DECODE_CHECK(k_slots.dim() == 4, "k_slots must be (B, Hkv, window + topk, D), got ", shape_str(k_slots.sizes()));
   DECODE_CHECK(topk >= 1, "topk must be >= 1, got ", topk);
   DECODE_CHECK(window >= 0, "window must be >= 0, got ", window);
   const DecodeShape s = {k_slots.size(0), k_slots.size(1), k_slots.size(2), k_slots.size(3), topk, window,
@@ -284,7 +324,7 @@ void launch_update(const DecodeShape& s, const at::Tensor& k_new, const at::Tens
   check_state(score_new, "score_new", at::kFloat, {s.B, s.Hkv}, s.device);
   check_state(slot_pos, "slot_pos", at::kInt, {s.B, s.Hkv, s.topk}, s.device);
   check_state(win_score, "win_score", at::kFloat, {s.B, s.Hkv, s.window}, s.device);
-  DECODE_CHECK(soft.dim() == 3, "soft must be (B, Hkv, soft_capacity), got ", soft.sizes());
+  DECODE_CHECK(soft.dim() == 3, "soft must be (B, Hkv, soft_capacity), got ", shape_str(soft.sizes()));
   const int64_t capacity = soft.size(2);
   // the first step past topk candidates holds topk + 1 scores before it drops any
   DECODE_CHECK(capacity > s.topk, "soft_capacity must be > topk = ", s.topk, ", got ", capacity);
@@ -319,7 +359,7 @@ void launch_update(const DecodeShape& s, const at::Tensor& k_new, const at::Tens
   params.num_slots = static_cast<int>(s.NS);
   params.soft_capacity = static_cast<int>(capacity);
   const cudaError_t err = sparsek::launch_decode_update(params, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "sparsek decode: update launch failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, sparsek_msg::build("sparsek decode: update launch failed: ", cudaGetErrorString(err)));
 }
 
 // The attention launch's sizes, validated before anything is launched.
@@ -331,7 +371,7 @@ struct AttentionPlan {
 AttentionPlan plan_attention(const DecodeShape& s, const at::Tensor& q, const at::Tensor& counters, double scale,
                              int64_t num_splits) {
   DECODE_CHECK(q.dim() == 4 && q.size(0) == s.B && q.size(2) == 1 && q.size(3) == s.D,
-               "q must be (B=", s.B, ", Hq, 1, D=", s.D, "), got ", q.sizes());
+               "q must be (B=", s.B, ", Hq, 1, D=", s.D, "), got ", shape_str(q.sizes()));
   AttentionPlan plan = {};
   plan.Hq = q.size(1);
   DECODE_CHECK(plan.Hq >= s.Hkv && plan.Hq % s.Hkv == 0, "query heads Hq=", plan.Hq, " must be a multiple of kv heads Hkv=",
@@ -398,7 +438,7 @@ at::Tensor launch_attention(const DecodeShape& s, const AttentionPlan& plan, con
   params.is_bf16 = is_bf16;
   params.use_pdl = after_update;
   const cudaError_t err = sparsek::launch_decode_attention(params, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "sparsek decode: attention launch failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, sparsek_msg::build("sparsek decode: attention launch failed: ", cudaGetErrorString(err)));
   return out;
 }
 

@@ -113,7 +113,8 @@ def test_update_and_attention_ops_compose_to_the_step():
     args = (_at(q, start), _at(k, start), _at(v, start), _at(u.unsqueeze(-1), start)[..., 0])
     out = a.step(*args)
     ops, st = b._cuda_ops(), b.state
-    ops.decode_update(args[1], args[2], args[3].contiguous(), st.k_slots, st.v_slots, st.slot_score, st.slot_pos,
+    ops.decode_update(args[1], args[2], args[3][..., 0].contiguous(),  # score_new (B, Hkv)
+                      st.k_slots, st.v_slots, st.slot_score, st.slot_pos,
                       st.win_score, st.soft, st.soft_count, st.tau, st.lengths, st.status, 64, 16)
     out2 = ops.decode_attention(args[0], st.k_slots, st.v_slots, st.slot_score, st.tau, st.lengths, st.status,
                                 b._counters_for(8), 64, 16, b.scale, 0)
