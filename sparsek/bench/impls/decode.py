@@ -73,6 +73,16 @@ def paged_bytes(case: Case, page: int) -> int:
 # sparsek-decode
 
 
+
+def _probe_case(case: Case) -> tuple[Case, Inputs]:
+    """A tiny decode case (2 sequences of 300 tokens) with the case's head dim, dtype and GQA
+    group, and its inputs on the GPU: what an adapter's probe runs to see that its library works."""
+    small = Case("probe", "decode", 2, 2 * case.group, 2, 300, case.head_dim, case.dtype, 16, 8, "cuda", 0)
+    x = torch.randn(2, 2, 301, case.head_dim, device="cuda", dtype=case.torch_dtype)  # (B, Hkv, S + 1, D)
+    tiny = Inputs(q=torch.randn(2, 2 * case.group, 1, case.head_dim, device="cuda", dtype=case.torch_dtype),
+                  k=x[:, :, :300], v=x[:, :, :300], scores=None, k_new=x[:, :, 300:], v_new=x[:, :, 300:])
+    return small, tiny
+
 class SparseKDecode(Impl):
     def __init__(self):
         super().__init__("sparsek-decode", family="sparsek", kind="decode", pattern="decode-sparsek",
@@ -252,10 +262,7 @@ class VllmPaged(Impl):
             return reason
 
         def probe():
-            small = Case("probe", "decode", 2, 2 * case.group, 2, 300, case.head_dim, case.dtype, 16, 8, "cuda", 0)
-            x = torch.randn(2, 2, 301, case.head_dim, device="cuda", dtype=case.torch_dtype)
-            tiny = Inputs(q=torch.randn(2, 2 * case.group, 1, case.head_dim, device="cuda", dtype=case.torch_dtype),
-                          k=x[:, :, :300], v=x[:, :, :300], scores=None, k_new=x[:, :, 300:], v_new=x[:, :, 300:])
+            small, tiny = _probe_case(case)
             try:
                 fn, _ = self._build(small, tiny, page_table(small, VLLM_BLOCK, "cuda"))
             except Exception as exc:
@@ -331,10 +338,7 @@ class XFormersSplitKPaged(Impl):
         def probe():
             from .dense import xformers_refusal
 
-            small = Case("probe", "decode", 2, 2 * case.group, 2, 300, case.head_dim, case.dtype, 16, 8, "cuda", 0)
-            x = torch.randn(2, 2, 301, case.head_dim, device="cuda", dtype=case.torch_dtype)
-            tiny = Inputs(q=torch.randn(2, 2 * case.group, 1, case.head_dim, device="cuda", dtype=case.torch_dtype),
-                          k=x[:, :, :300], v=x[:, :, :300], scores=None, k_new=x[:, :, 300:], v_new=x[:, :, 300:])
+            small, tiny = _probe_case(case)
             try:
                 fn, _ = self._build(small, tiny, page_table(small, XFORMERS_PAGE, "cuda"))
                 fn()
