@@ -68,8 +68,9 @@ measure() {
   local side="$1" round="$2"
   echo "gate: round $round, $side (${sha[$side]:0:12})"
   if [ "$tool" = asv ]; then
-    # asv's benchmark runner strips PYTHONPATH from sys.path and puts ASV_PYTHONPATH first.
-    ASV_PYTHONPATH="$work/src-$side" \
+    # asv's benchmark runner strips PYTHONPATH from sys.path and puts ASV_PYTHONPATH first;
+    # carry PYTHONPATH along for an asv installed with pip --target.
+    ASV_PYTHONPATH="$work/src-$side${PYTHONPATH:+:$PYTHONPATH}" \
       asv --config "$work/asv-$side.conf.json" run -E existing \
       --set-commit-hash "${sha[$side]}" --machine "$SPARSEK_ASV_MACHINE" \
       --append-samples --show-stderr "${bench_args[@]}" ||
