@@ -36,6 +36,7 @@ from torch import Tensor
 
 from . import _cuda
 from .reference import compute_dtype
+from .selection import last_tau
 
 _FN = "SparseKCache"
 BACKENDS = ("auto", "reference", "cuda")
@@ -48,8 +49,6 @@ DEFAULT_SOFT_FACTOR = 4
 DEFAULT_CHECK_INTERVAL = 64
 MAX_SPLITS = 64  # kDecodeMaxSplits in csrc/decode_params.h
 INT32_MAX = 2**31 - 1
-# Rows of the prefill threshold solve processed at once; bounds its (rows, 2 S) work tensors.
-_PREFILL_ELEMENTS_PER_CHUNK = 1 << 24
 
 # status codes written by the update (csrc/decode_params.h)
 STATUS_OK = 0
@@ -277,35 +276,6 @@ def _overflow_message(b: int, h: int, needed: int, capacity: int) -> str:
 # prefill: the state after `lengths` tokens, from the context
 
 
-def _prefill_tau(cand: Tensor, n: Tensor, topk: int) -> Tensor:
-    """Exact tau of rows of candidate scores cand (R, S) float64 (-inf past each row's n (R,)
-    candidates, n > topk): bisection over the sorted breakpoints {u, u - 1}, then the closed form
-    on the bracketing piece, the same computation as sparsek.selection."""
-    v = torch.sort(cand, -1).values.contiguous()  # -inf (not candidates) first
-    R, S = v.shape
-    cum = torch.cat([v.new_zeros(R, 1), torch.where(torch.isfinite(v), v, torch.zeros_like(v)).cumsum(-1)], -1)
-
-    def sums(t: Tensor):
-        lo = torch.searchsorted(v, t.unsqueeze(-1).contiguous(), right=True).squeeze(-1)  # keys u <= t
-        hi = torch.searchsorted(v, (t + 1.0).unsqueeze(-1).contiguous(), right=False).squeeze(-1)  # u < t + 1
-        return S - hi, hi - lo, cum.gather(-1, hi.unsqueeze(-1)).squeeze(-1) - cum.gather(-1, lo.unsqueeze(-1)).squeeze(-1)
-
-    breaks = torch.sort(torch.cat([v - 1.0, v], -1), -1).values
-    lo = 2 * (S - n)  # first finite breakpoint, min(u) - 1: f = n > topk there
-    hi = torch.full_like(lo, 2 * S - 1)  # max(u): f = 0
-    while bool(((hi - lo) > 1).any()):
-        move = (hi - lo) > 1
-        mid = (lo + hi) // 2
-        t = breaks.gather(-1, mid.unsqueeze(-1)).squeeze(-1)
-        sat, cnt, tot = sums(t)
-        above = (sat + tot - t * cnt) > topk
-        lo = torch.where(move & above, mid, lo)
-        hi = torch.where(move & ~above, mid, hi)
-    t_mid = 0.5 * (breaks.gather(-1, lo.unsqueeze(-1)) + breaks.gather(-1, hi.unsqueeze(-1))).squeeze(-1)
-    sat, cnt, tot = sums(t_mid)
-    return (tot - (topk - sat).to(torch.float64)) / cnt.clamp(min=1).to(torch.float64)
-
-
 # ---------------------------------------------------------------------------------------------
 # the cache
 
@@ -493,12 +463,8 @@ class SparseKCache:
 
         # tau: exact for sequences with more than K candidates
         tau = torch.full((B, H), float("-inf"), dtype=torch.float64, device=dev)
-        over = (n > K).nonzero().flatten().tolist()
-        chunk = max(1, _PREFILL_ELEMENTS_PER_CHUNK // max(1, H * 2 * width))
-        for c0 in range(0, len(over), chunk):
-            b = torch.tensor(over[c0 : c0 + chunk], device=dev)
-            nb = n[b].view(-1, 1).expand(-1, H).reshape(-1)
-            tau[b] = _prefill_tau(cand[b].reshape(-1, width), nb, K).view(-1, H)
+        for b in (n > K).nonzero().flatten().tolist():  # one solve per sequence: lengths differ
+            tau[b] = last_tau(scores[b : b + 1, :, : int(n[b])], K)[0]
         st.tau.copy_(tau)
 
         # soft set: every candidate score above tau

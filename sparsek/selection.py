@@ -172,6 +172,14 @@ def select(scores: Tensor, topk: int, window: int) -> Selection:
     return Selection(topk=topk, window=window, tau=tau.to(scores.dtype), nsoft=nsoft, end=end.to(torch.int32))
 
 
+def last_tau(scores: Tensor, topk: int) -> Tensor:
+    """tau (B, H) float64 of a query whose candidates are all of ``scores`` (B, H, n): -inf when
+    n <= topk. The same solve as ``select`` (decode builds its state from a context with it)."""
+    values, key_at, _ = _order(scores)
+    n = torch.tensor([scores.shape[-1]], device=scores.device)
+    return _threshold_rows(values, key_at, n, topk)[0][..., 0]
+
+
 def selected_mask(sel: Selection, rows: Tensor | None = None) -> Tensor:
     """Boolean (B, H, R, S): key j in S_i for each query i in ``rows`` (default: all)."""
     B, H, S = sel.end.shape
