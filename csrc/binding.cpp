@@ -237,8 +237,6 @@ TORCH_LIBRARY_IMPL(sparsek_cuda, CUDA, m) {
 #include <algorithm>
 #include <array>
 #include <cstdint>
-#include <string>
-#include <vector>
 
 #include "decode_params.h"
 
@@ -248,31 +246,23 @@ TORCH_LIBRARY_IMPL(sparsek_cuda, CUDA, m) {
 
 namespace sparsek_decode_binding {
 
-// "(2, 8, 64)": shapes are formatted here, into an owning string, instead of streaming
-// c10::ArrayRef into the error message (that crashed on the H200 build when the check failed).
-std::string shape_str(at::IntArrayRef shape) {
-  std::string out = "(";
-  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
-  return out + ")";
-}
-
 // A cache tensor: on the device of q, the given dtype and shape, contiguous.
-void check_state(const at::Tensor& t, const char* name, at::ScalarType dtype, std::vector<int64_t> shape, const at::Device& device) {
+void check_state(const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape, const at::Device& device) {
   DECODE_CHECK(t.device() == device, name, " must be on ", device, ", got ", t.device());
   DECODE_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
-  DECODE_CHECK(t.sizes() == at::IntArrayRef(shape), name, " must have shape ", shape_str(shape), ", got ", shape_str(t.sizes()));
-  DECODE_CHECK(t.is_contiguous(), name, " must be contiguous (strides ", shape_str(t.strides()), ")");
+  DECODE_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+  DECODE_CHECK(t.is_contiguous(), name, " must be contiguous (strides ", t.strides(), ")");
 }
 
 // A (B, H, 1, D) row tensor that the kernels read or write with 16-byte accesses.
-void check_rows(const at::Tensor& t, const char* name, at::ScalarType dtype, std::vector<int64_t> shape, const at::Device& device) {
+void check_rows(const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape, const at::Device& device) {
   DECODE_CHECK(t.device() == device, name, " must be on ", device, ", got ", t.device());
   DECODE_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
-  DECODE_CHECK(t.sizes() == at::IntArrayRef(shape), name, " must have shape ", shape_str(shape), ", got ", shape_str(t.sizes()));
+  DECODE_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
   const int64_t es = t.element_size();
   DECODE_CHECK(t.stride(3) == 1 && (t.stride(0) * es) % 16 == 0 && (t.stride(1) * es) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0,
-               name, " must have a contiguous last dim and 16-byte aligned rows, got strides ", shape_str(t.strides()));
+               name, " must have a contiguous last dim and 16-byte aligned rows, got strides ", t.strides());
 }
 
 struct DecodeShape {
@@ -285,7 +275,7 @@ struct DecodeShape {
 DecodeShape check_cache(const at::Tensor& k_slots, const at::Tensor& v_slots, const at::Tensor& slot_score, const at::Tensor& tau,
                         const at::Tensor& lengths, const at::Tensor& status, int64_t topk, int64_t window) {
   DECODE_CHECK(k_slots.is_cuda(), "k_slots must be a CUDA tensor, got device ", k_slots.device());
-  DECODE_CHECK(k_slots.dim() == 4, "k_slots must be (B, Hkv, window + topk, D), got ", shape_str(k_slots.sizes()));
+  DECODE_CHECK(k_slots.dim() == 4, "k_slots must be (B, Hkv, window + topk, D), got ", k_slots.sizes());
   DECODE_CHECK(topk >= 1, "topk must be >= 1, got ", topk);
   DECODE_CHECK(window >= 0, "window must be >= 0, got ", window);
   const DecodeShape s = {k_slots.size(0), k_slots.size(1), k_slots.size(2), k_slots.size(3), topk, window,
@@ -324,7 +314,7 @@ void launch_update(const DecodeShape& s, const at::Tensor& k_new, const at::Tens
   check_state(score_new, "score_new", at::kFloat, {s.B, s.Hkv}, s.device);
   check_state(slot_pos, "slot_pos", at::kInt, {s.B, s.Hkv, s.topk}, s.device);
   check_state(win_score, "win_score", at::kFloat, {s.B, s.Hkv, s.window}, s.device);
-  DECODE_CHECK(soft.dim() == 3, "soft must be (B, Hkv, soft_capacity), got ", shape_str(soft.sizes()));
+  DECODE_CHECK(soft.dim() == 3, "soft must be (B, Hkv, soft_capacity), got ", soft.sizes());
   const int64_t capacity = soft.size(2);
   // the first step past topk candidates holds topk + 1 scores before it drops any
   DECODE_CHECK(capacity > s.topk, "soft_capacity must be > topk = ", s.topk, ", got ", capacity);
@@ -371,7 +361,7 @@ struct AttentionPlan {
 AttentionPlan plan_attention(const DecodeShape& s, const at::Tensor& q, const at::Tensor& counters, double scale,
                              int64_t num_splits) {
   DECODE_CHECK(q.dim() == 4 && q.size(0) == s.B && q.size(2) == 1 && q.size(3) == s.D,
-               "q must be (B=", s.B, ", Hq, 1, D=", s.D, "), got ", shape_str(q.sizes()));
+               "q must be (B=", s.B, ", Hq, 1, D=", s.D, "), got ", q.sizes());
   AttentionPlan plan = {};
   plan.Hq = q.size(1);
   DECODE_CHECK(plan.Hq >= s.Hkv && plan.Hq % s.Hkv == 0, "query heads Hq=", plan.Hq, " must be a multiple of kv heads Hkv=",
