@@ -22,7 +22,6 @@ could be compared (a gate that compared nothing must not pass).
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import os
@@ -35,6 +34,7 @@ if __name__ == "__main__":
     # Always the statistics of the checkout this script lives in, not whatever is installed.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sparsek.bench.asv_results import entries as asv_entries  # noqa: E402
 from sparsek.bench.compare import (  # noqa: E402
     IMPROVEMENT,
     REGRESSION,
@@ -81,29 +81,22 @@ def asv_samples(data: dict, units: dict[str, str] | None) -> tuple[Samples, dict
     Keys read like asv's own: `module.Class.track_x('seed', 'sparsek')` for parametrised benchmarks.
     `units` maps benchmark name -> unit from benchmarks.json; None keeps every benchmark with samples.
     """
-    columns = data["result_columns"]
     samples: Samples = {}
     versions: dict[str, str] = {}
-    for name, values in data["results"].items():
-        row = dict(zip(columns, values))  # asv drops trailing None columns
+    for name, combo, result, combo_samples, version in asv_entries(data):
         if units is not None and units.get(name) != ASV_TIME_UNIT:
             continue
-        params = row.get("params") or []
-        combos = list(itertools.product(*params)) if params else [()]
-        results = _per_combo(row.get("result"), len(combos))
-        raw = _per_combo(row.get("samples"), len(combos))
-        for combo, result, combo_samples in zip(combos, results, raw):
-            if combo_samples:
-                kept = [float(s) for s in combo_samples if _is_number(s)]
-            elif _is_number(result) and units is not None:
-                # A timing recorded without --record-samples: its median alone, too few to judge.
-                kept = [float(result)]
-            else:
-                continue  # skipped (NotImplementedError in setup), failed, or not a timing
-            if kept:
-                key = f"{name}({', '.join(combo)})" if combo else name
-                samples[key] = kept
-                versions[key] = row.get("version")
+        if combo_samples:
+            kept = [float(s) for s in combo_samples if _is_number(s)]
+        elif _is_number(result) and units is not None:
+            # A timing recorded without --record-samples: its median alone, too few to judge.
+            kept = [float(result)]
+        else:
+            continue  # skipped (NotImplementedError in setup), failed, or not a timing
+        if kept:
+            key = f"{name}({', '.join(combo)})" if combo else name
+            samples[key] = kept
+            versions[key] = version
     return samples, versions
 
 
@@ -293,12 +286,6 @@ def _read_json(path: Path):
 
 def _is_asv_result(data) -> bool:
     return isinstance(data, dict) and "result_columns" in data and "results" in data
-
-
-def _per_combo(values, n: int) -> list:
-    if values is None:
-        return [None] * n
-    return list(values) + [None] * (n - len(values))
 
 
 def _is_number(value) -> bool:

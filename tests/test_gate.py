@@ -420,7 +420,7 @@ def git(cwd, *args) -> str:
 
 @pytest.fixture
 def toy_repo(tmp_path):
-    """Two commits of a package named sparsek (so that ci/gate.py finds its compare module) with one
+    """Two commits of a package named sparsek (so that ci/gate.py finds its modules) with one
     asv benchmark; the second commit is 8% slower."""
     if shutil.which("asv") is None:
         pytest.skip("asv is not installed")
@@ -430,7 +430,8 @@ def toy_repo(tmp_path):
                  "push-results.sh"):
         shutil.copy2(CI / name, repo / "ci" / name)
     (repo / "sparsek" / "bench").mkdir(parents=True)
-    shutil.copy2(REPO / "sparsek" / "bench" / "compare.py", repo / "sparsek" / "bench" / "compare.py")
+    for name in ("compare.py", "asv_results.py"):  # the modules ci/gate.py imports
+        shutil.copy2(REPO / "sparsek" / "bench" / name, repo / "sparsek" / "bench" / name)
     (repo / "sparsek" / "__init__.py").write_text("COST = 1.0\n")
     (repo / "benchmarks").mkdir()
     (repo / "benchmarks" / "__init__.py").write_text("")

@@ -24,7 +24,6 @@ import argparse
 import ast
 import datetime as _dt
 import html
-import itertools
 import json
 import math
 import re
@@ -34,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+from .asv_results import entries as asv_entries
 from .tiers import TIERS
 
 # The asv benchmarks holding tier speedups, by case kind (benchmarks/bench_*.py).
@@ -98,21 +98,14 @@ def _param_value(text: str) -> str:
 
 def tier_speedups(data: dict) -> dict[tuple[str, str], float]:
     """(tier, case) -> speedup from one asv result file; skipped and failed entries are absent."""
-    columns = data.get("result_columns") or []
     out: dict[tuple[str, str], float] = {}
-    for name in TIER_BENCHMARKS.values():
-        values = (data.get("results") or {}).get(name)
-        if values is None:
+    wanted = set(TIER_BENCHMARKS.values())
+    for name, combo, value, _, _ in asv_entries(data):
+        if name not in wanted or len(combo) != 2:
             continue
-        row = dict(zip(columns, values))  # asv drops trailing None columns
-        params = row.get("params") or []
-        results = row.get("result")
-        if len(params) != 2 or not isinstance(results, list):
-            continue
-        names = [[_param_value(p) for p in axis] for axis in params]
-        for (case, tier), value in zip(itertools.product(*names), results):
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                out[(tier, case)] = float(value)
+        case, tier = (_param_value(p) for p in combo)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            out[(tier, case)] = float(value)
     return out
 
 
