@@ -1,15 +1,18 @@
-// SparseK forward attention for sm_90: one CTA per (batch, kv head, query block).
+// SparseK forward attention for sm_90a: one CTA per (batch, kv head, query block), warpgroup MMA.
 //
-// The CTA's 64 rows are (query head of the GQA group) x (query of the block): the heads of a
-// group share one selection, so they share every K/V tile. Each CTA iterates
+// The CTA's 128 rows are (query head of the GQA group) x (query of the block): the heads of a
+// group share one selection, so they share every K/V tile. Each of the two warpgroups owns 64
+// rows, the M of one wgmma. Each CTA iterates
 //   1. window tiles: the contiguous keys (i0 - window, i1) that some row's window covers,
 //   2. list tiles:   the block's union of selected keys (from the selection kernels),
-// 64 keys per tile, gathered row by row with cp.async into swizzled shared memory, two stages
-// in flight. Per element a mask decides membership (window: i - W < j <= i; selected:
-// j + W <= i < end_j) and selected keys carry the gate g = clip(u_j - tau_i, 0, 1). The gate
-// multiplies the softmax weight (exp(s) * g == exp(s + log g)), so no logarithm is evaluated;
-// the running max is taken over the ungated logits, which is still an upper bound (g <= 1).
-// Matrix products use mma.sync m16n8k16 with fp32 accumulation (FlashAttention-2 layout).
+// 64 keys per tile, gathered row by row with cp.async (TMA cannot gather rows) into shared memory
+// laid out as wgmma's 128-byte-swizzled operands, three stages in flight. S = Q K^T reads Q and K
+// from shared memory; O += P V takes P from registers and V from shared memory (MN-major, the
+// transpose flag), so no ldmatrix and no per-instruction mma.sync dependency chain remain.
+// Per element a mask decides membership (window: i - W < j <= i; selected: j + W <= i < end_j)
+// and selected keys carry the gate g = clip(u_j - tau_i, 0, 1). The gate multiplies the softmax
+// weight (exp(s) * g == exp(s + log g)), so no logarithm is evaluated; the running max is taken
+// over the ungated logits, which is still an upper bound (g <= 1).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -22,11 +25,14 @@
 namespace sparsek {
 namespace {
 
-constexpr int kRows = kAttnRows;          // rows (query x head) per CTA
-constexpr int kWarps = kRows / 16;        // one m16 slice of rows per warp
-constexpr int kThreads = kWarps * 32;
-constexpr int kTileN = 64;                // keys per tile
-constexpr int kStages = 3;                // tiles in flight: hides the gather latency
+constexpr int kRows = kAttnRows;       // rows (query x head) per CTA
+constexpr int kWgRows = 64;            // rows per warpgroup: the M of wgmma
+constexpr int kWarpgroups = kRows / kWgRows;
+constexpr int kThreads = kWarpgroups * 128;
+constexpr int kTileN = 64;             // keys per tile: the N of S = Q K^T, the K of O += P V
+constexpr int kStages = 4;             // ring slots: tiles t+1, t+2 in flight, t in use, t-1 in P.V
+constexpr int kPanel = 64;             // elements per 128-byte swizzled row of an operand panel
+constexpr int kAlign = 1024;           // the 128-byte swizzle repeats every 8 rows = 1024 bytes
 constexpr float kLn2 = 0.69314718055994531f;
 
 template <int kD>
@@ -36,22 +42,31 @@ struct Traits {
   static constexpr int kChunksPerThread = kChunks / kLoadersPerRow;
   static constexpr int kTileElems = kTileN * kD;
   static constexpr int kSmemBytes =
-      (kRows * kD + 2 * kStages * kTileElems) * 2 + kStages * kTileN * (2 * sizeof(int) + sizeof(float));
+      kAlign + (kRows * kD + 2 * kStages * kTileElems) * 2 + kStages * kTileN * (2 * sizeof(int) + sizeof(float));
 };
 static_assert(kThreads % kTileN == 0, "whole loader threads per key row");
 
-// Element offset of 16-byte chunk `chunk` of row `row`: XOR-swizzled so that the 8 rows an
-// ldmatrix reads at one logical chunk fall into 8 different bank groups.
-template <int kD>
-__device__ __forceinline__ int swz(int row, int chunk) {
-  return row * kD + ((chunk ^ (row & 7)) << 3);
+// Element offset of 16-byte chunk `chunk` of row `row` in a (kOperandRows x D) operand stored the
+// way wgmma reads it with the 128-byte swizzle: D / 64 column panels of kOperandRows rows x 128
+// bytes, chunk c of row r at position c ^ (r % 8) within its row.
+template <int kOperandRows>
+__device__ __forceinline__ int sw128(int row, int chunk) {
+  return (chunk >> 3) * (kOperandRows * kPanel) + row * kPanel + (((chunk & 7) ^ (row & 7)) << 3);
 }
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int bytes = valid ? 16 : 0;  // 0 bytes read: the destination is zero-filled
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
+// wgmma shared-memory matrix descriptor: start address, leading and stride byte offsets (all in
+// 16-byte units), swizzle mode 1 = 128 bytes.
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lead_bytes, uint32_t stride_bytes) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(lead_bytes >> 4) << 16) |
+         (static_cast<uint64_t>(stride_bytes >> 4) << 32) | (1ull << 62);
 }
+
+__device__ __forceinline__ void cp_async16(uint32_t smem_addr, const void* gmem, bool valid) {
+  const int bytes = valid ? 16 : 0;  // 0 bytes read: the destination is zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem), "r"(bytes));
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 
 __device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -62,43 +77,91 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
+// cp.async writes through the generic proxy, wgmma reads through the async proxy: each writer
+// fences before the barrier that publishes its rows.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
+// Ties registers an in-flight wgmma reads or writes (accumulators, A fragments) to the wgmma
+// waits, so the compiler neither reads, rewrites nor reuses them before the wait.
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&d)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) asm volatile("" : "+f"(d[i][c])::"memory");
+  }
 }
+
+template <int N>
+__device__ __forceinline__ void fence_regs(uint32_t (&r)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) asm volatile("" : "+r"(r[i][c])::"memory");
+  }
+}
+
+#define SPARSEK_ACC4(d, i) "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])
+#define SPARSEK_ACC32(d)                                                                              \
+  SPARSEK_ACC4(d, 0), SPARSEK_ACC4(d, 1), SPARSEK_ACC4(d, 2), SPARSEK_ACC4(d, 3), SPARSEK_ACC4(d, 4), \
+      SPARSEK_ACC4(d, 5), SPARSEK_ACC4(d, 6), SPARSEK_ACC4(d, 7)
+#define SPARSEK_ACC64(d)                                                                                \
+  SPARSEK_ACC32(d), SPARSEK_ACC4(d, 8), SPARSEK_ACC4(d, 9), SPARSEK_ACC4(d, 10), SPARSEK_ACC4(d, 11),   \
+      SPARSEK_ACC4(d, 12), SPARSEK_ACC4(d, 13), SPARSEK_ACC4(d, 14), SPARSEK_ACC4(d, 15)
+#define SPARSEK_REGS32                                                                                   \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, " \
+  "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define SPARSEK_REGS64                                                                                   \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, " \
+  "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, "   \
+  "%42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, "   \
+  "%62, %63}"
 
 template <typename Elem>
-__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+struct Wgmma;
 
-template <>
-__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-template <>
-__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+// One instantiation per input type: PTX spells the type in the opcode.
+#define SPARSEK_WGMMA(ELEM, TYPE)                                                                              \
+  template <>                                                                                                  \
+  struct Wgmma<ELEM> {                                                                                         \
+    /* d (64 x 64) (+)= A (64 x 16, shared) B (16 x 64, shared, K-major) */                                  \
+    static __device__ __forceinline__ void ss_n64(float (&d)[8][4], uint64_t a, uint64_t b, int accumulate) { \
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                \
+                   "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " SPARSEK_REGS32              \
+                   ", %32, %33, p, 1, 1, 0, 0;\n}\n"                                                           \
+                   : SPARSEK_ACC32(d)                                                                          \
+                   : "l"(a), "l"(b), "r"(accumulate));                                                         \
+    }                                                                                                          \
+    /* d (64 x 64) += A (64 x 16, registers) B (16 x 64, shared, MN-major) */                                \
+    static __device__ __forceinline__ void rs_n64(float (&d)[8][4], const uint32_t (&a)[4], uint64_t b) {     \
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                \
+                   "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " SPARSEK_REGS32              \
+                   ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                            \
+                   : SPARSEK_ACC32(d)                                                                          \
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(1));                              \
+    }                                                                                                          \
+    /* d (64 x 128) += A (64 x 16, registers) B (16 x 128, shared, MN-major) */                              \
+    static __device__ __forceinline__ void rs_n128(float (&d)[16][4], const uint32_t (&a)[4], uint64_t b) {   \
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                \
+                   "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " " SPARSEK_REGS64             \
+                   ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                                            \
+                   : SPARSEK_ACC64(d)                                                                          \
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(1));                              \
+    }                                                                                                          \
+  };
+SPARSEK_WGMMA(__nv_bfloat16, "bf16")
+SPARSEK_WGMMA(__half, "f16")
+#undef SPARSEK_WGMMA
 
 template <typename Elem>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi);
@@ -118,15 +181,19 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
 template <int kD, typename Elem>
 __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnParams p) {
   using T = Traits<kD>;
-  constexpr int kKSteps = kD / 16;  // k-steps of Q.K^T
-  constexpr int kDBlocks = kD / 8;  // n-blocks of the output
+  constexpr int kKSteps = kD / 16;      // k-steps of Q.K^T
+  constexpr int kDBlocks = kD / 8;      // n8 blocks of the output
+  constexpr int kPanelBytes = kPanel * 2;
 
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  Elem* sQ = reinterpret_cast<Elem*>(smem_raw);
+  extern __shared__ unsigned char smem_raw[];
+  // The swizzle is a function of the absolute shared address: start the operands on a 1024 B line.
+  const uint32_t raw_addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  unsigned char* smem = smem_raw + ((kAlign - (raw_addr & (kAlign - 1))) & (kAlign - 1));
+  Elem* sQ = reinterpret_cast<Elem*>(smem);
   Elem* sK = sQ + kRows * kD;
   Elem* sV = sK + kStages * T::kTileElems;
-  int* sKey = reinterpret_cast<int*>(sV + kStages * T::kTileElems);  // [stage][key row]
-  int* sEnd = sKey + kStages * kTileN;
+  int* sStart = reinterpret_cast<int*>(sV + kStages * T::kTileElems);  // [stage][key row]: j + W
+  int* sEnd = sStart + kStages * kTileN;
   float* sU = reinterpret_cast<float*>(sEnd + kStages * kTileN);
 
   const int blk = blockIdx.x;
@@ -136,6 +203,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnPa
   const int i0 = blk * p.block_q, i1 = min(S, i0 + p.block_q);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int quad = lane & 3;
+  const int wg = warp / 4;
 
   const Elem* q_base = static_cast<const Elem*>(p.q) + b * p.q_batch_stride;
   const Elem* k_base = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + hkv * p.k_head_stride;
@@ -150,8 +218,14 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnPa
   const int* list = p.block_keys + ((size_t)bh * p.n_blocks + blk) * p.cap;
   const int n_tiles = n_win + (count + kTileN - 1) / kTileN;
 
-  // Loader role: kLoadersPerRow consecutive threads copy key row r of every tile.
+  // Loader role: kLoadersPerRow consecutive threads copy key row r of every tile, each the same
+  // kChunksPerThread consecutive 16-byte pieces; their swizzled places in a tile never change.
   const int my_row = tid / T::kLoadersPerRow, my_part = tid % T::kLoadersPerRow;
+  constexpr uint32_t kTileBytes = T::kTileElems * 2;
+  const uint32_t k_addr = smem_addr(sK), v_addr = smem_addr(sV);
+  uint32_t piece_off[T::kChunksPerThread];  // byte offset of my piece c within a tile
+#pragma unroll
+  for (int c = 0; c < T::kChunksPerThread; ++c) piece_off[c] = 2 * sw128<kTileN>(my_row, my_part * T::kChunksPerThread + c);
   auto tile_key = [&](int t) -> int {  // key index of my_row in tile t, -1 for padding
     if (t >= n_tiles) return -1;
     if (t < n_win) {
@@ -164,24 +238,23 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnPa
   auto load_tile = [&](int t, int stage, int j) {
     const bool ok = j >= 0;
     const int64_t jj = ok ? j : 0;
-    const Elem* ksrc = k_base + jj * p.k_row_stride;
-    const Elem* vsrc = v_base + jj * p.v_row_stride;
-    Elem* kdst = sK + stage * T::kTileElems;
-    Elem* vdst = sV + stage * T::kTileElems;
+    const Elem* ksrc = k_base + jj * p.k_row_stride + my_part * T::kChunksPerThread * 8;
+    const Elem* vsrc = v_base + jj * p.v_row_stride + my_part * T::kChunksPerThread * 8;
+    const uint32_t kdst = k_addr + stage * kTileBytes, vdst = v_addr + stage * kTileBytes;
 #pragma unroll
     for (int c = 0; c < T::kChunksPerThread; ++c) {
-      const int ch = my_part * T::kChunksPerThread + c;
-      cp_async16(kdst + swz<kD>(my_row, ch), ksrc + ch * 8, ok);
-      cp_async16(vdst + swz<kD>(my_row, ch), vsrc + ch * 8, ok);
+      cp_async16(kdst + piece_off[c], ksrc + c * 8, ok);
+      cp_async16(vdst + piece_off[c], vsrc + c * 8, ok);
     }
-    if (my_part == 0) {
+    if (my_part == 0 && t >= n_win) {  // window tiles need no per-key data
       const int m = stage * kTileN + my_row;
-      sKey[m] = j;
-      if (t >= n_win && ok) {
+      if (ok) {
+        sStart[m] = j + W;
         cp_async4(&sEnd[m], ends + j);
         cp_async4(&sU[m], scores + j);
       } else {
-        sEnd[m] = -1;  // padding (or a window tile, which does not read it): never selected
+        sStart[m] = S;  // padding: selected by no row (i < S)
+        sEnd[m] = -1;
         sU[m] = 0.f;
       }
     }
@@ -193,15 +266,17 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnPa
     const int i = i0 + r % p.block_q, head = hkv * p.group + r / p.block_q;
     const bool ok = i < S;
     const Elem* src = q_base + head * p.q_head_stride + (int64_t)(ok ? i : 0) * p.q_row_stride + ch * 8;
-    cp_async16(sQ + swz<kD>(r, ch), src, ok);
+    cp_async16(smem_addr(sQ + sw128<kRows>(r, ch)), src, ok);
   }
   if (n_tiles > 0) load_tile(0, 0, tile_key(0));
   cp_async_commit();
   if (n_tiles > 1) load_tile(1, 1, tile_key(1));
   cp_async_commit();
   int key_next = tile_key(2);
+  float gate[kTileN / 8][4];  // gates of the current list tile
 
-  // Per-thread rows (mma accumulator layout): r_lo = warp*16 + lane/4 and r_lo + 8.
+  // Per-thread rows (wgmma accumulator layout): warp w of the CTA holds rows 16w .. 16w + 15;
+  // this thread rows r_lo = 16w + lane/4 and r_lo + 8.
   const int r_lo = warp * 16 + (lane >> 2);
   int qi[2], head_of[2];
   float tau_row[2];
@@ -213,132 +288,164 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnPa
     tau_row[h] = qi[h] < S ? p.tau[(size_t)bh * S + qi[h]] : 0.f;
   }
 
-  cp_async_wait<1>();  // Q and tile 0
-  __syncthreads();
-  uint32_t qf[kKSteps][4];
+  // Descriptors. Q and K are K-major (a row's D elements contiguous): 8-row groups 1024 B apart
+  // (stride), the leading offset unused under the 128-byte swizzle; a k-step of 16 elements
+  // advances 32 B within a panel. V is MN-major for O += P V (keys are its K): 8-key groups
+  // 1024 B apart (stride), the 64-column panels of D a tile's panel apart (leading).
+  const uint32_t q_addr = smem_addr(sQ) + wg * kWgRows * kPanelBytes;
+  constexpr uint32_t kGroupBytes = 8 * kPanelBytes;
+  constexpr uint32_t kTilePanelBytes = kTileN * kPanelBytes;
+  auto q_desc = [&](int kk) {
+    return smem_desc(q_addr + (kk / 4) * (kRows * kPanelBytes) + (kk % 4) * 32, 16, kGroupBytes);
+  };
+  auto k_desc = [&](int stage, int kk) {
+    return smem_desc(k_addr + stage * kTileBytes + (kk / 4) * kTilePanelBytes + (kk % 4) * 32, 16, kGroupBytes);
+  };
+  auto v_desc = [&](int stage, int kk) {
+    return smem_desc(v_addr + stage * kTileBytes + kk * 16 * kPanelBytes, kTilePanelBytes, kGroupBytes);
+  };
+  // O += P V for the tile in `stage`, P (64 rows x 64 keys) in A-fragment registers.
+  auto pv = [&](float (&acc)[kDBlocks][4], const uint32_t (&pa)[kTileN / 16][4], int stage) {
 #pragma unroll
-  for (int kk = 0; kk < kKSteps; ++kk) {
-    ldmatrix_x4(qf[kk], sQ + swz<kD>(warp * 16 + (lane & 15), 2 * kk + (lane >> 4)));
-  }
+    for (int kk = 0; kk < kTileN / 16; ++kk) {
+      if constexpr (kD == 128) {
+        Wgmma<Elem>::rs_n128(acc, pa[kk], v_desc(stage, kk));
+      } else {
+        Wgmma<Elem>::rs_n64(acc, pa[kk], v_desc(stage, kk));
+      }
+    }
+  };
 
   float o[kDBlocks][4];
 #pragma unroll
   for (int nd = 0; nd < kDBlocks; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.f;
   float m_run[2] = {-CUDART_INF_F, -CUDART_INF_F};
   float l_run[2] = {0.f, 0.f};
+  // P of the previous tile in the A-fragment layout of O += P V (a k-step of 16 keys is two n8
+  // blocks of S). Its P.V runs on the tensor cores while this tile's softmax runs on the ALUs.
+  uint32_t p_prev[kTileN / 16][4];
 
   for (int t = 0; t < n_tiles; ++t) {
     const int stage = t % kStages;
-    cp_async_wait<kStages - 2>();  // tile t has landed
-    // Also the barrier before refilling: the stage loaded below was read during tile t - 1.
+    cp_async_wait<1>();  // tile t (and Q) has landed; tile t + 1 may still be in flight
+    fence_proxy_async();
+    // Also the barrier before refilling: the stage loaded below held tile t - 2, whose P.V
+    // every warpgroup waited for in iteration t - 1.
     __syncthreads();
-    if (t + kStages - 1 < n_tiles) load_tile(t + kStages - 1, (t + kStages - 1) % kStages, key_next);
+    if (t + 2 < n_tiles) load_tile(t + 2, (t + 2) % kStages, key_next);
     cp_async_commit();  // possibly empty: keeps the group count uniform
-    key_next = tile_key(t + kStages);
+    key_next = tile_key(t + 3);
 
-    const Elem* sKs = sK + stage * T::kTileElems;
-    const Elem* sVs = sV + stage * T::kTileElems;
-    const bool is_window = t < n_win;
-    const int win_base = w0 + t * kTileN;
-
-    // S = Q K^T for this warp's 16 rows x 64 keys.
+    // S = Q K^T for this warpgroup's 64 rows x 64 keys, then O += P V of the previous tile.
     float s[kTileN / 8][4];
+    wgmma_fence();
 #pragma unroll
-    for (int nb = 0; nb < kTileN / 8; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < kKSteps; ++kk) {
-#pragma unroll
-      for (int nb2 = 0; nb2 < kTileN / 16; ++nb2) {
-        uint32_t bfr[4];
-        const int krow = 16 * nb2 + (lane & 7) + ((lane >> 4) << 3);
-        ldmatrix_x4(bfr, sKs + swz<kD>(krow, 2 * kk + ((lane >> 3) & 1)));
-        mma16816<Elem>(s[2 * nb2], qf[kk], bfr[0], bfr[1]);
-        mma16816<Elem>(s[2 * nb2 + 1], qf[kk], bfr[2], bfr[3]);
-      }
-    }
+    for (int kk = 0; kk < kKSteps; ++kk) Wgmma<Elem>::ss_n64(s, q_desc(kk), k_desc(stage, kk), kk > 0);
+    wgmma_commit();
+    if (t > 0) pv(o, p_prev, (t - 1) % kStages);
+    wgmma_commit();
+    wgmma_wait<1>();  // S done; P.V of tile t - 1 may still run
+    fence_regs(s);
 
-    // Mask, gate, online softmax (log2 domain). Each row lives in the 4 threads of a quad.
-    float gate[kTileN / 8][4];
+    // Mask, gate, online softmax. Each row lives in the 4 threads of a quad. Masking works on the
+    // raw logits (scale > 0 keeps the max where it is); the scale and the log2(e) of the base-2
+    // exponent are applied once, in the FFMA that feeds exp2.
     float tile_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
+    if (t < n_win) {
+      const int j0 = w0 + t * kTileN;
+      // Most window tiles lie inside every row's window (j <= i and j > i - W for all pairs).
+      if (!(j0 + kTileN - 1 <= i0 && j0 > i1 - 1 - W)) {
 #pragma unroll
-    for (int nb = 0; nb < kTileN / 8; ++nb) {
+        for (int nb = 0; nb < kTileN / 8; ++nb) {
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int col = 8 * nb + 2 * quad + e;
-        int j, end_j = -1;
-        float u_j = 0.f;
-        if (is_window) {
-          j = win_base + col;
-        } else {
-          j = sKey[stage * kTileN + col];
-          end_j = sEnd[stage * kTileN + col];
-          u_j = sU[stage * kTileN + col];
-        }
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int i = qi[h];
-          bool valid;
-          float g;
-          if (is_window) {
-            valid = j <= i && j > i - W && i < S;
-            g = 1.f;
-          } else {
-            valid = j >= 0 && j + W <= i && i < end_j;  // i < end_j <= S
-            g = fminf(fmaxf(u_j - tau_row[h], 0.f), 1.f);
+          for (int c = 0; c < 4; ++c) {
+            const int behind = qi[c >> 1] - (j0 + 8 * nb + 2 * quad + (c & 1));  // i - j
+            if (static_cast<unsigned>(behind) >= static_cast<unsigned>(W)) s[nb][c] = -CUDART_INF_F;
           }
-          const float x = valid ? s[nb][2 * h + e] * p.scale_log2 : -CUDART_INF_F;
-          s[nb][2 * h + e] = x;
-          gate[nb][2 * h + e] = g;
-          tile_max[h] = fmaxf(tile_max[h], x);
+        }
+      }
+#pragma unroll
+      for (int nb = 0; nb < kTileN / 8; ++nb) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) tile_max[c >> 1] = fmaxf(tile_max[c >> 1], s[nb][c]);
+      }
+    } else {
+      const int* start = sStart + stage * kTileN;
+      const int* end = sEnd + stage * kTileN;
+      const float* u = sU + stage * kTileN;
+#pragma unroll
+      for (int nb = 0; nb < kTileN / 8; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = 8 * nb + 2 * quad + e;
+          const int start_j = start[col], end_j = end[col];
+          const float u_j = u[col];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int i = qi[h];
+            // Selected by row i: j + W <= i < end_j. The gate clip(u_j - tau_i, 0, 1) is one
+            // saturating add; a masked entry's weight is exp2(-inf) = 0 whatever its gate.
+            if (!(start_j <= i && i < end_j)) s[nb][2 * h + e] = -CUDART_INF_F;
+            gate[nb][2 * h + e] = __saturatef(u_j - tau_row[h]);
+            tile_max[h] = fmaxf(tile_max[h], s[nb][2 * h + e]);
+          }
         }
       }
     }
-    float alpha[2], m_use[2];
+    float alpha[2], m_scaled[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
       tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
-      const float m_new = fmaxf(m_run[h], tile_max[h]);
-      m_use[h] = m_new == -CUDART_INF_F ? 0.f : m_new;  // a row with nothing valid yet
-      alpha[h] = exp2f(m_run[h] - m_use[h]);              // 0 when m_run is -inf
+      const float m_new = fmaxf(m_run[h], tile_max[h] * p.scale_log2);  // base-2 units
+      const float m_use = m_new == -CUDART_INF_F ? 0.f : m_new;         // a row with nothing valid yet
+      alpha[h] = exp2f(m_run[h] - m_use);                               // 0 when m_run is -inf
       m_run[h] = m_new;
+      m_scaled[h] = -m_use;
     }
     float row_sum[2] = {0.f, 0.f};
+    const bool gated = t >= n_win;
 #pragma unroll
     for (int nb = 0; nb < kTileN / 8; ++nb) {
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         const int h = c >> 1;
-        const float pv = exp2f(s[nb][c] - m_use[h]) * gate[nb][c];
+        float pv = exp2f(fmaf(s[nb][c], p.scale_log2, m_scaled[h]));
+        if (gated) pv *= gate[nb][c];
         s[nb][c] = pv;
         row_sum[h] += pv;
       }
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) l_run[h] = l_run[h] * alpha[h] + row_sum[h];
-#pragma unroll
-    for (int nd = 0; nd < kDBlocks; ++nd) {
-      o[nd][0] *= alpha[0];
-      o[nd][1] *= alpha[0];
-      o[nd][2] *= alpha[1];
-      o[nd][3] *= alpha[1];
-    }
 
-    // O += P V, P taken straight from the accumulators as the A operand.
+    wgmma_wait<0>();  // P.V of tile t - 1 done: O and p_prev are free
+    fence_regs(o);
+    fence_regs(p_prev);
+    // The running max settles after the first tiles: skip the rescale when no row of the warp moved.
+    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
-    for (int kk = 0; kk < kTileN / 16; ++kk) {
-      const uint32_t a[4] = {pack2<Elem>(s[2 * kk][0], s[2 * kk][1]), pack2<Elem>(s[2 * kk][2], s[2 * kk][3]),
-                             pack2<Elem>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                             pack2<Elem>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-      for (int nd2 = 0; nd2 < kD / 16; ++nd2) {
-        uint32_t bfr[4];
-        const int vrow = 16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3);
-        ldmatrix_x4_trans(bfr, sVs + swz<kD>(vrow, 2 * nd2 + (lane >> 4)));
-        mma16816<Elem>(o[2 * nd2], a, bfr[0], bfr[1]);
-        mma16816<Elem>(o[2 * nd2 + 1], a, bfr[2], bfr[3]);
+      for (int nd = 0; nd < kDBlocks; ++nd) {
+        o[nd][0] *= alpha[0];
+        o[nd][1] *= alpha[0];
+        o[nd][2] *= alpha[1];
+        o[nd][3] *= alpha[1];
       }
     }
+#pragma unroll
+    for (int kk = 0; kk < kTileN / 16; ++kk) {
+      p_prev[kk][0] = pack2<Elem>(s[2 * kk][0], s[2 * kk][1]);
+      p_prev[kk][1] = pack2<Elem>(s[2 * kk][2], s[2 * kk][3]);
+      p_prev[kk][2] = pack2<Elem>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      p_prev[kk][3] = pack2<Elem>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+  }
+  if (n_tiles > 0) {
+    wgmma_fence();
+    pv(o, p_prev, (n_tiles - 1) % kStages);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(o);
   }
 
   // ---- epilogue: normalise, write out and lse ----
