@@ -17,10 +17,10 @@ inline void append(std::string& out, const char* x) { out += x; }
 inline void append(std::string& out, const std::string& x) { out += x; }
 inline void append(std::string& out, const c10::Device& x) { out += x.str(); }
 inline void append(std::string& out, c10::ScalarType x) { out += c10::toString(x); }
-inline void append(std::string& out, c10::IntArrayRef x) {
-  out += "(";
+inline void append(std::string& out, c10::IntArrayRef x) {  // as torch prints sizes: [2, 8, 1, 64]
+  out += "[";
   for (size_t i = 0; i < x.size(); ++i) out += (i ? ", " : "") + std::to_string(x[i]);
-  out += ")";
+  out += "]";
 }
 template <typename T, typename = std::enable_if_t<std::is_arithmetic_v<T>>>
 inline void append(std::string& out, T x) {
@@ -41,6 +41,7 @@ std::string build(const Args&... args) {
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 
 #include "sparsek_params.h"
@@ -153,6 +154,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
   SPARSEK_CHECK(D == 64 || D == 128, "head dim must be 64 or 128, got ", D);
   SPARSEK_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, "q must be float16 or bfloat16, got ", q.scalar_type());
   SPARSEK_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "k and v must have q's dtype ", q.scalar_type());
+  // The kernel masks raw logits and scales in the exponent, which keeps the max only for scale > 0.
+  SPARSEK_CHECK(scale > 0.0 && std::isfinite(scale), "scale must be a finite float > 0, got ", scale);
   SPARSEK_CHECK(Hkv >= 1 && Hq % Hkv == 0, "Hq=", Hq, " must be a multiple of Hkv=", Hkv);
   const int64_t group = Hq / Hkv;
   SPARSEK_CHECK(sparsek::kAttnRows % group == 0 && block_q == sparsek::kAttnRows / group, "GQA group ", group,
@@ -235,6 +238,7 @@ TORCH_LIBRARY_IMPL(sparsek_cuda, CUDA, m) {
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <cmath>
 #include <array>
 #include <cstdint>
 
