@@ -172,32 +172,46 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
 #pragma unroll
   for (int mt = 0; mt < Traits::kMTiles; ++mt) o[mt][0] = o[mt][1] = o[mt][2] = o[mt][3] = 0.0f;
 
-  for (int t0 = s_begin + warp * kTile; t0 < s_end; t0 += kWarps * kTile) {
-    // ---- issue every load of the tile before the first use ----
-    uint4 kr[2][Traits::kKVecs];  // key rows t0 + 8j + g, pieces 4i + t
+  // One tile's operands in registers: key rows t0 + 8j + g (pieces 4i + t), value rows
+  // t0 + {2t, 2t+1, 2t+8, 2t+9} (pieces 8i + g), scores of the logit slots t0 + 8j + 2t + e.
+  struct TileRegs {
+    uint4 kr[2][Traits::kKVecs];
+    uint4 vr[4][Traits::kVVecs];
+    float u[2][2];
+  };
+  auto fetch = [&](int t0, TileRegs& r) {
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int slot = t0 + 8 * j + g;
 #pragma unroll
       for (int i = 0; i < Traits::kKVecs; ++i)
-        kr[j][i] = slot < s_end ? load_stream(k_cache + slot * kHeadDim + (4 * i + t) * kElemsPerVec) : make_uint4(0, 0, 0, 0);
+        r.kr[j][i] = slot < s_end ? load_stream(k_cache + slot * kHeadDim + (4 * i + t) * kElemsPerVec) : make_uint4(0, 0, 0, 0);
     }
-    uint4 vr[4][Traits::kVVecs];  // value rows t0 + {2t, 2t+1, 2t+8, 2t+9}, pieces 8i + g
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int slot = t0 + 2 * t + (r & 1) + 8 * (r >> 1);
+    for (int q = 0; q < 4; ++q) {
+      const int slot = t0 + 2 * t + (q & 1) + 8 * (q >> 1);
 #pragma unroll
       for (int i = 0; i < Traits::kVVecs; ++i)
-        vr[r][i] = slot < s_end ? load_stream(v_cache + slot * kHeadDim + (8 * i + g) * kElemsPerVec) : make_uint4(0, 0, 0, 0);
+        r.vr[q][i] = slot < s_end ? load_stream(v_cache + slot * kHeadDim + (8 * i + g) * kElemsPerVec) : make_uint4(0, 0, 0, 0);
     }
-    float u[2][2];  // scores of this thread's logit slots t0 + 8j + 2t + e (candidates only)
 #pragma unroll
     for (int j = 0; j < 2; ++j)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int slot = t0 + 8 * j + 2 * t + e;
-        u[j][e] = (slot >= W && slot < s_end) ? slot_score[slot - W] : 0.0f;
+        r.u[j][e] = (slot >= W && slot < s_end) ? slot_score[slot - W] : 0.0f;
       }
+  };
+
+  // Double-buffered: the next tile's loads are in flight while this one computes, so each warp
+  // keeps its share of the DRAM pipe busy instead of alternating between loading and math.
+  TileRegs cur, nxt;
+  if (s_begin + warp * kTile < s_end) fetch(s_begin + warp * kTile, cur);
+  for (int t0 = s_begin + warp * kTile; t0 < s_end; t0 += kWarps * kTile) {
+    if (t0 + kWarps * kTile < s_end) fetch(t0 + kWarps * kTile, nxt);
+    const auto& kr = cur.kr;
+    const auto& vr = cur.vr;
+    const auto& u = cur.u;
 
     // ---- S = Q K^T for 16 slots: two n-tiles of 8 ----
     float s[2][4];
@@ -260,6 +274,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
       mma_16816<kIsBf16>(o[mt], __byte_perm(v0, v1, kLowHalves), __byte_perm(v0, v1, kHighHalves),
                          __byte_perm(v2, v3, kLowHalves), __byte_perm(v2, v3, kHighHalves), pb0, pb1);
     }
+    cur = nxt;
   }
 
   // ---- combine the 4 warps ----

@@ -23,7 +23,9 @@
 namespace sparsek {
 namespace {
 
-constexpr int kUpdateThreads = 256;
+// A step is a chain of block-wide rounds over the soft set (thousands of scores): 1024 threads make
+// each round a few loads per thread, and a step is one CTA per pair, so SMs are not short of room.
+constexpr int kUpdateThreads = 1024;
 constexpr int kUpdateWarps = kUpdateThreads / 32;
 constexpr int kVecBytes = 16;  // one uint4 per thread-move of a key/value row
 // Soft-set entries each thread holds per compaction round (strided, so reads stay coalesced).
@@ -149,12 +151,28 @@ __global__ void __launch_bounds__(kUpdateThreads) decode_update_kernel(const Dec
   const int64_t pair = static_cast<int64_t>(b) * p.kv_heads + h;
   const int tid = threadIdx.x;
   int* status = p.status + pair * 2;
-  // A poisoned pair stays frozen: its outputs are NaN until the caller rebuilds the cache.
-  if (status[0] != kDecodeOk) return;
-
   const int K = p.topk, W = p.window;
+  float* slot_score = p.slot_score + pair * K;
+  int* slot_pos = p.slot_pos + pair * K;
+  float* soft = p.soft + pair * p.soft_capacity;
+
+  // A cold step is a chain of dependent memory round trips. Every load that depends on nothing
+  // else is issued first (the pair's state and the top-k scan), so the chain is two long: the
+  // state, then the leaving key's score and row.
+  const int state = status[0];
   const int pos = p.lengths[pair];
   const float score_new = p.score_new[pair];
+  const double tau_old = p.tau[pair];
+  const int count = p.soft_count[pair];
+  WeakestSlot weakest = {CUDART_INF_F, INT32_MAX, -1};  // beaten by every slot
+#pragma unroll 8
+  for (int s = tid; s < K; s += kUpdateThreads) {
+    const WeakestSlot cand = {slot_score[s], slot_pos[s], s};
+    if (weaker(cand, weakest)) weakest = cand;
+  }
+
+  // A poisoned pair stays frozen: its outputs are NaN until the caller rebuilds the cache.
+  if (state != kDecodeOk) return;
   // Checked here rather than on the host, which would cost a synchronisation per step.
   const int bad = pos == INT32_MAX ? kDecodePositionOverflow : (isfinite(score_new) ? kDecodeOk : kDecodeNonFiniteScore);
   if (bad != kDecodeOk) {
@@ -170,9 +188,6 @@ __global__ void __launch_bounds__(kUpdateThreads) decode_update_kernel(const Dec
   char* v_slots = static_cast<char*>(p.v_slots) + pair * p.num_slots * row_bytes;
   const char* k_new = static_cast<const char*>(p.k_new) + (b * p.k_new_batch_stride + h * p.k_new_head_stride) * p.elem_bytes;
   const char* v_new = static_cast<const char*>(p.v_new) + (b * p.v_new_batch_stride + h * p.v_new_head_stride) * p.elem_bytes;
-  float* slot_score = p.slot_score + pair * K;
-  int* slot_pos = p.slot_pos + pair * K;
-  float* soft = p.soft + pair * p.soft_capacity;
 
   // The key that becomes a candidate at this step: it leaves the window ring slot that the new
   // token is about to take, or, without a window, it is the new token.
@@ -180,8 +195,19 @@ __global__ void __launch_bounds__(kUpdateThreads) decode_update_kernel(const Dec
   const int ring = W > 0 ? pos % W : 0;
   const char* kx = W > 0 ? k_slots + ring * row_bytes : k_new;
   const char* vx = W > 0 ? v_slots + ring * row_bytes : v_new;
-
   const float ux = x_pos < 0 ? 0.0f : (W > 0 ? p.win_score[pair * W + ring] : score_new);
+
+  // The rows this thread moves, read now (one 16-byte piece of K or V each): the leaving key out
+  // of the ring slot and the new token into it. The same thread reads and later overwrites its
+  // piece of the ring slot, so program order keeps the read before the write.
+  const bool mover = tid < 2 * row_vecs;
+  const bool is_v = tid >= row_vecs;
+  const int vec = is_v ? tid - row_vecs : tid;
+  uint4 moved = make_uint4(0, 0, 0, 0), incoming = make_uint4(0, 0, 0, 0);
+  if (mover) {
+    if (x_pos >= 0) moved = reinterpret_cast<const uint4*>(is_v ? vx : kx)[vec];
+    if (W > 0) incoming = reinterpret_cast<const uint4*>(is_v ? v_new : k_new)[vec];
+  }
 
   int dst = -1;  // candidate slot the leaving key moves into
   if (x_pos >= 0) {
@@ -195,11 +221,6 @@ __global__ void __launch_bounds__(kUpdateThreads) decode_update_kernel(const Dec
       }
     } else {
       // ---- top-k: does x beat the weakest selected key? ----
-      WeakestSlot weakest = {CUDART_INF_F, INT32_MAX, -1};  // beaten by every slot
-      for (int s = tid; s < K; s += kUpdateThreads) {
-        const WeakestSlot cand = {slot_score[s], slot_pos[s], s};
-        if (weaker(cand, weakest)) weakest = cand;
-      }
       weakest = warp_weakest(weakest);
       if ((tid & 31) == 0) sh.weakest[tid >> 5] = weakest;
       __syncthreads();
@@ -211,9 +232,7 @@ __global__ void __launch_bounds__(kUpdateThreads) decode_update_kernel(const Dec
       if (ux >= weakest.score) dst = weakest.slot;
 
       // ---- tau: smallest t >= tau_old with f(t) = topk over soft + {x} ----
-      const double tau_old = p.tau[pair];
       if (static_cast<double>(ux) > tau_old) {
-        const int count = p.soft_count[pair];
         double t = tau_old;  // may be -inf (first step past topk candidates): the walk handles it
         double tau_new = t;
         // Each round moves t to the next breakpoint, so 2 * (count + 1) rounds always suffice;
@@ -293,22 +312,11 @@ __global__ void __launch_bounds__(kUpdateThreads) decode_update_kernel(const Dec
   // Every thread has read win_score[ring], slot_score, slot_pos and soft before they change below.
   __syncthreads();
 
-  // ---- move rows: the leaving key into its candidate slot, then the new token into the ring.
-  // The same thread reads and then overwrites each 16-byte piece of the ring slot, so program
-  // order keeps the read before the write. ----
-  if (tid < 2 * row_vecs) {
-    const bool is_v = tid >= row_vecs;
-    const int vec = is_v ? tid - row_vecs : tid;
+  // ---- move rows: the leaving key into its candidate slot, then the new token into the ring ----
+  if (mover) {
     char* slots = is_v ? v_slots : k_slots;
-    const uint4* src_x = reinterpret_cast<const uint4*>(is_v ? vx : kx) + vec;
-    if (dst >= 0) {
-      const uint4 moved = *src_x;
-      reinterpret_cast<uint4*>(slots + static_cast<int64_t>(W + dst) * row_bytes)[vec] = moved;
-    }
-    if (W > 0) {
-      const uint4 incoming = reinterpret_cast<const uint4*>(is_v ? v_new : k_new)[vec];
-      reinterpret_cast<uint4*>(slots + static_cast<int64_t>(ring) * row_bytes)[vec] = incoming;
-    }
+    if (dst >= 0) reinterpret_cast<uint4*>(slots + static_cast<int64_t>(W + dst) * row_bytes)[vec] = moved;
+    if (W > 0) reinterpret_cast<uint4*>(slots + static_cast<int64_t>(ring) * row_bytes)[vec] = incoming;
   }
   if (tid == 0) {
     if (dst >= 0) {
