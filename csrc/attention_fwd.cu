@@ -6,9 +6,10 @@
 //   1. window tiles: the contiguous keys (i0 - window, i1) that some row's window covers,
 //   2. list tiles:   the block's union of selected keys (from the selection kernels),
 // 64 keys per tile, gathered row by row with cp.async (TMA cannot gather rows) into shared memory
-// laid out as wgmma's 128-byte-swizzled operands, three stages in flight. S = Q K^T reads Q and K
-// from shared memory; O += P V takes P from registers and V from shared memory (MN-major, the
-// transpose flag), so no ldmatrix and no per-instruction mma.sync dependency chain remain.
+// laid out as wgmma's 128-byte-swizzled operands, in a ring of four: tiles t+1 and t+2 in flight,
+// t in the softmax, t-1 in P V. S = Q K^T reads Q and K from shared memory; O += P V takes P from
+// registers and V from shared memory (MN-major, the transpose flag). The P V of tile t-1 runs on
+// the tensor cores while tile t's softmax runs on the ALUs (docs/perf-notes.md, v4).
 // Per element a mask decides membership (window: i - W < j <= i; selected: j + W <= i < end_j)
 // and selected keys carry the gate g = clip(u_j - tau_i, 0, 1). The gate multiplies the softmax
 // weight (exp(s) * g == exp(s + log g)), so no logarithm is evaluated; the running max is taken
