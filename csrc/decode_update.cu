@@ -91,15 +91,11 @@ __device__ __forceinline__ void add_to_piece(PieceSums& s, float score, double t
   }
 }
 
-// Drops per step handled by one warp filling holes (a step usually drops a few scores).
-constexpr int kFewDrops = 32;
-
 struct UpdateShared {
   WeakestSlot weakest[kUpdateWarps];
   PieceSums piece[kUpdateWarps];
   int scan[kUpdateWarps];
-  int drop_at[kFewDrops];
-  int drops;
+  int flag;
 };
 
 // Reduces per-thread piece sums over the block; every thread gets the total.
@@ -240,55 +236,25 @@ __global__ void __launch_bounds__(kUpdateThreads) decode_update_kernel(const Dec
       if (static_cast<double>(ux) > tau_old) {
         double t = tau_old;  // may be -inf (first step past topk candidates): the walk handles it
         double tau_new = t;
-        // Each round looks at two points in one pass over the soft set: the next breakpoint t (the
-        // plain walk, which always progresses) and the root of the previous round's piece (a
-        // Newton jump past many breakpoints at once). f is non-increasing, so f(jump) >= topk means
-        // the root is at or beyond the jump and the walk continues from there; otherwise it takes
-        // the plain step. Where the jump lands inside the final piece, that piece's sums (and so
-        // the closed-form root) are the ones the plain walk would have computed at its start.
-        // 2 * (count + 1) plain steps always suffice; the cap only guards a corrupted state.
+        // Each round moves t to the next breakpoint, so 2 * (count + 1) rounds always suffice;
+        // the cap only guards against a corrupted state.
         const int max_rounds = 2 * (count + 1) + 2;
         bool solved = false;
-        bool have_jump = false;
-        double jump = 0.0;
         for (int round = 0; round < max_rounds; ++round) {
           PieceSums s = {0, 0, 0.0, CUDART_INF};
-          PieceSums sj = {0, 0, 0.0, CUDART_INF};
-          if (have_jump) {
-            for (int i = tid; i < count; i += kUpdateThreads) {
-              const float u = soft[i];
-              add_to_piece(s, u, t);
-              add_to_piece(sj, u, jump);
-            }
-            if (tid == 0) {
-              add_to_piece(s, ux, t);
-              add_to_piece(sj, ux, jump);
-            }
-            sj = block_piece_sums(sj, sh);
-          } else {
-            for (int i = tid; i < count; i += kUpdateThreads) add_to_piece(s, soft[i], t);
-            if (tid == 0) add_to_piece(s, ux, t);
-          }
+          for (int i = tid; i < count; i += kUpdateThreads) add_to_piece(s, soft[i], t);
+          if (tid == 0) add_to_piece(s, ux, t);
           s = block_piece_sums(s, sh);
-          double t_floor = t;  // a point known to have f >= topk, so tau >= t_floor
-          if (have_jump && static_cast<double>(sj.saturated) + sj.soft_sum - sj.soft * jump >= static_cast<double>(K)) {
-            t = jump;
-            s = sj;
-          }
-          have_jump = false;
           if (s.soft > 0) {
-            // f is linear on the piece above t: f(t') = saturated + soft_sum - soft * t'. Written as
+            // f is linear on (t, next_break]: f(t') = saturated + soft_sum - soft * t'. Written as
             // (sum - integer) / count like the reference (sparsek/selection.py): a single soft key at
             // a flat root gives its own score back exactly, and the two agree to rounding.
             const double root = (s.soft_sum - static_cast<double>(K - s.saturated)) / s.soft;
             if (root <= s.next_break) {
-              // t_floor, not t: a jump accepted by rounding may sit a hair past the root
-              tau_new = fmax(root, t_floor);
+              tau_new = fmax(root, t);
               solved = true;
               break;
             }
-            jump = root;  // beyond this piece: try it next round
-            have_jump = true;
           }
           if (isinf(s.next_break)) {  // f is constant above t: only rounding can bring us here
             tau_new = t;
@@ -305,64 +271,28 @@ __global__ void __launch_bounds__(kUpdateThreads) decode_update_kernel(const Dec
           return;
         }
 
-        // ---- drop every score <= tau_new (those between the old and the new tau: usually a few).
-        // Few drops: fill each hole below the new end with a kept score from the tail (order in the
-        // set does not matter). Many: compact the whole set in order. x is appended last. ----
-        if (tid == 0) sh.drops = 0;
-        __syncthreads();
-        for (int i = tid; i < count; i += kUpdateThreads) {
-          if (static_cast<double>(soft[i]) <= tau_new) {
-            const int k = atomicAdd(&sh.drops, 1);
-            if (k < kFewDrops) sh.drop_at[k] = i;
-          }
-        }
-        __syncthreads();
-        const int drops = sh.drops;
-        int kept_total = count - drops;
-        if (drops <= kFewDrops) {
-          if (tid < 32 && drops > 0) {
-            // holes: dropped positions below kept_total; movers: kept positions in [kept_total, count)
-            const int lane = tid;
-            const bool hole = lane < drops && sh.drop_at[lane] < kept_total;
-            const int j = kept_total + lane;  // the tail has exactly `drops` positions
-            const bool mover = lane < drops && static_cast<double>(soft[j]) > tau_new;
-            const unsigned holes = __ballot_sync(kFullMask, hole), movers = __ballot_sync(kFullMask, mover);
-            const float moved_score = mover ? soft[j] : 0.0f;
-            // the k-th mover fills the k-th hole (#holes == #movers)
-            const int rank = __popc(movers & ((1u << lane) - 1));
-            int target = -1;
-            if (mover) {
-              unsigned h = holes;
-              for (int r = 0; r < rank; ++r) h &= h - 1;
-              target = sh.drop_at[__ffs(h) - 1];
-            }
-            __syncwarp();
-            if (mover) soft[target] = moved_score;
-          }
-        } else {
-          kept_total = 0;
-          for (int base = 0; base < count; base += kUpdateThreads * kCompactPerThread) {
-            float vals[kCompactPerThread];
-            int keep = 0;
+        // ---- drop every score <= tau_new, in place, x appended last ----
+        int kept_total = 0;
+        for (int base = 0; base < count; base += kUpdateThreads * kCompactPerThread) {
+          float vals[kCompactPerThread];
+          int keep = 0;
 #pragma unroll
-            for (int e = 0; e < kCompactPerThread; ++e) {
-              const int i = base + e * kUpdateThreads + tid;
-              vals[e] = i < count ? soft[i] : 0.0f;
-              if (i < count && static_cast<double>(vals[e]) > tau_new) ++keep;
-            }
-            int round_total;
-            const int offset = block_exclusive_scan(keep, round_total, sh);  // also orders reads before writes
-            int out = kept_total + offset;
-#pragma unroll
-            for (int e = 0; e < kCompactPerThread; ++e) {
-              const int i = base + e * kUpdateThreads + tid;
-              if (i < count && static_cast<double>(vals[e]) > tau_new) soft[out++] = vals[e];
-            }
-            kept_total += round_total;
-            __syncthreads();  // this round's writes land below the next round's reads
+          for (int e = 0; e < kCompactPerThread; ++e) {
+            const int i = base + e * kUpdateThreads + tid;
+            vals[e] = i < count ? soft[i] : 0.0f;
+            if (i < count && static_cast<double>(vals[e]) > tau_new) ++keep;
           }
+          int round_total;
+          const int offset = block_exclusive_scan(keep, round_total, sh);  // also orders reads before writes
+          int out = kept_total + offset;
+#pragma unroll
+          for (int e = 0; e < kCompactPerThread; ++e) {
+            const int i = base + e * kUpdateThreads + tid;
+            if (i < count && static_cast<double>(vals[e]) > tau_new) soft[out++] = vals[e];
+          }
+          kept_total += round_total;
+          __syncthreads();  // this round's writes land below the next round's reads
         }
-        __syncthreads();  // the hole fills land before tid 0 appends x and the rows move
         const bool keep_x = static_cast<double>(ux) > tau_new;
         const int new_count = kept_total + (keep_x ? 1 : 0);
         if (tid == 0) {
