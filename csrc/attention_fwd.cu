@@ -201,10 +201,10 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-// 288 threads: __launch_bounds__(288, 1) would cap registers at 168 (ptxas rounds the block up to
-// 384 threads); 9 warps x 32 x 224 registers fit the 64K register file.
+// 288 threads: registers are allocated to warps in groups of four, so the 9 warps cost 12 warps
+// of registers and the cap is 65536 / 384 = 168 per thread (a 172-register build failed to launch).
 template <int kD, typename Elem>
-__global__ void __maxnreg__(224) attention_fwd_kernel(const AttnParams p) {
+__global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnParams p) {
   using T = Traits<kD>;
   constexpr int kKSteps = kD / 16;      // k-steps of Q.K^T
   constexpr int kDBlocks = kD / 8;      // n8 blocks of the output
@@ -329,7 +329,6 @@ __global__ void __maxnreg__(224) attention_fwd_kernel(const AttnParams p) {
   cp_async_wait<0>();
   fence_proxy_async();
   consumer_sync();
-  float gate[kTileN / 8][4];  // gates of the current list tile
 
   // Per-thread rows (wgmma accumulator layout): warp w of the CTA holds rows 16w .. 16w + 15;
   // this thread rows r_lo = 16w + lane/4 and r_lo + 8.
@@ -421,21 +420,18 @@ __global__ void __maxnreg__(224) attention_fwd_kernel(const AttnParams p) {
     } else {
       const int* start = sStart + stage * kTileN;
       const int* end = sEnd + stage * kTileN;
-      const float* u = sU + stage * kTileN;
 #pragma unroll
       for (int nb = 0; nb < kTileN / 8; ++nb) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int col = 8 * nb + 2 * quad + e;
           const int start_j = start[col], end_j = end[col];
-          const float u_j = u[col];
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const int i = qi[h];
-            // Selected by row i: j + W <= i < end_j. The gate clip(u_j - tau_i, 0, 1) is one
-            // saturating add; a masked entry's weight is exp2(-inf) = 0 whatever its gate.
+            // Selected by row i: j + W <= i < end_j; a masked entry's weight is exp2(-inf) = 0
+            // whatever its gate.
             if (!(start_j <= i && i < end_j)) s[nb][2 * h + e] = -CUDART_INF_F;
-            gate[nb][2 * h + e] = __saturatef(u_j - tau_row[h]);
             tile_max[h] = fmaxf(tile_max[h], s[nb][2 * h + e]);
           }
         }
@@ -454,13 +450,21 @@ __global__ void __maxnreg__(224) attention_fwd_kernel(const AttnParams p) {
     }
     float row_sum[2] = {0.f, 0.f};
     const bool gated = t >= n_win;
+    const float* u = sU + stage * kTileN;
 #pragma unroll
     for (int nb = 0; nb < kTileN / 8; ++nb) {
+      // The gate clip(u_j - tau_i, 0, 1) is one saturating add; read here rather than kept from
+      // the mask loop, which would hold 32 more registers across the row-max shuffles.
+      float u_j[2] = {0.f, 0.f};
+      if (gated) {
+        u_j[0] = u[8 * nb + 2 * quad];
+        u_j[1] = u[8 * nb + 2 * quad + 1];
+      }
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         const int h = c >> 1;
         float pv = exp2f(fmaf(s[nb][c], p.scale_log2, m_scaled[h]));
-        if (gated) pv *= gate[nb][c];
+        if (gated) pv *= __saturatef(u_j[c & 1] - tau_row[h]);
         s[nb][c] = pv;
         row_sum[h] += pv;
       }
