@@ -5,10 +5,9 @@
 // rows, the M of one wgmma. Each CTA iterates
 //   1. window tiles: the contiguous keys (i0 - window, i1) that some row's window covers,
 //   2. list tiles:   the block's union of selected keys (from the selection kernels),
-// 64 keys per tile, gathered row by row with cp.async (TMA cannot gather rows) by a producer warp
-// into shared memory laid out as wgmma's 128-byte-swizzled operands, in a ring of four stages
-// handed between producer and consumers with mbarriers (full / empty), so the two consumer
-// warpgroups never wait for each other and spend no instructions on addresses. S = Q K^T reads Q and K from shared memory; O += P V takes P from
+// 64 keys per tile, gathered row by row with cp.async (TMA cannot gather rows) into shared memory
+// laid out as wgmma's 128-byte-swizzled operands, in a ring of four: tiles t+1 and t+2 in flight,
+// t in the softmax, t-1 in P V. S = Q K^T reads Q and K from shared memory; O += P V takes P from
 // registers and V from shared memory (MN-major, the transpose flag). The P V of tile t-1 runs on
 // the tensor cores while tile t's softmax runs on the ALUs (docs/perf-notes.md, v4).
 // Per element a mask decides membership (window: i - W < j <= i; selected: j + W <= i < end_j)
@@ -30,9 +29,7 @@ namespace {
 constexpr int kRows = kAttnRows;       // rows (query x head) per CTA
 constexpr int kWgRows = 64;            // rows per warpgroup: the M of wgmma
 constexpr int kWarpgroups = kRows / kWgRows;
-constexpr int kConsumerThreads = kWarpgroups * 128;  // the MMA and softmax warps
-constexpr int kConsumerWarps = kConsumerThreads / 32;
-constexpr int kThreads = kConsumerThreads + 32;     // plus one producer warp that gathers K/V
+constexpr int kThreads = kWarpgroups * 128;
 constexpr int kTileN = 64;             // keys per tile: the N of S = Q K^T, the K of O += P V
 constexpr int kStages = 4;             // ring slots: tiles t+1, t+2 in flight, t in use, t-1 in P.V
 constexpr int kPanel = 64;             // elements per 128-byte swizzled row of an operand panel
@@ -42,12 +39,13 @@ constexpr float kLn2 = 0.69314718055994531f;
 template <int kD>
 struct Traits {
   static constexpr int kChunks = kD / 8;                    // 16-byte chunks per row
-  static constexpr int kRowsPerCopy = 32 / kChunks;         // key rows one warp-wide copy covers
+  static constexpr int kLoadersPerRow = kThreads / kTileN;  // threads that copy one key row
+  static constexpr int kChunksPerThread = kChunks / kLoadersPerRow;
   static constexpr int kTileElems = kTileN * kD;
   static constexpr int kSmemBytes =
       kAlign + (kRows * kD + 2 * kStages * kTileElems) * 2 + kStages * kTileN * (2 * sizeof(int) + sizeof(float));
 };
-static_assert(kTileN == 64, "the producer holds a tile's keys in two registers per lane");
+static_assert(kThreads % kTileN == 0, "whole loader threads per key row");
 
 // Element offset of 16-byte chunk `chunk` of row `row` in a (kOperandRows x D) operand stored the
 // way wgmma reads it with the 128-byte swizzle: D / 64 column panels of kOperandRows rows x 128
@@ -86,26 +84,6 @@ __device__ __forceinline__ void cp_async_wait() {
 // cp.async writes through the generic proxy, wgmma reads through the async proxy: each writer
 // fences before the barrier that publishes its rows.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-
-// mbarriers between the producer warp and the consumer warps (full: a stage landed; empty: a stage
-// may be refilled). Arrive has release semantics, the parity wait acquire semantics (CTA scope).
-__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, int parity) {
-  uint32_t done = 0;
-  do {
-    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-                 : "=r"(done)
-                 : "r"(smem_addr(bar)), "r"(parity)
-                 : "memory");
-  } while (!done);
-}
-// Barrier 1 over the consumer warps only (barrier 0 would also wait for the producer).
-__device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory"); }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -201,8 +179,6 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-// 288 threads: registers are allocated to warps in groups of four, so the 9 warps cost 12 warps
-// of registers and the cap is 65536 / 384 = 168 per thread (a 172-register build failed to launch).
 template <int kD, typename Elem>
 __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnParams p) {
   using T = Traits<kD>;
@@ -243,92 +219,62 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnPa
   const int* list = p.block_keys + ((size_t)bh * p.n_blocks + blk) * p.cap;
   const int n_tiles = n_win + (count + kTileN - 1) / kTileN;
 
+  // Loader role: kLoadersPerRow consecutive threads copy key row r of every tile, each the same
+  // kChunksPerThread consecutive 16-byte pieces; their swizzled places in a tile never change.
+  const int my_row = tid / T::kLoadersPerRow, my_part = tid % T::kLoadersPerRow;
   constexpr uint32_t kTileBytes = T::kTileElems * 2;
   const uint32_t k_addr = smem_addr(sK), v_addr = smem_addr(sV);
-  __shared__ uint64_t full[kStages], empty[kStages];
-  if (tid == 0) {
-    for (int st = 0; st < kStages; ++st) {
-      mbar_init(&full[st], 32);               // every producer lane, once its copies landed
-      mbar_init(&empty[st], kConsumerWarps);  // every consumer warp, once its P.V read the stage
-    }
-  }
-  __syncthreads();  // the last CTA-wide barrier: the roles below meet only at the mbarriers
-
-  if (warp == kConsumerWarps) {
-    // ---- producer warp: gathers each tile's K/V rows into its ring stage with cp.async ----
-    // Lane l copies 16-byte chunk l % kChunks of rows l / kChunks + kRowsPerCopy * i: one
-    // warp-wide copy reads whole rows. Key indices of the tile: rows lane and lane + 32, in two
-    // registers, handed around with shuffles.
-    auto tile_key = [&](int t, int row) -> int {  // key index of `row` in tile t, -1 for padding
-      if (t >= n_tiles) return -1;
-      if (t < n_win) {
-        const int j = w0 + t * kTileN + row;
-        return j < i1 ? j : -1;
-      }
-      const int idx = (t - n_win) * kTileN + row;
-      return idx < count ? __ldg(list + idx) : -1;
-    };
-    const int chunk = lane % T::kChunks, row0 = lane / T::kChunks;
-    int key_lo = tile_key(0, lane), key_hi = tile_key(0, lane + 32);
-    for (int t = 0; t < n_tiles; ++t) {
-      const int stage = t % kStages;
-      if (t >= kStages) mbar_wait(&empty[stage], ((t / kStages) - 1) & 1);
-      const uint32_t kdst = k_addr + stage * kTileBytes, vdst = v_addr + stage * kTileBytes;
+  uint32_t piece_off[T::kChunksPerThread];  // byte offset of my piece c within a tile
 #pragma unroll
-      for (int i = 0; i < kTileN / T::kRowsPerCopy; ++i) {
-        const int row = row0 + T::kRowsPerCopy * i;
-        const int j = __shfl_sync(0xffffffffu, row < 32 ? key_lo : key_hi, row & 31);
-        const bool ok = j >= 0;
-        const int64_t jj = ok ? j : 0;
-        const uint32_t off = 2 * sw128<kTileN>(row, chunk);
-        cp_async16(kdst + off, k_base + jj * p.k_row_stride + chunk * 8, ok);
-        cp_async16(vdst + off, v_base + jj * p.v_row_stride + chunk * 8, ok);
-      }
-      if (t >= n_win) {  // window tiles need no per-key data
+  for (int c = 0; c < T::kChunksPerThread; ++c) piece_off[c] = 2 * sw128<kTileN>(my_row, my_part * T::kChunksPerThread + c);
+  auto tile_key = [&](int t) -> int {  // key index of my_row in tile t, -1 for padding
+    if (t >= n_tiles) return -1;
+    if (t < n_win) {
+      const int j = w0 + t * kTileN + my_row;
+      return j < i1 ? j : -1;
+    }
+    const int idx = (t - n_win) * kTileN + my_row;
+    return idx < count ? __ldg(list + idx) : -1;
+  };
+  auto load_tile = [&](int t, int stage, int j) {
+    const bool ok = j >= 0;
+    const int64_t jj = ok ? j : 0;
+    const Elem* ksrc = k_base + jj * p.k_row_stride + my_part * T::kChunksPerThread * 8;
+    const Elem* vsrc = v_base + jj * p.v_row_stride + my_part * T::kChunksPerThread * 8;
+    const uint32_t kdst = k_addr + stage * kTileBytes, vdst = v_addr + stage * kTileBytes;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int j = h ? key_hi : key_lo;
-          const int m = stage * kTileN + lane + 32 * h;
-          if (j >= 0) {
-            sStart[m] = j + W;
-            cp_async4(&sEnd[m], ends + j);
-            cp_async4(&sU[m], scores + j);
-          } else {
-            sStart[m] = S;  // padding: selected by no row (i < S)
-            sEnd[m] = -1;
-            sU[m] = 0.f;
-          }
-        }
-      }
-      cp_async_commit();
-      key_lo = tile_key(t + 1, lane);  // in flight while the previous tile lands
-      key_hi = tile_key(t + 1, lane + 32);
-      if (t >= 1) {
-        cp_async_wait<1>();  // tile t - 1 landed (this lane's part)
-        fence_proxy_async();
-        mbar_arrive(&full[(t - 1) % kStages]);
+    for (int c = 0; c < T::kChunksPerThread; ++c) {
+      cp_async16(kdst + piece_off[c], ksrc + c * 8, ok);
+      cp_async16(vdst + piece_off[c], vsrc + c * 8, ok);
+    }
+    if (my_part == 0 && t >= n_win) {  // window tiles need no per-key data
+      const int m = stage * kTileN + my_row;
+      if (ok) {
+        sStart[m] = j + W;
+        cp_async4(&sEnd[m], ends + j);
+        cp_async4(&sU[m], scores + j);
+      } else {
+        sStart[m] = S;  // padding: selected by no row (i < S)
+        sEnd[m] = -1;
+        sU[m] = 0.f;
       }
     }
-    if (n_tiles > 0) {
-      cp_async_wait<0>();
-      fence_proxy_async();
-      mbar_arrive(&full[(n_tiles - 1) % kStages]);
-    }
-    return;
-  }
+  };
 
-  // ---- consumer warps: Q rows (zero beyond S) ----
-  for (int c = tid; c < kRows * T::kChunks; c += kConsumerThreads) {
+  // ---- prologue: Q rows (zero beyond S) with tile 0, then tile 1 ----
+  for (int c = tid; c < kRows * T::kChunks; c += kThreads) {
     const int r = c / T::kChunks, ch = c % T::kChunks;
     const int i = i0 + r % p.block_q, head = hkv * p.group + r / p.block_q;
     const bool ok = i < S;
     const Elem* src = q_base + head * p.q_head_stride + (int64_t)(ok ? i : 0) * p.q_row_stride + ch * 8;
     cp_async16(smem_addr(sQ + sw128<kRows>(r, ch)), src, ok);
   }
+  if (n_tiles > 0) load_tile(0, 0, tile_key(0));
   cp_async_commit();
-  cp_async_wait<0>();
-  fence_proxy_async();
-  consumer_sync();
+  if (n_tiles > 1) load_tile(1, 1, tile_key(1));
+  cp_async_commit();
+  int key_next = tile_key(2);
+  float gate[kTileN / 8][4];  // gates of the current list tile
 
   // Per-thread rows (wgmma accumulator layout): warp w of the CTA holds rows 16w .. 16w + 15;
   // this thread rows r_lo = 16w + lane/4 and r_lo + 8.
@@ -382,7 +328,14 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnPa
 
   for (int t = 0; t < n_tiles; ++t) {
     const int stage = t % kStages;
-    mbar_wait(&full[stage], (t / kStages) & 1);  // tile t landed
+    cp_async_wait<1>();  // tile t (and Q) has landed; tile t + 1 may still be in flight
+    fence_proxy_async();
+    // Also the barrier before refilling: the stage loaded below held tile t - 2, whose P.V
+    // every warpgroup waited for in iteration t - 1.
+    __syncthreads();
+    if (t + 2 < n_tiles) load_tile(t + 2, (t + 2) % kStages, key_next);
+    cp_async_commit();  // possibly empty: keeps the group count uniform
+    key_next = tile_key(t + 3);
 
     // S = Q K^T for this warpgroup's 64 rows x 64 keys, then O += P V of the previous tile.
     float s[kTileN / 8][4];
@@ -420,18 +373,21 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnPa
     } else {
       const int* start = sStart + stage * kTileN;
       const int* end = sEnd + stage * kTileN;
+      const float* u = sU + stage * kTileN;
 #pragma unroll
       for (int nb = 0; nb < kTileN / 8; ++nb) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int col = 8 * nb + 2 * quad + e;
           const int start_j = start[col], end_j = end[col];
+          const float u_j = u[col];
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const int i = qi[h];
-            // Selected by row i: j + W <= i < end_j; a masked entry's weight is exp2(-inf) = 0
-            // whatever its gate.
+            // Selected by row i: j + W <= i < end_j. The gate clip(u_j - tau_i, 0, 1) is one
+            // saturating add; a masked entry's weight is exp2(-inf) = 0 whatever its gate.
             if (!(start_j <= i && i < end_j)) s[nb][2 * h + e] = -CUDART_INF_F;
+            gate[nb][2 * h + e] = __saturatef(u_j - tau_row[h]);
             tile_max[h] = fmaxf(tile_max[h], s[nb][2 * h + e]);
           }
         }
@@ -450,21 +406,13 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnPa
     }
     float row_sum[2] = {0.f, 0.f};
     const bool gated = t >= n_win;
-    const float* u = sU + stage * kTileN;
 #pragma unroll
     for (int nb = 0; nb < kTileN / 8; ++nb) {
-      // The gate clip(u_j - tau_i, 0, 1) is one saturating add; read here rather than kept from
-      // the mask loop, which would hold 32 more registers across the row-max shuffles.
-      float u_j[2] = {0.f, 0.f};
-      if (gated) {
-        u_j[0] = u[8 * nb + 2 * quad];
-        u_j[1] = u[8 * nb + 2 * quad + 1];
-      }
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         const int h = c >> 1;
         float pv = exp2f(fmaf(s[nb][c], p.scale_log2, m_scaled[h]));
-        if (gated) pv *= __saturatef(u_j[c & 1] - tau_row[h]);
+        if (gated) pv *= gate[nb][c];
         s[nb][c] = pv;
         row_sum[h] += pv;
       }
@@ -472,13 +420,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnPa
 #pragma unroll
     for (int h = 0; h < 2; ++h) l_run[h] = l_run[h] * alpha[h] + row_sum[h];
 
-    wgmma_wait<0>();  // P.V of tile t - 1 done: O and p_prev are free, and its stage too
+    wgmma_wait<0>();  // P.V of tile t - 1 done: O and p_prev are free
     fence_regs(o);
     fence_regs(p_prev);
-    if (t > 0) {
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&empty[(t - 1) % kStages]);
-    }
     // The running max settles after the first tiles: skip the rescale when no row of the warp moved.
     if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
