@@ -20,6 +20,7 @@
 #include <math_constants.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "sparsek_params.h"
 
@@ -94,21 +95,19 @@ __device__ __forceinline__ void wgmma_wait() {
 
 // Ties registers an in-flight wgmma reads or writes (accumulators, A fragments) to the wgmma
 // waits, so the compiler neither reads, rewrites nor reuses them before the wait.
-template <int N>
-__device__ __forceinline__ void fence_regs(float (&d)[N][4]) {
+template <typename R, int N>
+__device__ __forceinline__ void fence_regs(R (&r)[N][4]) {
+  static_assert(std::is_same_v<R, float> || std::is_same_v<R, uint32_t>, "32-bit float or integer registers");
 #pragma unroll
   for (int i = 0; i < N; ++i) {
 #pragma unroll
-    for (int c = 0; c < 4; ++c) asm volatile("" : "+f"(d[i][c])::"memory");
-  }
-}
-
-template <int N>
-__device__ __forceinline__ void fence_regs(uint32_t (&r)[N][4]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) {
-#pragma unroll
-    for (int c = 0; c < 4; ++c) asm volatile("" : "+r"(r[i][c])::"memory");
+    for (int c = 0; c < 4; ++c) {
+      if constexpr (std::is_same_v<R, float>) {
+        asm volatile("" : "+f"(r[i][c])::"memory");
+      } else {
+        asm volatile("" : "+r"(r[i][c])::"memory");
+      }
+    }
   }
 }
 

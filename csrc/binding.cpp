@@ -238,7 +238,6 @@ TORCH_LIBRARY_IMPL(sparsek_cuda, CUDA, m) {
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
-#include <cmath>
 #include <array>
 #include <cstdint>
 
