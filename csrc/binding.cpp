@@ -275,21 +275,23 @@ struct DecodeShape {
 };
 
 // Validates the cache tensors against k_slots, which fixes B, Hkv, NS, D and the dtype.
-DecodeShape check_cache(const at::Tensor& k_slots, const at::Tensor& v_slots, const at::Tensor& slot_score, const at::Tensor& tau,
-                        const at::Tensor& lengths, const at::Tensor& status, int64_t topk, int64_t window) {
+DecodeShape check_cache(const at::Tensor& k_slots, const at::Tensor& v_slots, const at::Tensor& slot_score, const at::Tensor& spare,
+                        const at::Tensor& tau, const at::Tensor& lengths, const at::Tensor& status, int64_t topk, int64_t window) {
   DECODE_CHECK(k_slots.is_cuda(), "k_slots must be a CUDA tensor, got device ", k_slots.device());
-  DECODE_CHECK(k_slots.dim() == 4, "k_slots must be (B, Hkv, window + topk, D), got ", k_slots.sizes());
+  DECODE_CHECK(k_slots.dim() == 4, "k_slots must be (B, Hkv, window + topk + 1, D), got ", k_slots.sizes());
   DECODE_CHECK(topk >= 1, "topk must be >= 1, got ", topk);
   DECODE_CHECK(window >= 0, "window must be >= 0, got ", window);
   const DecodeShape s = {k_slots.size(0), k_slots.size(1), k_slots.size(2), k_slots.size(3), topk, window,
                          k_slots.scalar_type(), k_slots.device()};
-  DECODE_CHECK(s.NS == topk + window, "k_slots must have window + topk = ", topk + window, " slots, got ", s.NS);
-  DECODE_CHECK(s.NS < (int64_t{1} << 30), "window + topk = ", s.NS, " is too large for int32 slot indices");
+  DECODE_CHECK(s.NS == topk + window + 1, "k_slots must have window + topk + 1 = ", topk + window + 1,
+               " slots (the window, the top-k and a spare), got ", s.NS);
+  DECODE_CHECK(s.NS < (int64_t{1} << 30), "window + topk + 1 = ", s.NS, " is too large for int32 slot indices");
   DECODE_CHECK(s.D == 64 || s.D == 128, "head dim must be 64 or 128, got ", s.D);
   DECODE_CHECK_TYPE(s.dtype == at::kHalf || s.dtype == at::kBFloat16, "k_slots must be float16 or bfloat16, got ", s.dtype);
   check_state(k_slots, "k_slots", s.dtype, {s.B, s.Hkv, s.NS, s.D}, s.device);
   check_state(v_slots, "v_slots", s.dtype, {s.B, s.Hkv, s.NS, s.D}, s.device);
-  check_state(slot_score, "slot_score", at::kFloat, {s.B, s.Hkv, topk}, s.device);
+  check_state(slot_score, "slot_score", at::kFloat, {s.B, s.Hkv, topk + 1}, s.device);
+  check_state(spare, "spare", at::kInt, {s.B, s.Hkv}, s.device);
   check_state(tau, "tau", at::kDouble, {s.B, s.Hkv}, s.device);
   check_state(lengths, "lengths", at::kInt, {s.B, s.Hkv}, s.device);
   check_state(status, "status", at::kInt, {s.B, s.Hkv, 2}, s.device);
@@ -309,13 +311,20 @@ int64_t pick_splits(int64_t requested, int64_t work_items, int64_t num_slots, in
   return sparsek::decode_num_splits(static_cast<int>(work_items), static_cast<int>(num_slots), sms * ctas);
 }
 
-void launch_update(const DecodeShape& s, const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& score_new,
-                   at::Tensor& k_slots, at::Tensor& v_slots, at::Tensor& slot_score, at::Tensor& slot_pos, at::Tensor& win_score,
-                   at::Tensor& soft, at::Tensor& soft_count, at::Tensor& tau, at::Tensor& lengths, at::Tensor& status) {
+// The new token's row tensors and score (both kernels read them).
+void check_new_token(const DecodeShape& s, const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& score_new) {
   check_rows(k_new, "k_new", s.dtype, {s.B, s.Hkv, 1, s.D}, s.device);
   check_rows(v_new, "v_new", s.dtype, {s.B, s.Hkv, 1, s.D}, s.device);
   check_state(score_new, "score_new", at::kFloat, {s.B, s.Hkv}, s.device);
-  check_state(slot_pos, "slot_pos", at::kInt, {s.B, s.Hkv, s.topk}, s.device);
+}
+
+// concurrent: launched right after the step's attention kernel, beside it (window >= 1)
+void launch_update(const DecodeShape& s, const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& score_new,
+                   at::Tensor& k_slots, at::Tensor& v_slots, at::Tensor& slot_score, at::Tensor& slot_pos, at::Tensor& spare,
+                   at::Tensor& win_score, at::Tensor& soft, at::Tensor& soft_count, at::Tensor& tau, at::Tensor& lengths,
+                   at::Tensor& status, bool concurrent) {
+  check_new_token(s, k_new, v_new, score_new);
+  check_state(slot_pos, "slot_pos", at::kInt, {s.B, s.Hkv, s.topk + 1}, s.device);
   check_state(win_score, "win_score", at::kFloat, {s.B, s.Hkv, s.window}, s.device);
   DECODE_CHECK(soft.dim() == 3, "soft must be (B, Hkv, soft_capacity), got ", soft.sizes());
   const int64_t capacity = soft.size(2);
@@ -330,6 +339,7 @@ void launch_update(const DecodeShape& s, const at::Tensor& k_new, const at::Tens
   params.v_slots = v_slots.data_ptr();
   params.slot_score = slot_score.data_ptr<float>();
   params.slot_pos = slot_pos.data_ptr<int>();
+  params.spare = spare.data_ptr<int>();
   params.win_score = s.window > 0 ? win_score.data_ptr<float>() : nullptr;
   params.soft = soft.data_ptr<float>();
   params.soft_count = soft_count.data_ptr<int>();
@@ -351,6 +361,7 @@ void launch_update(const DecodeShape& s, const at::Tensor& k_new, const at::Tens
   params.window = static_cast<int>(s.window);
   params.num_slots = static_cast<int>(s.NS);
   params.soft_capacity = static_cast<int>(capacity);
+  params.concurrent = concurrent;
   const cudaError_t err = sparsek::launch_decode_update(params, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, sparsek_msg::build("sparsek decode: update launch failed: ", cudaGetErrorString(err)));
 }
@@ -384,10 +395,10 @@ AttentionPlan plan_attention(const DecodeShape& s, const at::Tensor& q, const at
   return plan;
 }
 
-at::Tensor launch_attention(const DecodeShape& s, const AttentionPlan& plan, const at::Tensor& q, const at::Tensor& k_slots,
-                            const at::Tensor& v_slots, const at::Tensor& slot_score, const at::Tensor& tau,
-                            const at::Tensor& lengths, const at::Tensor& status, at::Tensor& counters, double scale,
-                            bool after_update) {
+at::Tensor launch_attention(const DecodeShape& s, const AttentionPlan& plan, const at::Tensor& q, const at::Tensor& k_new,
+                            const at::Tensor& v_new, const at::Tensor& score_new, const at::Tensor& k_slots,
+                            const at::Tensor& v_slots, const at::Tensor& slot_score, const at::Tensor& spare, const at::Tensor& tau,
+                            const at::Tensor& lengths, const at::Tensor& status, at::Tensor& counters, double scale) {
   const int64_t Hq = plan.Hq, group = plan.group, head_chunks = plan.head_chunks, work_items = plan.work_items;
   const int64_t splits = plan.splits, slots_per_split = plan.slots_per_split;
   const bool is_bf16 = plan.is_bf16;
@@ -407,9 +418,17 @@ at::Tensor launch_attention(const DecodeShape& s, const AttentionPlan& plan, con
   params.k_slots = k_slots.data_ptr();
   params.v_slots = v_slots.data_ptr();
   params.slot_score = slot_score.data_ptr<float>();
+  params.spare = spare.data_ptr<int>();
   params.tau = tau.data_ptr<double>();
   params.lengths = lengths.data_ptr<int>();
   params.status = status.data_ptr<int>();
+  params.k_new = k_new.data_ptr();
+  params.v_new = v_new.data_ptr();
+  params.k_new_batch_stride = k_new.stride(0);
+  params.k_new_head_stride = k_new.stride(1);
+  params.v_new_batch_stride = v_new.stride(0);
+  params.v_new_head_stride = v_new.stride(1);
+  params.score_new = score_new.data_ptr<float>();
   params.out = out.data_ptr();
   params.out_batch_stride = out.stride(0);
   params.out_head_stride = out.stride(1);
@@ -429,45 +448,64 @@ at::Tensor launch_attention(const DecodeShape& s, const AttentionPlan& plan, con
   params.slots_per_split = static_cast<int>(slots_per_split);
   params.scale_log2 = static_cast<float>(scale * 1.4426950408889634);  // log2(e)
   params.is_bf16 = is_bf16;
-  params.use_pdl = after_update;
+  params.after_update = s.window == 0;  // else it runs first and the update beside it
   const cudaError_t err = sparsek::launch_decode_attention(params, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, sparsek_msg::build("sparsek decode: attention launch failed: ", cudaGetErrorString(err)));
   return out;
 }
 
-// One decode step: the cache update, then attention of q over the updated slots.
+// One decode step. window >= 1: the attention over the state (which holds this query's selection)
+// and, beside it, the update that prepares the next query's; window == 0: the update (the new token
+// is a candidate of its own query), then the attention.
 at::Tensor decode_step_cuda(const at::Tensor& q,          // (B, Hq, 1, D)
                             const at::Tensor& k_new,      // (B, Hkv, 1, D)
                             const at::Tensor& v_new,      // (B, Hkv, 1, D)
                             const at::Tensor& score_new,  // (B, Hkv) float32
-                            at::Tensor k_slots, at::Tensor v_slots, at::Tensor slot_score, at::Tensor slot_pos, at::Tensor win_score,
-                            at::Tensor soft, at::Tensor soft_count, at::Tensor tau, at::Tensor lengths, at::Tensor status,
-                            at::Tensor counters, int64_t topk, int64_t window, double scale, int64_t num_splits) {
-  const DecodeShape s = check_cache(k_slots, v_slots, slot_score, tau, lengths, status, topk, window);
+                            at::Tensor k_slots, at::Tensor v_slots, at::Tensor slot_score, at::Tensor slot_pos, at::Tensor spare,
+                            at::Tensor win_score, at::Tensor soft, at::Tensor soft_count, at::Tensor tau, at::Tensor lengths,
+                            at::Tensor status, at::Tensor counters, int64_t topk, int64_t window, double scale, int64_t num_splits) {
+  const DecodeShape s = check_cache(k_slots, v_slots, slot_score, spare, tau, lengths, status, topk, window);
   const c10::cuda::CUDAGuard guard(s.device);
-  // every argument is checked before the update changes the cache: a refused step changes nothing
+  // every argument is checked before anything is launched: a refused step changes nothing
   const AttentionPlan plan = plan_attention(s, q, counters, scale, num_splits);
-  launch_update(s, k_new, v_new, score_new, k_slots, v_slots, slot_score, slot_pos, win_score, soft, soft_count, tau, lengths, status);
-  return launch_attention(s, plan, q, k_slots, v_slots, slot_score, tau, lengths, status, counters, scale, /*after_update=*/true);
+  check_new_token(s, k_new, v_new, score_new);
+  if (window == 0) {
+    launch_update(s, k_new, v_new, score_new, k_slots, v_slots, slot_score, slot_pos, spare, win_score, soft, soft_count, tau,
+                  lengths, status, /*concurrent=*/false);
+    return launch_attention(s, plan, q, k_new, v_new, score_new, k_slots, v_slots, slot_score, spare, tau, lengths, status,
+                            counters, scale);
+  }
+  at::Tensor out = launch_attention(s, plan, q, k_new, v_new, score_new, k_slots, v_slots, slot_score, spare, tau, lengths,
+                                    status, counters, scale);
+  launch_update(s, k_new, v_new, score_new, k_slots, v_slots, slot_score, slot_pos, spare, win_score, soft, soft_count, tau,
+                lengths, status, /*concurrent=*/true);
+  return out;
 }
 
-// The update alone (tests and the update-share measurement).
+// The update alone (tests and the step-split measurement): waits for all earlier work in the
+// stream, like any kernel launch.
 void decode_update_cuda(const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& score_new, at::Tensor k_slots,
-                        at::Tensor v_slots, at::Tensor slot_score, at::Tensor slot_pos, at::Tensor win_score, at::Tensor soft,
-                        at::Tensor soft_count, at::Tensor tau, at::Tensor lengths, at::Tensor status, int64_t topk, int64_t window) {
-  const DecodeShape s = check_cache(k_slots, v_slots, slot_score, tau, lengths, status, topk, window);
+                        at::Tensor v_slots, at::Tensor slot_score, at::Tensor slot_pos, at::Tensor spare, at::Tensor win_score,
+                        at::Tensor soft, at::Tensor soft_count, at::Tensor tau, at::Tensor lengths, at::Tensor status, int64_t topk,
+                        int64_t window) {
+  const DecodeShape s = check_cache(k_slots, v_slots, slot_score, spare, tau, lengths, status, topk, window);
   const c10::cuda::CUDAGuard guard(s.device);
-  launch_update(s, k_new, v_new, score_new, k_slots, v_slots, slot_score, slot_pos, win_score, soft, soft_count, tau, lengths, status);
+  launch_update(s, k_new, v_new, score_new, k_slots, v_slots, slot_score, slot_pos, spare, win_score, soft, soft_count, tau,
+                lengths, status, /*concurrent=*/false);
 }
 
-// Attention over the current slots alone, without an update (lengths already count the query).
-at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_slots, const at::Tensor& v_slots, const at::Tensor& slot_score,
-                                 const at::Tensor& tau, const at::Tensor& lengths, const at::Tensor& status, at::Tensor counters,
-                                 int64_t topk, int64_t window, double scale, int64_t num_splits) {
-  const DecodeShape s = check_cache(k_slots, v_slots, slot_score, tau, lengths, status, topk, window);
+// The attention alone, without an update: window >= 1, query position = lengths (before the
+// step's update); window == 0, lengths already count the query (after it).
+at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& score_new,
+                                 const at::Tensor& k_slots, const at::Tensor& v_slots, const at::Tensor& slot_score,
+                                 const at::Tensor& spare, const at::Tensor& tau, const at::Tensor& lengths, const at::Tensor& status,
+                                 at::Tensor counters, int64_t topk, int64_t window, double scale, int64_t num_splits) {
+  const DecodeShape s = check_cache(k_slots, v_slots, slot_score, spare, tau, lengths, status, topk, window);
   const c10::cuda::CUDAGuard guard(s.device);
   const AttentionPlan plan = plan_attention(s, q, counters, scale, num_splits);
-  return launch_attention(s, plan, q, k_slots, v_slots, slot_score, tau, lengths, status, counters, scale, /*after_update=*/false);
+  check_new_token(s, k_new, v_new, score_new);
+  return launch_attention(s, plan, q, k_new, v_new, score_new, k_slots, v_slots, slot_score, spare, tau, lengths, status, counters,
+                          scale);
 }
 
 }  // namespace sparsek_decode_binding
@@ -475,16 +513,17 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_slots,
 TORCH_LIBRARY_FRAGMENT(sparsek_cuda, m) {
   m.def(
       "decode_step(Tensor q, Tensor k_new, Tensor v_new, Tensor score_new, Tensor(a!) k_slots, Tensor(b!) v_slots, "
-      "Tensor(c!) slot_score, Tensor(d!) slot_pos, Tensor(e!) win_score, Tensor(f!) soft, Tensor(g!) soft_count, "
-      "Tensor(h!) tau, Tensor(i!) lengths, Tensor(j!) status, Tensor(k!) counters, int topk, int window, float scale, "
-      "int num_splits=0) -> Tensor");
+      "Tensor(c!) slot_score, Tensor(d!) slot_pos, Tensor(e!) spare, Tensor(f!) win_score, Tensor(g!) soft, "
+      "Tensor(h!) soft_count, Tensor(i!) tau, Tensor(j!) lengths, Tensor(k!) status, Tensor(l!) counters, int topk, "
+      "int window, float scale, int num_splits=0) -> Tensor");
   m.def(
       "decode_update(Tensor k_new, Tensor v_new, Tensor score_new, Tensor(a!) k_slots, Tensor(b!) v_slots, "
-      "Tensor(c!) slot_score, Tensor(d!) slot_pos, Tensor(e!) win_score, Tensor(f!) soft, Tensor(g!) soft_count, "
-      "Tensor(h!) tau, Tensor(i!) lengths, Tensor(j!) status, int topk, int window) -> ()");
+      "Tensor(c!) slot_score, Tensor(d!) slot_pos, Tensor(e!) spare, Tensor(f!) win_score, Tensor(g!) soft, "
+      "Tensor(h!) soft_count, Tensor(i!) tau, Tensor(j!) lengths, Tensor(k!) status, int topk, int window) -> ()");
   m.def(
-      "decode_attention(Tensor q, Tensor k_slots, Tensor v_slots, Tensor slot_score, Tensor tau, Tensor lengths, "
-      "Tensor status, Tensor(a!) counters, int topk, int window, float scale, int num_splits=0) -> Tensor");
+      "decode_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor score_new, Tensor k_slots, Tensor v_slots, "
+      "Tensor slot_score, Tensor spare, Tensor tau, Tensor lengths, Tensor status, Tensor(a!) counters, int topk, "
+      "int window, float scale, int num_splits=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sparsek_cuda, CUDA, m) {

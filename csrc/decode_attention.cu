@@ -20,6 +20,12 @@
 // Warps combine through shared memory; with several splits the CTAs write unnormalised partial
 // results and the last CTA of each (pair, head chunk) to finish combines them (flash-decoding),
 // so one launch does it all.
+//
+// Which slots: the window ring [0, min(p + 1, window)) with the query's own key and value (from the
+// inputs) in place of ring slot p % window, and the live candidate slots (all but the spare) among
+// the first max(0, p + 1 - window). With window >= 1 this kernel runs first and lets the step's
+// update start as soon as every CTA has read (p, tau, spare, status): the update writes only what
+// this kernel no longer reads (csrc/decode_params.h).
 
 #include <cstdint>
 
@@ -40,6 +46,10 @@ constexpr int kHeads = kDecodeHeadsPerCta;  // N of the P.V MMA
 constexpr int kTile = kDecodeTileSlots;     // K of the P.V MMA
 constexpr int kElemsPerVec = 8;             // 16 bytes of fp16/bf16
 constexpr int kThreadsPerHead = kThreads / kHeads;  // in the CTA combine
+// Two CTAs per SM at <= 240 registers (registers are allocated per warp in units of 256) leave
+// 4096 registers free: room for one CTA of the concurrent update (2 warps x 56 registers) on every
+// SM from the start of the step. At 242 registers (what ptxas picks unbounded) only 2048 are left.
+constexpr int kMaxRegisters = 240;
 // Byte-permute selectors: low halves of two words (element 0 of each), high halves (element 1).
 constexpr unsigned kLowHalves = 0x5410u;
 constexpr unsigned kHighHalves = 0x7632u;
@@ -118,14 +128,30 @@ __device__ __forceinline__ void wait_for_update() {
 #endif
 }
 
+__device__ __forceinline__ void let_update_start() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // The update launched after this grid (window >= 1) may start once every CTA has been here.
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// What a CTA reads of its pair's state before the update may change it.
+struct PairMeta {
+  int pos;      // the query's position
+  int spare;    // the candidate slot not in use
+  float tau;    // rounded to the score dtype, as the reference computes the gates
+  int poisoned;
+};
+
 template <int kHeadDim, bool kIsBf16>
-__global__ void __launch_bounds__(kThreads) decode_attention_kernel(const DecodeAttentionParams p) {
+__global__ void __maxnreg__(kMaxRegisters) decode_attention_kernel(const DecodeAttentionParams p) {
   using Traits = DecodeTraits<kHeadDim>;
   using Elem = uint16_t;  // storage of one fp16/bf16 value; arithmetic happens in the MMAs and in fp32
   __shared__ float s_o[kWarps][kHeads][kHeadDim];
   __shared__ float s_m[kWarps][kHeads];
   __shared__ float s_l[kWarps][kHeads];
   __shared__ int s_is_last;
+  __shared__ PairMeta s_meta;
 
   const int split = blockIdx.x;
   const int hkv = blockIdx.y / p.head_chunks, chunk = blockIdx.y % p.head_chunks;
@@ -153,18 +179,45 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
     }
   }
 
-  wait_for_update();
+  wait_for_update();  // window == 0 only; returns at once otherwise
+
+  // Thread 0 reads the pair's state and stores it to shared memory: the store waits for the loads,
+  // and the barrier after it for the store, so no CTA lets the update start before its values are
+  // in hand (waiting only for the loads to be issued would not be enough).
+  if (tid == 0) {
+    const int len = p.lengths[pair];
+    const float unew = p.score_new[pair];
+    const int code = p.status[pair * 2];
+    PairMeta m;
+    m.pos = p.after_update ? len - 1 : len;
+    m.spare = p.spare[pair];
+    m.tau = static_cast<float>(p.tau[pair]);
+    // A poisoned pair (overflow, non-finite score: see status codes) answers NaN, never a guess.
+    // Beside the update, this step's own bad score has not reached the status yet: check it here.
+    m.poisoned = code != kDecodeOk || !isfinite(unew) || len == INT32_MAX;
+    s_meta = m;
+  }
+  __syncthreads();
+  let_update_start();
+  const PairMeta meta = s_meta;
 
   const int K = p.topk, W = p.window;
-  const int nvalid = min(p.lengths[pair], p.num_slots);  // valid slots are [0, nvalid)
+  // valid slots: [0, nvalid) except the spare; the window ring fills first, then the candidates
+  const int nvalid = meta.pos < W ? meta.pos + 1 : W + min(meta.pos - W + 1, K + 1);
+  const int spare_slot = W + meta.spare;
+  const int own_slot = W > 0 ? meta.pos % W : -1;  // the query's own key replaces this ring slot
   const int s_begin = split * p.slots_per_split;
   const int s_end = min(s_begin + p.slots_per_split, nvalid);
-  // the reference rounds tau to the score dtype before computing the gates
-  const float tau = static_cast<float>(p.tau[pair]);
-  const float* slot_score = p.slot_score + pair * K;
+  const float tau = meta.tau;
+  const float* slot_score = p.slot_score + pair * (K + 1);
   const int64_t cache_offset = pair * p.num_slots * kHeadDim;
   const Elem* k_cache = static_cast<const Elem*>(p.k_slots) + cache_offset;
   const Elem* v_cache = static_cast<const Elem*>(p.v_slots) + cache_offset;
+  const Elem* k_own = static_cast<const Elem*>(p.k_new) + b * p.k_new_batch_stride + hkv * p.k_new_head_stride;
+  const Elem* v_own = static_cast<const Elem*>(p.v_new) + b * p.v_new_batch_stride + hkv * p.v_new_head_stride;
+  auto valid = [&](int slot) { return slot < s_end && slot != spare_slot; };
+  auto k_row = [&](int slot) { return slot == own_slot ? k_own : k_cache + slot * kHeadDim; };
+  auto v_row = [&](int slot) { return slot == own_slot ? v_own : v_cache + slot * kHeadDim; };
 
   float row_max = -CUDART_INF_F;  // running max of head g (same in the 4 threads of group g)
   float row_sum = 0.0f;           // this thread's part of head g's softmax denominator
@@ -183,23 +236,28 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int slot = t0 + 8 * j + g;
+      const bool ok = valid(slot);
+      const Elem* row = k_row(slot);
 #pragma unroll
       for (int i = 0; i < Traits::kKVecs; ++i)
-        r.kr[j][i] = slot < s_end ? load_stream(k_cache + slot * kHeadDim + (4 * i + t) * kElemsPerVec) : make_uint4(0, 0, 0, 0);
+        r.kr[j][i] = ok ? load_stream(row + (4 * i + t) * kElemsPerVec) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
+      // masked slots load zeros: P is 0 there, and 0 * (a row the update is rewriting) must stay 0
       const int slot = t0 + 2 * t + (q & 1) + 8 * (q >> 1);
+      const bool ok = valid(slot);
+      const Elem* row = v_row(slot);
 #pragma unroll
       for (int i = 0; i < Traits::kVVecs; ++i)
-        r.vr[q][i] = slot < s_end ? load_stream(v_cache + slot * kHeadDim + (8 * i + g) * kElemsPerVec) : make_uint4(0, 0, 0, 0);
+        r.vr[q][i] = ok ? load_stream(row + (8 * i + g) * kElemsPerVec) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int j = 0; j < 2; ++j)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int slot = t0 + 8 * j + 2 * t + e;
-        r.u[j][e] = (slot >= W && slot < s_end) ? slot_score[slot - W] : 0.0f;
+        r.u[j][e] = (slot >= W && valid(slot)) ? slot_score[slot - W] : 0.0f;
       }
   };
 
@@ -239,7 +297,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
           log2_gate = gate > 0.0f ? __log2f(gate) : -CUDART_INF_F;
         }
         // select, not add: a masked slot's logit must not see the (zero-filled) key
-        x[j][e] = slot < s_end ? fmaf(s[j][e], p.scale_log2, log2_gate) : -CUDART_INF_F;
+        x[j][e] = valid(slot) ? fmaf(s[j][e], p.scale_log2, log2_gate) : -CUDART_INF_F;
         tile_max = fmaxf(tile_max, x[j][e]);
       }
     tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, 1));
@@ -312,8 +370,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
     for (int d = 0; d < kDims; ++d) acc[d] += scale * s_o[w][head][d0 + d];
   }
 
-  // A poisoned pair (overflow, non-finite score: see status codes) answers NaN, never a guess.
-  const bool poisoned = p.status[pair * 2] != kDecodeOk;
+  const bool poisoned = meta.poisoned;
   Elem* out_row = static_cast<Elem*>(p.out) + b * p.out_batch_stride + static_cast<int64_t>(head0 + head) * p.out_head_stride + d0;
   if (p.num_splits == 1) {
     if (head < nheads) {
@@ -381,7 +438,7 @@ cudaError_t launch_typed(const DecodeAttentionParams& params, cudaStream_t strea
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attribute;
-  config.numAttrs = params.use_pdl ? 1 : 0;
+  config.numAttrs = params.after_update ? 1 : 0;
   const cudaError_t err = cudaLaunchKernelEx(&config, decode_attention_kernel<kHeadDim, kIsBf16>, params);
   if (err != cudaSuccess) return err;
   return cudaGetLastError();

@@ -3,22 +3,33 @@
 // Plain structs of raw pointers, element strides and sizes: the only things that cross from the
 // torch binding (csrc/binding.cpp) into device code. This header includes only CUDA headers.
 //
-// The decode cache of one (batch b, kv head h) pair, all arrays contiguous, pair = b * Hkv + h:
+// The decode cache of one (batch b, kv head h) pair, all arrays contiguous, pair = b * Hkv + h.
+// After L tokens it holds what query L needs, except token L itself:
 //
-//   k_slots, v_slots (B, Hkv, NS, D), NS = window + topk slots:
-//     [0, window)             the window ring: the key at position p lives in slot p % window
-//     [window, window+topk)   the top-k candidates; while there are <= topk candidates, candidate
-//                             position c lives in slot window + c (filled in order)
-//   With `len` tokens seen, the valid slots are exactly [0, min(len, NS)): the window fills
-//   before the first candidate exists, and the candidates fill in order after it.
-//   slot_score (B, Hkv, topk) f32    score of each candidate slot
-//   slot_pos   (B, Hkv, topk) i32    position of each candidate slot (tie rule of the top-k)
-//   win_score  (B, Hkv, window) f32  score of each window slot (needed when it leaves the window)
-//   soft       (B, Hkv, C) f32       every candidate score u > tau, unordered; C = soft_capacity
-//   soft_count (B, Hkv) i32          how many entries of `soft` are in use
-//   tau        (B, Hkv) f64          the exact SparseK threshold of the current candidates
-//   lengths    (B, Hkv) i32          tokens seen (the next token's position)
-//   status     (B, Hkv, 2) i32       {code, detail}; code != 0 poisons the pair (outputs NaN)
+//   k_slots, v_slots (B, Hkv, NS, D), NS = window + topk + 1 slots:
+//     [0, window)               the window ring: the key at position p lives in slot p % window
+//     [window, window+topk+1)   candidate slots c = 0..topk: topk live ones and one spare; while
+//                               there are <= topk candidates, candidate position c lives in slot c
+//                               and the spare is slot topk
+//   The candidates are the positions <= L - window when window >= 1 (the key that leaves the window
+//   when token L arrives is one already), <= L - 1 when window == 0.
+//   slot_score (B, Hkv, topk + 1) f32  score of each candidate slot (the spare's is stale)
+//   slot_pos   (B, Hkv, topk + 1) i32  position of each candidate slot (tie rule of the top-k)
+//   spare      (B, Hkv) i32            the candidate slot not in use
+//   win_score  (B, Hkv, window) f32    score of each window slot (needed when it leaves the window)
+//   soft       (B, Hkv, C) f32         every candidate score u > tau, unordered; C = soft_capacity
+//   soft_count (B, Hkv) i32            how many entries of `soft` are in use
+//   tau        (B, Hkv) f64            the exact SparseK threshold of the current candidates
+//   lengths    (B, Hkv) i32            tokens seen (the next token's position)
+//   status     (B, Hkv, 2) i32         {code, detail}; code != 0 poisons the pair (outputs NaN)
+//
+// A step for the token at p = L, window >= 1: the attention kernel reads (L, tau, spare, status),
+// lets the update kernel start (programmatic dependent launch), and attends the window (token p
+// from the inputs in place of ring slot p % window) and the live candidates. The update runs
+// concurrently: it makes position p + 1 - window a candidate (into the spare slot, and the evicted
+// slot becomes the spare), advances tau and writes token p into ring slot p % window. Nothing the
+// attention reads after its start is written by the update. window == 0: token p is a candidate of
+// its own query, so the update runs first and the attention waits for it.
 //
 // docs/decode.md derives the layout, the bound on the soft set and the update algorithm.
 
@@ -51,8 +62,9 @@ struct DecodeUpdateParams {
   // cache state (see the header comment), all contiguous
   void* k_slots;       // (B, Hkv, NS, D)
   void* v_slots;       // (B, Hkv, NS, D)
-  float* slot_score;   // (B, Hkv, topk)
-  int* slot_pos;       // (B, Hkv, topk)
+  float* slot_score;   // (B, Hkv, topk + 1)
+  int* slot_pos;       // (B, Hkv, topk + 1)
+  int* spare;          // (B, Hkv)
   float* win_score;    // (B, Hkv, window)
   float* soft;         // (B, Hkv, soft_capacity)
   int* soft_count;     // (B, Hkv)
@@ -70,6 +82,9 @@ struct DecodeUpdateParams {
   int batch, kv_heads, head_dim;
   int elem_bytes;  // 2 (fp16/bf16): the update only moves rows, it never does arithmetic on them
   int topk, window, num_slots, soft_capacity;
+  // window >= 1: launched right after the attention kernel of the same step, with programmatic
+  // dependent launch, and runs concurrently with it (it never waits for it)
+  bool concurrent;
 };
 
 struct DecodeAttentionParams {
@@ -77,10 +92,17 @@ struct DecodeAttentionParams {
   int64_t q_batch_stride, q_head_stride;
   const void* k_slots;  // (B, Hkv, NS, D) contiguous
   const void* v_slots;  // (B, Hkv, NS, D) contiguous
-  const float* slot_score;  // (B, Hkv, topk)
+  const float* slot_score;  // (B, Hkv, topk + 1)
+  const int* spare;         // (B, Hkv)
   const double* tau;        // (B, Hkv)
-  const int* lengths;       // (B, Hkv): tokens seen, the new one included
+  const int* lengths;       // (B, Hkv): tokens seen; the query's position, or one past it after the update
   const int* status;        // (B, Hkv, 2)
+  // the query's own key and value (window >= 1: they replace ring slot p % window) and score
+  const void* k_new;  // (B, Hkv, 1, D), rows contiguous and 16-byte aligned
+  const void* v_new;  // (B, Hkv, 1, D)
+  int64_t k_new_batch_stride, k_new_head_stride;
+  int64_t v_new_batch_stride, v_new_head_stride;
+  const float* score_new;  // (B, Hkv): a non-finite score poisons this step's output too
   void* out;  // (B, Hq, 1, D), rows contiguous and 16-byte aligned
   int64_t out_batch_stride, out_head_stride;
 
@@ -96,7 +118,10 @@ struct DecodeAttentionParams {
   int num_splits, slots_per_split;  // slots_per_split is a multiple of kDecodeTileSlots
   float scale_log2;  // softmax scale * log2(e): the kernel works in base 2
   bool is_bf16;      // else fp16
-  bool use_pdl;      // programmatic dependent launch after the update kernel
+  // window == 0: launched after the update with programmatic dependent launch, and waits for it
+  // (lengths then count the query); window >= 1: launched first, lets the update start once it has
+  // read the state it needs
+  bool after_update;
 };
 
 // Splits over the slots of each (pair, head chunk): CTAs are equal-sized, so pick the split count

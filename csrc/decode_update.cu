@@ -1,17 +1,20 @@
 // SparseK decode: the cache update of one step, one CTA per (batch, kv head) pair.
 //
-// For the new token at position p (= lengths[pair]):
-//   1. The key leaving the window (position p - window, or the new token itself when window == 0)
-//      becomes a candidate. While there are fewer than topk candidates it takes the next free
-//      candidate slot; afterwards it replaces the weakest top-k slot if it beats it in the order
-//      "score, then position" (it is the newest candidate, so it wins ties).
+// For the new token at position p (= lengths[pair]), with x = p + 1 - window when window >= 1 (the
+// key that leaves the window when token p + 1 arrives: the state always holds the next query's
+// selection) and x = p when window == 0 (the new token is a candidate of its own query):
+//   1. x becomes a candidate. While there are fewer than topk candidates it takes the next
+//      candidate slot; afterwards it moves into the spare slot if it beats the weakest live slot in
+//      the order "score, then position" (it is the newest candidate, so it wins ties), and the
+//      weakest slot becomes the spare.
 //   2. tau is updated exactly: the new threshold solves sum_{u in soft + {x}} clip(u - t, 0, 1) = topk
 //      with t >= tau_old (tau never decreases), walking the breakpoints of that piecewise-linear
 //      function upward from tau_old; then every score <= the new tau is dropped from the soft set
 //      for good (its gate is 0 now and at every later step).
-//   3. The new key and value go into the window ring (slot p % window), after the leaving key was
-//      read out of that same slot.
-// docs/decode.md has the proofs and the bound on the soft set.
+//   3. The new key and value go into the window ring (slot p % window).
+// With window >= 1 this runs concurrently with the step's attention kernel, which has read tau,
+// the spare and lengths before letting this grid start, and never reads the spare slot or ring
+// slot p % window (csrc/decode_params.h). docs/decode.md has the proofs and the bound on the soft set.
 
 #include <cstdint>
 
@@ -23,12 +26,14 @@
 namespace sparsek {
 namespace {
 
-// 256 threads: 1024 (fewer soft-set loads per thread per round) measured slower on the H200
-// (update 28.7 vs 17.4 us cold at decode-32k-b16): wider block reductions, and the 1024-thread
-// CTAs hold the registers the attention CTAs need to become resident early (PDL).
-constexpr int kUpdateThreads = 256;
-constexpr int kUpdateWarps = kUpdateThreads / 32;
+// Threads per CTA. Run first (window == 0), 256: 1024 measured slower on the H200 (update 28.7 vs
+// 17.4 us cold at decode-32k-b16: wider block reductions). Run beside the attention (window >= 1),
+// 64: the attention's two CTAs per SM leave 4096 registers free, and this kernel (48 registers)
+// fits there only as two warps, so every SM can host one update CTA from the start.
+constexpr int kFirstThreads = 256;
+constexpr int kBesideThreads = 64;
 constexpr int kVecBytes = 16;  // one uint4 per thread-move of a key/value row
+constexpr int kMaxWarps = kFirstThreads / 32;
 // Soft-set entries each thread holds per compaction round (strided, so reads stay coalesced).
 // 8 made ptxas spill the array next to the walk's doubles; 4 keeps it in registers.
 constexpr int kCompactPerThread = 4;
@@ -36,8 +41,9 @@ constexpr unsigned kFullMask = 0xffffffffu;
 
 __device__ __forceinline__ void allow_dependent_launch() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // Lets the attention kernel (launched with programmatic stream serialization) become resident
-  // now; it still waits in griddepcontrol.wait until this grid has finished and flushed memory.
+  // window == 0: lets the attention kernel (launched with programmatic stream serialization) become
+  // resident now; it still waits in griddepcontrol.wait until this grid has finished and flushed
+  // memory. Nothing follows the concurrent update that could use it; it is harmless there.
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
@@ -92,13 +98,13 @@ __device__ __forceinline__ void add_to_piece(PieceSums& s, float score, double t
 }
 
 struct UpdateShared {
-  WeakestSlot weakest[kUpdateWarps];
-  PieceSums piece[kUpdateWarps];
-  int scan[kUpdateWarps];
-  int flag;
+  WeakestSlot weakest[kMaxWarps];
+  PieceSums piece[kMaxWarps];
+  int scan[kMaxWarps];
 };
 
 // Reduces per-thread piece sums over the block; every thread gets the total.
+template <int kWarps>
 __device__ PieceSums block_piece_sums(PieceSums s, UpdateShared& sh) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
@@ -112,7 +118,7 @@ __device__ PieceSums block_piece_sums(PieceSums s, UpdateShared& sh) {
   __syncthreads();
   PieceSums total = sh.piece[0];
 #pragma unroll
-  for (int w = 1; w < kUpdateWarps; ++w) {
+  for (int w = 1; w < kWarps; ++w) {
     total.saturated += sh.piece[w].saturated;
     total.soft += sh.piece[w].soft;
     total.soft_sum += sh.piece[w].soft_sum;
@@ -123,6 +129,7 @@ __device__ PieceSums block_piece_sums(PieceSums s, UpdateShared& sh) {
 }
 
 // Exclusive prefix over the block of one count per thread; also returns the block total.
+template <int kWarps>
 __device__ int block_exclusive_scan(int count, int& total, UpdateShared& sh) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int inclusive = count;
@@ -136,7 +143,7 @@ __device__ int block_exclusive_scan(int count, int& total, UpdateShared& sh) {
   int warp_base = 0;
   total = 0;
 #pragma unroll
-  for (int w = 0; w < kUpdateWarps; ++w) {
+  for (int w = 0; w < kWarps; ++w) {
     if (w < warp) warp_base += sh.scan[w];
     total += sh.scan[w];
   }
@@ -144,7 +151,9 @@ __device__ int block_exclusive_scan(int count, int& total, UpdateShared& sh) {
   return warp_base + inclusive - count;
 }
 
-__global__ void __launch_bounds__(kUpdateThreads) decode_update_kernel(const DecodeUpdateParams p) {
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads) decode_update_kernel(const DecodeUpdateParams p) {
+  constexpr int kWarps = kThreads / 32;
   allow_dependent_launch();
   __shared__ UpdateShared sh;
 
@@ -153,23 +162,24 @@ __global__ void __launch_bounds__(kUpdateThreads) decode_update_kernel(const Dec
   const int tid = threadIdx.x;
   int* status = p.status + pair * 2;
   const int K = p.topk, W = p.window;
-  float* slot_score = p.slot_score + pair * K;
-  int* slot_pos = p.slot_pos + pair * K;
+  float* slot_score = p.slot_score + pair * (K + 1);
+  int* slot_pos = p.slot_pos + pair * (K + 1);
   float* soft = p.soft + pair * p.soft_capacity;
 
   // A cold step is a chain of dependent memory round trips. Every load that depends on nothing
-  // else is issued first (the pair's state and the top-k scan), so the chain is two long: the
-  // state, then the leaving key's score and row.
+  // else is issued first (the pair's state and the scan of the candidate slots), so the chain is
+  // two long: the state, then the leaving key's score and row.
   const int state = status[0];
   const int pos = p.lengths[pair];
+  const int spare = p.spare[pair];
   const float score_new = p.score_new[pair];
   const double tau_old = p.tau[pair];
   const int count = p.soft_count[pair];
   WeakestSlot weakest = {CUDART_INF_F, INT32_MAX, -1};  // beaten by every slot
 #pragma unroll 8
-  for (int s = tid; s < K; s += kUpdateThreads) {
+  for (int s = tid; s <= K; s += kThreads) {
     const WeakestSlot cand = {slot_score[s], slot_pos[s], s};
-    if (weaker(cand, weakest)) weakest = cand;
+    if (s != spare && weaker(cand, weakest)) weakest = cand;
   }
 
   // A poisoned pair stays frozen: its outputs are NaN until the caller rebuilds the cache.
@@ -187,30 +197,39 @@ __global__ void __launch_bounds__(kUpdateThreads) decode_update_kernel(const Dec
   const int row_vecs = static_cast<int>(row_bytes / kVecBytes);
   char* k_slots = static_cast<char*>(p.k_slots) + pair * p.num_slots * row_bytes;
   char* v_slots = static_cast<char*>(p.v_slots) + pair * p.num_slots * row_bytes;
+  char* k_cand = k_slots + W * row_bytes;  // candidate slot c is row W + c
+  char* v_cand = v_slots + W * row_bytes;
   const char* k_new = static_cast<const char*>(p.k_new) + (b * p.k_new_batch_stride + h * p.k_new_head_stride) * p.elem_bytes;
   const char* v_new = static_cast<const char*>(p.v_new) + (b * p.v_new_batch_stride + h * p.v_new_head_stride) * p.elem_bytes;
 
-  // The key that becomes a candidate at this step: it leaves the window ring slot that the new
-  // token is about to take, or, without a window, it is the new token.
-  const int x_pos = pos - W;
-  const int ring = W > 0 ? pos % W : 0;
-  const char* kx = W > 0 ? k_slots + ring * row_bytes : k_new;
-  const char* vx = W > 0 ? v_slots + ring * row_bytes : v_new;
-  const float ux = x_pos < 0 ? 0.0f : (W > 0 ? p.win_score[pair * W + ring] : score_new);
+  // The key that becomes a candidate now. window >= 2: it sits in ring slot (p + 1) % window, which
+  // this step does not overwrite (token p goes to slot p % window); window <= 1: the new token.
+  const int x_pos = W > 0 ? pos + 1 - W : pos;
+  const int x_ring = W > 1 ? (pos + 1) % W : -1;
+  const char* kx = x_ring >= 0 ? k_slots + x_ring * row_bytes : k_new;
+  const char* vx = x_ring >= 0 ? v_slots + x_ring * row_bytes : v_new;
+  const float ux = x_pos < 0 ? 0.0f : (x_ring >= 0 ? p.win_score[pair * W + x_ring] : score_new);
+  const int ring = W > 0 ? pos % W : -1;  // the new token's ring slot
 
-  // The rows this thread moves, read now (one 16-byte piece of K or V each): the leaving key out
-  // of the ring slot and the new token into it. The same thread reads and later overwrites its
-  // piece of the ring slot, so program order keeps the read before the write.
-  const bool mover = tid < 2 * row_vecs;
-  const bool is_v = tid >= row_vecs;
-  const int vec = is_v ? tid - row_vecs : tid;
-  uint4 moved = make_uint4(0, 0, 0, 0), incoming = make_uint4(0, 0, 0, 0);
-  if (mover) {
-    if (x_pos >= 0) moved = reinterpret_cast<const uint4*>(is_v ? vx : kx)[vec];
-    if (W > 0) incoming = reinterpret_cast<const uint4*>(is_v ? v_new : k_new)[vec];
+  // The rows this thread moves (16-byte pieces of K or V), read now: the leaving key and the new
+  // token. A key and a value row of D = 128 two-byte elements are 32 pieces: one per thread.
+  constexpr int kMaxPieces = (2 * 128 * 2 / kVecBytes + kThreads - 1) / kThreads;
+  const int pieces = 2 * row_vecs;
+  uint4 moved[kMaxPieces], incoming[kMaxPieces];
+#pragma unroll
+  for (int r = 0; r < kMaxPieces; ++r) {
+    const int piece = tid + r * kThreads;
+    moved[r] = incoming[r] = make_uint4(0, 0, 0, 0);
+    if (piece < pieces) {
+      const bool is_v = piece >= row_vecs;
+      const int vec = is_v ? piece - row_vecs : piece;
+      if (x_pos >= 0) moved[r] = reinterpret_cast<const uint4*>(is_v ? vx : kx)[vec];
+      if (W > 0) incoming[r] = reinterpret_cast<const uint4*>(is_v ? v_new : k_new)[vec];
+    }
   }
 
-  int dst = -1;  // candidate slot the leaving key moves into
+  int dst = -1;          // candidate slot the leaving key moves into
+  int new_spare = spare;
   if (x_pos >= 0) {
     if (x_pos < K) {
       // Fewer than topk candidates so far: all are selected, tau stays -inf, and the soft set
@@ -221,16 +240,19 @@ __global__ void __launch_bounds__(kUpdateThreads) decode_update_kernel(const Dec
         p.soft_count[pair] = x_pos + 1;
       }
     } else {
-      // ---- top-k: does x beat the weakest selected key? ----
+      // ---- top-k: does x beat the weakest live key? ----
       weakest = warp_weakest(weakest);
       if ((tid & 31) == 0) sh.weakest[tid >> 5] = weakest;
       __syncthreads();
       weakest = sh.weakest[0];
 #pragma unroll
-      for (int w = 1; w < kUpdateWarps; ++w)
+      for (int w = 1; w < kWarps; ++w)
         if (weaker(sh.weakest[w], weakest)) weakest = sh.weakest[w];
       // x is newer than every candidate, so it wins a tie on the score
-      if (ux >= weakest.score) dst = weakest.slot;
+      if (ux >= weakest.score) {
+        dst = spare;
+        new_spare = weakest.slot;
+      }
 
       // ---- tau: smallest t >= tau_old with f(t) = topk over soft + {x} ----
       if (static_cast<double>(ux) > tau_old) {
@@ -242,9 +264,9 @@ __global__ void __launch_bounds__(kUpdateThreads) decode_update_kernel(const Dec
         bool solved = false;
         for (int round = 0; round < max_rounds; ++round) {
           PieceSums s = {0, 0, 0.0, CUDART_INF};
-          for (int i = tid; i < count; i += kUpdateThreads) add_to_piece(s, soft[i], t);
+          for (int i = tid; i < count; i += kThreads) add_to_piece(s, soft[i], t);
           if (tid == 0) add_to_piece(s, ux, t);
-          s = block_piece_sums(s, sh);
+          s = block_piece_sums<kWarps>(s, sh);
           if (s.soft > 0) {
             // f is linear on (t, next_break]: f(t') = saturated + soft_sum - soft * t'. Written as
             // (sum - integer) / count like the reference (sparsek/selection.py): a single soft key at
@@ -273,21 +295,21 @@ __global__ void __launch_bounds__(kUpdateThreads) decode_update_kernel(const Dec
 
         // ---- drop every score <= tau_new, in place, x appended last ----
         int kept_total = 0;
-        for (int base = 0; base < count; base += kUpdateThreads * kCompactPerThread) {
+        for (int base = 0; base < count; base += kThreads * kCompactPerThread) {
           float vals[kCompactPerThread];
           int keep = 0;
 #pragma unroll
           for (int e = 0; e < kCompactPerThread; ++e) {
-            const int i = base + e * kUpdateThreads + tid;
+            const int i = base + e * kThreads + tid;
             vals[e] = i < count ? soft[i] : 0.0f;
             if (i < count && static_cast<double>(vals[e]) > tau_new) ++keep;
           }
           int round_total;
-          const int offset = block_exclusive_scan(keep, round_total, sh);  // also orders reads before writes
+          const int offset = block_exclusive_scan<kWarps>(keep, round_total, sh);  // also orders reads before writes
           int out = kept_total + offset;
 #pragma unroll
           for (int e = 0; e < kCompactPerThread; ++e) {
-            const int i = base + e * kUpdateThreads + tid;
+            const int i = base + e * kThreads + tid;
             if (i < count && static_cast<double>(vals[e]) > tau_new) soft[out++] = vals[e];
           }
           kept_total += round_total;
@@ -310,20 +332,26 @@ __global__ void __launch_bounds__(kUpdateThreads) decode_update_kernel(const Dec
     }
   }
 
-  // Every thread has read win_score[ring], slot_score, slot_pos and soft before they change below.
+  // Every thread has read win_score, slot_score, slot_pos and soft before they change below.
   __syncthreads();
 
-  // ---- move rows: the leaving key into its candidate slot, then the new token into the ring ----
-  if (mover) {
-    char* slots = is_v ? v_slots : k_slots;
-    if (dst >= 0) reinterpret_cast<uint4*>(slots + static_cast<int64_t>(W + dst) * row_bytes)[vec] = moved;
-    if (W > 0) reinterpret_cast<uint4*>(slots + static_cast<int64_t>(ring) * row_bytes)[vec] = incoming;
+  // ---- move rows: the leaving key into its candidate slot, the new token into the ring ----
+#pragma unroll
+  for (int r = 0; r < kMaxPieces; ++r) {
+    const int piece = tid + r * kThreads;
+    if (piece < pieces) {
+      const bool is_v = piece >= row_vecs;
+      const int vec = is_v ? piece - row_vecs : piece;
+      if (dst >= 0) reinterpret_cast<uint4*>((is_v ? v_cand : k_cand) + static_cast<int64_t>(dst) * row_bytes)[vec] = moved[r];
+      if (W > 0) reinterpret_cast<uint4*>((is_v ? v_slots : k_slots) + static_cast<int64_t>(ring) * row_bytes)[vec] = incoming[r];
+    }
   }
   if (tid == 0) {
     if (dst >= 0) {
       slot_score[dst] = ux;
       slot_pos[dst] = x_pos;
     }
+    p.spare[pair] = new_spare;
     if (W > 0) p.win_score[pair * W + ring] = score_new;
     p.lengths[pair] = pos + 1;
   }
@@ -332,8 +360,20 @@ __global__ void __launch_bounds__(kUpdateThreads) decode_update_kernel(const Dec
 }  // namespace
 
 cudaError_t launch_decode_update(const DecodeUpdateParams& params, cudaStream_t stream) {
-  const dim3 grid(params.kv_heads, params.batch);
-  decode_update_kernel<<<grid, kUpdateThreads, 0, stream>>>(params);
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(params.kv_heads, params.batch);
+  config.blockDim = dim3(params.concurrent ? kBesideThreads : kFirstThreads);
+  config.stream = stream;
+  // Concurrent: starts as soon as every CTA of the attention kernel launched just before has read
+  // the state (griddepcontrol.launch_dependents there), and never waits for that grid to finish.
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = params.concurrent ? 1 : 0;
+  const cudaError_t err = params.concurrent ? cudaLaunchKernelEx(&config, decode_update_kernel<kBesideThreads>, params)
+                                            : cudaLaunchKernelEx(&config, decode_update_kernel<kFirstThreads>, params);
+  if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }
 

@@ -1,11 +1,16 @@
 """SparseK decode: a constant-size cache per sequence and one step per new token.
 
-The state of one (batch, kv head) pair (docs/decode.md derives all of it):
+The state of one (batch, kv head) pair (docs/decode.md derives all of it) always holds what the
+*next* query needs, except the next token itself:
 
-* ``window + topk`` key/value **slots**: ``[0, window)`` is the window ring (the key at position
-  ``p`` lives in slot ``p % window``), ``[window, window + topk)`` the top-k candidates. While there
-  are at most ``topk`` candidates, candidate ``c`` lives in slot ``window + c``; so after ``len``
-  tokens the valid slots are exactly ``[0, min(len, window + topk))``.
+* ``window + topk + 1`` key/value **slots**: ``[0, window)`` is the window ring (the key at position
+  ``p`` lives in slot ``p % window``), then ``topk + 1`` candidate slots of which ``topk`` are live
+  and one, ``spare``, is free. While there are at most ``topk`` candidates, candidate ``c`` lives in
+  candidate slot ``c`` (and the spare is slot ``topk``).
+* the candidates are the positions ``<= L - window`` after ``L`` tokens when ``window >= 1``: the key
+  that leaves the window when token ``L`` arrives is a candidate already (its score has been known
+  since it arrived), so a step's selection is ready before the step starts. With ``window == 0`` the
+  new token is itself a candidate, so its own step must insert it first.
 * the **soft set**: every candidate score ``u > tau``, unordered, in a fixed-capacity array.
   ``tau`` never decreases, so a key with ``u <= tau`` has gate 0 now and forever and is dropped;
   the keys that remain are exactly what the next ``tau`` depends on. Its size is not bounded by
@@ -14,10 +19,13 @@ The state of one (batch, kv head) pair (docs/decode.md derives all of it):
 * ``tau`` (float64, exact), the candidate slots' scores and positions (the tie rule of the top-k:
   score, then the larger position), the window slots' scores, the token count and a status.
 
-``step`` moves the key leaving the window into the candidates (it replaces the weakest top-k key
-if it beats it; being the newest, it wins ties), advances ``tau`` exactly, writes the new token into
-the ring and attends the new query over the slots with their gates. Stepping through a sequence
-reproduces the prefill op row by row (tests/test_decode.py).
+``step`` attends the new query over the window (the new token in place of the ring slot it is
+about to take) and the live candidates with their gates, then prepares the next query: the key
+that will leave the window becomes a candidate (into the spare slot if it beats the weakest live
+key, whose slot becomes the spare; being the newest, it wins ties), ``tau`` advances exactly and the
+new token takes its ring slot. Because the attention never reads what that preparation writes (the
+spare slot, the new token's ring slot, the next tau), the CUDA kernels run the two concurrently.
+Stepping through a sequence reproduces the prefill op row by row (tests/test_decode.py).
 
 Two paths compute the same step: a pure-PyTorch reference (any device, any float dtype) and the
 CUDA kernels of csrc/decode_*.cu (sm_90a, fp16/bf16, head dim 64/128, float32 scores), chosen like
@@ -67,10 +75,11 @@ class SparseKCacheError(RuntimeError):
 class DecodeState:
     """The tensors of a decode cache; all fixed-size, so the memory never grows with the context."""
 
-    k_slots: Tensor  # (B, Hkv, W + K, D): [0, W) window ring, [W, W + K) top-k candidates
-    v_slots: Tensor  # (B, Hkv, W + K, D)
-    slot_score: Tensor  # (B, Hkv, K) score of each candidate slot
-    slot_pos: Tensor  # (B, Hkv, K) int32 position of each candidate slot, -1 while empty
+    k_slots: Tensor  # (B, Hkv, W + K + 1, D): [0, W) window ring, [W, W + K + 1) candidate slots
+    v_slots: Tensor  # (B, Hkv, W + K + 1, D)
+    slot_score: Tensor  # (B, Hkv, K + 1) score of each candidate slot (the spare's is stale)
+    slot_pos: Tensor  # (B, Hkv, K + 1) int32 position of each candidate slot, -1 while empty
+    spare: Tensor  # (B, Hkv) int32: the candidate slot not in use (K while the top-k fills)
     win_score: Tensor  # (B, Hkv, W) score of each window slot
     soft: Tensor  # (B, Hkv, C) the candidate scores > tau, unordered; the first soft_count are used
     soft_count: Tensor  # (B, Hkv) int32
@@ -182,37 +191,37 @@ def _advance_tau(soft: Tensor, count: Tensor, ux: Tensor, tau: Tensor, topk: int
     )
 
 
-def reference_update(st: DecodeState, k_new: Tensor, v_new: Tensor, score_new: Tensor, topk: int, window: int) -> None:
-    """The cache update of one step, in place: k_new, v_new (B, Hkv, 1, D), score_new (B, Hkv).
+def candidates(lengths: Tensor, window: int) -> Tensor:
+    """Candidates the state holds after ``lengths`` tokens (B, H): the positions ``<= L - window``
+    when ``window >= 1`` (the next step's selection is ready), ``<= L - 1`` when ``window == 0``."""
+    return (lengths.long() - window + (1 if window > 0 else 0)).clamp(min=0)
 
-    Raises SparseKCacheError without changing the state when the soft set would overflow.
+
+def _add_candidate(st: DecodeState, kx: Tensor, vx: Tensor, ux: Tensor, x_pos: Tensor, topk: int) -> None:
+    """Make the key at x_pos (B, H) a candidate, in place: kx, vx (B, H, D), ux (B, H); x_pos < 0 = none.
+
+    While there are fewer than topk candidates it takes the next candidate slot; afterwards it moves
+    into the spare slot if it beats the weakest live key (whose slot becomes the spare), and tau
+    advances. Raises SparseKCacheError without changing the state when the soft set would overflow.
     """
     B, H, NS, D = st.k_slots.shape
-    K, W, C = topk, window, st.soft.shape[-1]
+    K, C = topk, st.soft.shape[-1]
+    W = NS - K - 1
     dev = st.k_slots.device
     bi = torch.arange(B, device=dev).view(B, 1).expand(B, H)
     hi = torch.arange(H, device=dev).view(1, H).expand(B, H)
-    pos = st.lengths.long()
-    if bool((pos >= INT32_MAX).any()):
-        raise SparseKCacheError(f"{_FN}: positions are int32 and a sequence reached {INT32_MAX} tokens")
-    kn, vn = k_new[:, :, 0], v_new[:, :, 0]  # (B, H, D)
-    un = score_new.to(st.soft.dtype)
-    if W > 0:
-        ring = pos % W
-        x_pos = pos - W  # the key leaving the window: it becomes a candidate now
-        kx, vx, ux = st.k_slots[bi, hi, ring], st.v_slots[bi, hi, ring], st.win_score[bi, hi, ring]
-    else:
-        ring, x_pos = None, pos  # without a window the new token is a candidate at once
-        kx, vx, ux = kn, vn, un
+    spare = st.spare.long()
     filling = (x_pos >= 0) & (x_pos < K)
     full = x_pos >= K
 
-    # the weakest top-k key: lowest score, then lowest position; x (the newest) beats it on ties
-    weakest = st.slot_score.min(-1).values
-    tied = st.slot_score == weakest.unsqueeze(-1)
+    # the weakest live key: lowest score, then lowest position; x (the newest) beats it on ties
+    live = torch.arange(K + 1, device=dev).view(1, 1, K + 1) != spare.unsqueeze(-1)
+    score = torch.where(live, st.slot_score, torch.full_like(st.slot_score, float("inf")))
+    weakest = score.min(-1).values
+    tied = live & (score == weakest.unsqueeze(-1))
     weakest_slot = torch.where(tied, st.slot_pos.long(), torch.full_like(st.slot_pos, INT32_MAX, dtype=torch.long)).argmin(-1)
     enter = full & (ux >= weakest)
-    dst = torch.where(filling, x_pos.clamp(0, K - 1), weakest_slot)
+    dst = torch.where(filling, x_pos.clamp(0, K - 1), spare)
     write = filling | enter
 
     solve = full & (ux.to(torch.float64) > st.tau)
@@ -233,36 +242,90 @@ def reference_update(st: DecodeState, k_new: Tensor, v_new: Tensor, score_new: T
         st.v_slots[bw, hw, W + dw] = vx[write]
         st.slot_score[bw, hw, dw] = ux[write]
         st.slot_pos[bw, hw, dw] = x_pos[write].to(st.slot_pos.dtype)
-    if W > 0:  # kx, vx, ux were copied out of the ring above
-        st.k_slots[bi, hi, ring] = kn
-        st.v_slots[bi, hi, ring] = vn
-        st.win_score[bi, hi, ring] = un
-    st.lengths += 1
+    st.spare.copy_(torch.where(enter, weakest_slot, spare).to(st.spare.dtype))
 
 
-def reference_attention(st: DecodeState, q: Tensor, window: int, scale: float) -> Tensor:
-    """The new query (B, Hq, 1, D) over the slots with their gates -> (B, Hq, 1, D) in q's dtype.
+def reference_attention(st: DecodeState, q: Tensor, k_new: Tensor, v_new: Tensor, pos: Tensor, window: int,
+                        scale: float) -> Tensor:
+    """The query at positions pos (B, H) over the window and the live candidates -> (B, Hq, 1, D).
 
-    Float32 arithmetic (float64 for float64 q) with tau rounded to the score dtype first, exactly
-    as the prefill reference computes the gates.
+    q (B, Hq, 1, D); k_new, v_new (B, Hkv, 1, D) are the query's own key and value, which take the
+    place of the ring slot pos % window (its old key is a candidate by now). The state must hold the
+    candidates of query pos, the positions <= pos - window. Float32 arithmetic (float64
+    for float64 q) with tau rounded to the score dtype first, exactly as the prefill reference
+    computes the gates; the result is in q's dtype.
     """
     B, H, NS, D = st.k_slots.shape
     Hq = q.shape[1]
     W = window
+    K = NS - W - 1
     ct = compute_dtype(q.dtype)
-    nvalid = st.lengths.long().clamp(max=NS)  # valid slots are [0, nvalid)
-    valid = torch.arange(NS, device=q.device).view(1, 1, NS) < nvalid.unsqueeze(-1)  # (B, H, NS)
+    dev = q.device
+    pos = pos.long()
+    slot = torch.arange(NS, device=dev).view(1, 1, NS)
+    # query pos selects among the positions <= pos - W: candidate slots [0, n) minus the spare are live
+    n = (pos + 1 - W).clamp(min=0, max=K + 1)
+    in_ring = slot < torch.minimum(pos + 1, torch.full_like(pos, W)).unsqueeze(-1)
+    cand = slot - W
+    live = (cand >= 0) & (cand < n.unsqueeze(-1)) & (cand != st.spare.long().unsqueeze(-1))
+    valid = in_ring | live  # (B, H, NS)
     tau = st.tau.to(st.slot_score.dtype).to(ct).unsqueeze(-1)
-    gate = torch.cat([torch.ones(B, H, W, dtype=ct, device=q.device), (st.slot_score.to(ct) - tau).clamp(0.0, 1.0)], -1)
+    gate = torch.cat([torch.ones(B, H, W, dtype=ct, device=dev), (st.slot_score.to(ct) - tau).clamp(0.0, 1.0)], -1)
     gate = torch.where(valid, gate, torch.zeros_like(gate))
-    k = torch.where(valid.unsqueeze(-1), st.k_slots.to(ct), torch.zeros((), dtype=ct, device=q.device))
-    v = torch.where(valid.unsqueeze(-1), st.v_slots.to(ct), torch.zeros((), dtype=ct, device=q.device))
+    k, v = st.k_slots.to(ct), st.v_slots.to(ct)
+    if W > 0:  # the query's own key replaces the ring slot it is about to take
+        own = (slot == (pos % W).unsqueeze(-1)).unsqueeze(-1)  # (B, H, NS, 1)
+        k = torch.where(own, k_new.to(ct), k)
+        v = torch.where(own, v_new.to(ct), v)
+    k = torch.where(valid.unsqueeze(-1), k, torch.zeros((), dtype=ct, device=dev))
+    v = torch.where(valid.unsqueeze(-1), v, torch.zeros((), dtype=ct, device=dev))
     qg = q.to(ct).reshape(B, H, Hq // H, D)  # (B, Hkv, G, D): query head h reads kv head h // G
     logits = scale * qg @ k.transpose(-1, -2)  # (B, Hkv, G, NS)
     log_gate = torch.where(gate > 0, torch.log(gate.clamp(min=torch.finfo(ct).tiny)), torch.full_like(gate, float("-inf")))
     logits = torch.where(gate.unsqueeze(2) > 0, logits + log_gate.unsqueeze(2), torch.full_like(logits, float("-inf")))
     out = torch.softmax(logits, -1) @ v  # (B, Hkv, G, D)
     return out.reshape(B, Hq, 1, D).to(q.dtype)
+
+
+def reference_step(st: DecodeState, q: Tensor, k_new: Tensor, v_new: Tensor, score_new: Tensor, topk: int, window: int,
+                   scale: float) -> Tensor:
+    """One step in place: q (B, Hq, 1, D), k_new, v_new (B, Hkv, 1, D), score_new (B, Hkv) -> the
+    query's output (B, Hq, 1, D) in q's dtype.
+
+    window >= 1: attend first (the state holds this query's selection), then make the key that
+    leaves the window at the next step a candidate and put the new token into the ring. window == 0:
+    the new token is a candidate of its own query, so it is added first. Raises SparseKCacheError
+    without changing the state when the soft set would overflow.
+    """
+    B, H, NS, D = st.k_slots.shape
+    W = window
+    dev = st.k_slots.device
+    bi = torch.arange(B, device=dev).view(B, 1).expand(B, H)
+    hi = torch.arange(H, device=dev).view(1, H).expand(B, H)
+    pos = st.lengths.long()
+    if bool((pos >= INT32_MAX).any()):
+        raise SparseKCacheError(f"{_FN}: positions are int32 and a sequence reached {INT32_MAX} tokens")
+    kn, vn = k_new[:, :, 0], v_new[:, :, 0]  # (B, H, D)
+    un = score_new.to(st.soft.dtype)
+    if W == 0:
+        _add_candidate(st, kn, vn, un, pos, topk)
+        out = reference_attention(st, q, k_new, v_new, pos, W, scale)
+    else:
+        out = reference_attention(st, q, k_new, v_new, pos, W, scale)
+        # the key that leaves the window when token pos + 1 arrives: ring slot (pos + 1) % W, which is
+        # the new token itself when W == 1
+        nxt = (pos + 1) % W
+        if W == 1:
+            kx, vx, ux = kn, vn, un
+        else:
+            kx, vx, ux = st.k_slots[bi, hi, nxt], st.v_slots[bi, hi, nxt], st.win_score[bi, hi, nxt]
+        _add_candidate(st, kx, vx, ux, pos + 1 - W, topk)
+        ring = pos % W
+        st.k_slots[bi, hi, ring] = kn
+        st.v_slots[bi, hi, ring] = vn
+        st.win_score[bi, hi, ring] = un
+    st.lengths += 1
+    return out
 
 
 def _overflow_message(b: int, h: int, needed: int, capacity: int) -> str:
@@ -352,10 +415,11 @@ class SparseKCache:
         # zeros, not empty: slots past the valid range are never read as data, but a NaN left in
         # freed memory must not be able to reach an output through a 0 * NaN
         self.state = DecodeState(
-            k_slots=torch.zeros(B, H, W + K, D, dtype=dtype, device=dev),
-            v_slots=torch.zeros(B, H, W + K, D, dtype=dtype, device=dev),
-            slot_score=torch.zeros(B, H, K, **f),
-            slot_pos=torch.full((B, H, K), -1, **i32),
+            k_slots=torch.zeros(B, H, W + K + 1, D, dtype=dtype, device=dev),
+            v_slots=torch.zeros(B, H, W + K + 1, D, dtype=dtype, device=dev),
+            slot_score=torch.zeros(B, H, K + 1, **f),
+            slot_pos=torch.full((B, H, K + 1), -1, **i32),
+            spare=torch.full((B, H), K, **i32),
             win_score=torch.zeros(B, H, W, **f),
             soft=torch.zeros(B, H, C, **f),
             soft_count=torch.zeros(B, H, **i32),
@@ -442,8 +506,10 @@ class SparseKCache:
             st.v_slots[:, :, :W] = torch.where(present.unsqueeze(-1), v.gather(2, rows), zero)
             st.win_score.copy_(torch.where(present, scores.gather(-1, idx), torch.zeros((), dtype=scores.dtype, device=dev)))
 
-        # candidates: positions [0, n); the top-k by (score, position), in position order while n <= K
-        n = (L - W).clamp(min=0)  # (B,)
+        # candidates: positions [0, n) (with a window, the key that leaves it at the next step is one
+        # already); the top-k by (score, position) in candidate slots [0, K), in position order while
+        # n <= K; the spare is slot K
+        n = candidates(L, W)  # (B,)
         width = max(S, K)
         cand = torch.full((B, H, width), float("-inf"), dtype=torch.float64, device=dev)
         j = torch.arange(S, device=dev).view(1, 1, S)
@@ -456,10 +522,10 @@ class SparseKCache:
         present = torch.arange(K, device=dev).view(1, 1, K) < n.clamp(max=K).view(B, 1, 1)
         pos = torch.where(present, pos, torch.zeros_like(pos)).clamp(max=S - 1)
         rows = pos.unsqueeze(-1).expand(B, H, K, D)
-        st.k_slots[:, :, W:] = torch.where(present.unsqueeze(-1), k.gather(2, rows), zero)
-        st.v_slots[:, :, W:] = torch.where(present.unsqueeze(-1), v.gather(2, rows), zero)
-        st.slot_score.copy_(torch.where(present, scores.gather(-1, pos), torch.zeros((), dtype=scores.dtype, device=dev)))
-        st.slot_pos.copy_(torch.where(present, pos, torch.full_like(pos, -1)).to(torch.int32))
+        st.k_slots[:, :, W : W + K] = torch.where(present.unsqueeze(-1), k.gather(2, rows), zero)
+        st.v_slots[:, :, W : W + K] = torch.where(present.unsqueeze(-1), v.gather(2, rows), zero)
+        st.slot_score[..., :K].copy_(torch.where(present, scores.gather(-1, pos), torch.zeros((), dtype=scores.dtype, device=dev)))
+        st.slot_pos[..., :K].copy_(torch.where(present, pos, torch.full_like(pos, -1)).to(torch.int32))
 
         # tau: exact for sequences with more than K candidates
         tau = torch.full((B, H), float("-inf"), dtype=torch.float64, device=dev)
@@ -519,8 +585,7 @@ class SparseKCache:
         if not bool(torch.isfinite(score_new).all()):
             b, h = (~torch.isfinite(score_new)).nonzero()[0].tolist()
             _fail(f"score_new must be finite, got {score_new[b, h].item()} at batch {b}, kv head {h}")
-        reference_update(self.state, k_new, v_new, score_new, self.topk, self.window)
-        return reference_attention(self.state, q, self.window, self.scale)
+        return reference_step(self.state, q, k_new, v_new, score_new, self.topk, self.window, self.scale)
 
     def check(self) -> None:
         """Raise SparseKCacheError if any sequence failed (reads the status: a host sync on CUDA)."""
@@ -558,9 +623,9 @@ class SparseKCache:
         """Bytes one sequence's cache holds: {"kv": key/value slots, "total": everything}."""
         elem = torch.empty((), dtype=dtype).element_size()
         C = DEFAULT_SOFT_FACTOR * topk if soft_capacity is None else soft_capacity
-        kv = 2 * kv_heads * (topk + window) * head_dim * elem
-        # slot scores + positions, window scores, soft set, soft count + tau + length + status
-        other = kv_heads * (topk * (score_bytes + 4) + window * score_bytes + C * score_bytes + 4 + 8 + 4 + 8)
+        kv = 2 * kv_heads * (topk + 1 + window) * head_dim * elem  # the window, the top-k and the spare slot
+        # candidate scores + positions, window scores, soft set, spare + soft count + tau + length + status
+        other = kv_heads * ((topk + 1) * (score_bytes + 4) + window * score_bytes + C * score_bytes + 4 + 4 + 8 + 4 + 8)
         return {"kv": kv, "total": kv + other}
 
     def __repr__(self) -> str:

@@ -90,6 +90,6 @@ def test_t3_rows_carry_bytes_per_sequence():
     (row,) = rows
     assert row["status"] == "pass"
     kv = row["kv_bytes_per_seq"]
-    assert kv["sparsek_kv"] == 2 * 8 * 2560 * 128 * 2  # 10 MiB per sequence for any context
+    assert kv["sparsek_kv"] == 2 * 8 * (2048 + 1 + 512) * 128 * 2  # 10 MiB per sequence for any context
     assert kv["full_context_kv"] == 2 * 8 * 131073 * 128 * 2
     assert kv["sparsek_state"] > kv["sparsek_kv"]

@@ -2,8 +2,10 @@
 
 Two caches start from the same context: one steps with the kernels, one with the PyTorch
 reference in float32 on the same device. The update must leave the same state (tau to float
-rounding, the same slots, positions and soft-set sizes); the attention output must be within a
-small multiple of what low-precision arithmetic costs against the float32 reference.
+rounding, the same slots, positions, spare and soft-set sizes); the attention output must be within
+a small multiple of what low-precision arithmetic costs against the float32 reference. With a
+window the two kernels of a step run concurrently, so these comparisons also catch a race between
+them (the attention reading a slot the update is rewriting).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import pytest
 import torch
 
 from sparsek import SparseKCache
-from sparsek.decode import SparseKCacheError, reference_attention
+from sparsek.decode import SparseKCacheError, reference_step
 
 from conftest import seed_for
 
@@ -71,7 +73,7 @@ def _same_state(a, b):
     sa, sb = a.state, b.state
     assert torch.equal(sa.lengths, sb.lengths)
     assert torch.equal(sa.soft_count, sb.soft_count)
-    assert torch.equal(sa.slot_pos, sb.slot_pos)
+    assert torch.equal(sa.slot_pos, sb.slot_pos) and torch.equal(sa.spare, sb.spare)
     assert torch.equal(sa.k_slots, sb.k_slots) and torch.equal(sa.v_slots, sb.v_slots)
     torch.testing.assert_close(sa.tau, sb.tau, atol=1e-9, rtol=1e-9)
     assert not bool(sa.status[..., 0].any())
@@ -86,10 +88,9 @@ def test_step_matches_the_reference(shape, dtype):
         pos = start + s
         args = (_at(q, pos), _at(k, pos), _at(v, pos), _at(u.unsqueeze(-1), pos)[..., 0])
         got = cuda.step(*args)
-        ref.step(*args)
+        # the reference step, attending in float32 over the same low-precision slots
+        want = reference_step(ref.state, args[0].float(), *args[1:], ref.topk, ref.window, ref.scale)
         _same_state(cuda, ref)
-        # the reference attention in float32 over the same low-precision slots
-        want = reference_attention(ref.state, args[0].float(), ref.window, ref.scale)
         torch.testing.assert_close(got.float(), want, atol=ATOL[dtype], rtol=ATOL[dtype],
                                    msg=lambda m: f"step {s}: {m}")
 
@@ -100,8 +101,7 @@ def test_split_counts_agree(splits):
     (q, k, v, u), start, cuda, ref = _pair(shape, torch.bfloat16, num_splits=splits)
     args = (_at(q, start), _at(k, start), _at(v, start), _at(u.unsqueeze(-1), start)[..., 0])
     got = cuda.step(*args)
-    ref.step(*args)
-    want = reference_attention(ref.state, args[0].float(), ref.window, ref.scale)
+    want = reference_step(ref.state, args[0].float(), *args[1:], ref.topk, ref.window, ref.scale)
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
 
 
@@ -113,12 +113,14 @@ def test_update_and_attention_ops_compose_to_the_step():
     args = (_at(q, start), _at(k, start), _at(v, start), _at(u.unsqueeze(-1), start)[..., 0])
     out = a.step(*args)
     ops, st = b._cuda_ops(), b.state
-    ops.decode_update(args[1], args[2], args[3][..., 0].contiguous(),  # score_new (B, Hkv)
-                      st.k_slots, st.v_slots, st.slot_score, st.slot_pos,
+    score_new = args[3][..., 0].contiguous()  # (B, Hkv)
+    # window 16: the attention reads the state first, the update then prepares the next query
+    out2 = ops.decode_attention(args[0], args[1], args[2], score_new, st.k_slots, st.v_slots, st.slot_score, st.spare,
+                                st.tau, st.lengths, st.status, b._counters_for(8), 64, 16, b.scale, 0)
+    ops.decode_update(args[1], args[2], score_new, st.k_slots, st.v_slots, st.slot_score, st.slot_pos, st.spare,
                       st.win_score, st.soft, st.soft_count, st.tau, st.lengths, st.status, 64, 16)
-    out2 = ops.decode_attention(args[0], st.k_slots, st.v_slots, st.slot_score, st.tau, st.lengths, st.status,
-                                b._counters_for(8), 64, 16, b.scale, 0)
     assert torch.equal(out, out2)
+    _same_state(a, b)
 
 
 def test_nonfinite_score_raises_at_the_next_check():
@@ -163,9 +165,10 @@ def _op_args(B=2, Hq=8, Hkv=2, D=64, K=16, W=8, C=64):
     i32 = dict(device="cuda", dtype=torch.int32)
     return dict(
         q=torch.zeros(B, Hq, 1, D, **bf), k_new=torch.zeros(B, Hkv, 1, D, **bf), v_new=torch.zeros(B, Hkv, 1, D, **bf),
-        score_new=torch.zeros(B, Hkv, **f), k_slots=torch.zeros(B, Hkv, W + K, D, **bf),
-        v_slots=torch.zeros(B, Hkv, W + K, D, **bf), slot_score=torch.zeros(B, Hkv, K, **f),
-        slot_pos=torch.full((B, Hkv, K), -1, **i32), win_score=torch.zeros(B, Hkv, W, **f),
+        score_new=torch.zeros(B, Hkv, **f), k_slots=torch.zeros(B, Hkv, W + K + 1, D, **bf),
+        v_slots=torch.zeros(B, Hkv, W + K + 1, D, **bf), slot_score=torch.zeros(B, Hkv, K + 1, **f),
+        slot_pos=torch.full((B, Hkv, K + 1), -1, **i32), spare=torch.full((B, Hkv), K, **i32),
+        win_score=torch.zeros(B, Hkv, W, **f),
         soft=torch.zeros(B, Hkv, C, **f), soft_count=torch.zeros(B, Hkv, **i32),
         tau=torch.full((B, Hkv), float("-inf"), device="cuda", dtype=torch.float64),
         lengths=torch.zeros(B, Hkv, **i32), status=torch.zeros(B, Hkv, 2, **i32),
@@ -178,7 +181,9 @@ def _op_args(B=2, Hq=8, Hkv=2, D=64, K=16, W=8, C=64):
         ({"k_slots": lambda a: a["k_slots"][..., :32]}, ValueError, "head dim must be 64 or 128, got 32"),
         ({"k_slots": lambda a: a["k_slots"].float()}, TypeError, "k_slots must be float16 or bfloat16"),
         ({"v_slots": lambda a: a["v_slots"].half()}, TypeError, "v_slots must be BFloat16, got Half"),
-        ({"topk": lambda a: 15}, ValueError, "k_slots must have window \\+ topk = 23 slots, got 24"),
+        ({"topk": lambda a: 15}, ValueError, "k_slots must have window \\+ topk \\+ 1 = 24 slots .*, got 25"),
+        ({"slot_score": lambda a: a["slot_score"][..., :16]}, ValueError, "slot_score must have shape \\[2, 2, 17\\]"),
+        ({"spare": lambda a: a["spare"].long()}, TypeError, "spare must be Int, got Long"),
         ({"topk": lambda a: 0}, ValueError, "topk must be >= 1, got 0"),
         ({"window": lambda a: -1}, ValueError, "window must be >= 0, got -1"),
         ({"q": lambda a: torch.zeros(2, 5, 1, 64, device="cuda", dtype=torch.bfloat16)}, ValueError,
