@@ -85,6 +85,8 @@ struct DecodeUpdateParams {
   // window >= 1: launched right after the attention kernel of the same step, with programmatic
   // dependent launch, and runs concurrently with it (it never waits for it)
   bool concurrent;
+  // set by the launcher: the candidate slots and the soft set fit in shared memory and are staged
+  bool stage;
 };
 
 struct DecodeAttentionParams {

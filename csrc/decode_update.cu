@@ -38,6 +38,20 @@ constexpr int kMaxWarps = kFirstThreads / 32;
 // 8 made ptxas spill the array next to the walk's doubles; 4 keeps it in registers.
 constexpr int kCompactPerThread = 4;
 constexpr unsigned kFullMask = 0xffffffffu;
+// Shared memory for the staged state (candidate scores and positions, the soft set). 48 KiB at
+// topk 2048 and the default soft_capacity; beside two attention CTAs (2 x 16.3 KiB) an SM has far
+// more. Larger states fall back to working on global memory.
+constexpr int kMaxStageBytes = 96 * 1024;
+
+// One 4-byte asynchronous copy global -> shared (no register round trip, no wait until
+// cp_async_wait_all): a thread issues all of its copies back to back, so a staged array costs one
+// memory round trip instead of one per loop iteration.
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(gmem) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
 __device__ __forceinline__ void allow_dependent_launch() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -156,6 +170,8 @@ __global__ void __launch_bounds__(kThreads) decode_update_kernel(const DecodeUpd
   constexpr int kWarps = kThreads / 32;
   allow_dependent_launch();
   __shared__ UpdateShared sh;
+  // staged copies (p.stage): candidate scores (K + 1), candidate positions (K + 1), soft set (C)
+  extern __shared__ float staged[];
 
   const int h = blockIdx.x, b = blockIdx.y;
   const int64_t pair = static_cast<int64_t>(b) * p.kv_heads + h;
@@ -164,35 +180,37 @@ __global__ void __launch_bounds__(kThreads) decode_update_kernel(const DecodeUpd
   const int K = p.topk, W = p.window;
   float* slot_score = p.slot_score + pair * (K + 1);
   int* slot_pos = p.slot_pos + pair * (K + 1);
-  float* soft = p.soft + pair * p.soft_capacity;
+  float* soft_global = p.soft + pair * p.soft_capacity;
 
-  // A cold step is a chain of dependent memory round trips. Every load that depends on nothing
-  // else is issued first (the pair's state and the scan of the candidate slots), so the chain is
-  // two long: the state, then the leaving key's score and row.
+  // Beside the attention every DRAM round trip is slow (its queues are full), so the update is a
+  // short chain of them: the candidate slots are staged into shared memory first (they depend on
+  // nothing), then the pair's state arrives, then the soft set and the moved rows are fetched at
+  // once. Everything after works on shared memory.
+  const float* scores = slot_score;
+  const int* positions = slot_pos;
+  float* soft = soft_global;
+  if (p.stage) {
+    float* s_scores = staged;
+    int* s_positions = reinterpret_cast<int*>(staged + K + 1);
+    for (int s = tid; s <= K; s += kThreads) {
+      cp_async4(s_scores + s, slot_score + s);
+      cp_async4(s_positions + s, slot_pos + s);
+    }
+    scores = s_scores;
+    positions = s_positions;
+    soft = staged + 2 * (K + 1);
+  }
   const int state = status[0];
   const int pos = p.lengths[pair];
   const int spare = p.spare[pair];
   const float score_new = p.score_new[pair];
   const double tau_old = p.tau[pair];
   const int count = p.soft_count[pair];
-  WeakestSlot weakest = {CUDART_INF_F, INT32_MAX, -1};  // beaten by every slot
-#pragma unroll 8
-  for (int s = tid; s <= K; s += kThreads) {
-    const WeakestSlot cand = {slot_score[s], slot_pos[s], s};
-    if (s != spare && weaker(cand, weakest)) weakest = cand;
+  if (p.stage) {
+    const int n = min(count, p.soft_capacity);  // a corrupted count must not write past the buffer
+    for (int i = tid; i < n; i += kThreads) cp_async4(soft + i, soft_global + i);
   }
 
-  // A poisoned pair stays frozen: its outputs are NaN until the caller rebuilds the cache.
-  if (state != kDecodeOk) return;
-  // Checked here rather than on the host, which would cost a synchronisation per step.
-  const int bad = pos == INT32_MAX ? kDecodePositionOverflow : (isfinite(score_new) ? kDecodeOk : kDecodeNonFiniteScore);
-  if (bad != kDecodeOk) {
-    if (tid == 0) {
-      status[1] = pos;
-      status[0] = bad;
-    }
-    return;
-  }
   const int64_t row_bytes = static_cast<int64_t>(p.head_dim) * p.elem_bytes;
   const int row_vecs = static_cast<int>(row_bytes / kVecBytes);
   char* k_slots = static_cast<char*>(p.k_slots) + pair * p.num_slots * row_bytes;
@@ -204,8 +222,8 @@ __global__ void __launch_bounds__(kThreads) decode_update_kernel(const DecodeUpd
 
   // The key that becomes a candidate now. window >= 2: it sits in ring slot (p + 1) % window, which
   // this step does not overwrite (token p goes to slot p % window); window <= 1: the new token.
-  const int x_pos = W > 0 ? pos + 1 - W : pos;
-  const int x_ring = W > 1 ? (pos + 1) % W : -1;
+  const int x_pos = W > 0 ? pos - (W - 1) : pos;    // (no int overflow at pos = INT32_MAX)
+  const int x_ring = W > 1 ? (pos % W + 1) % W : -1;  // (pos + 1) % W
   const char* kx = x_ring >= 0 ? k_slots + x_ring * row_bytes : k_new;
   const char* vx = x_ring >= 0 ? v_slots + x_ring * row_bytes : v_new;
   const float ux = x_pos < 0 ? 0.0f : (x_ring >= 0 ? p.win_score[pair * W + x_ring] : score_new);
@@ -228,6 +246,27 @@ __global__ void __launch_bounds__(kThreads) decode_update_kernel(const DecodeUpd
     }
   }
 
+  if (p.stage) cp_async_wait_all();
+  __syncthreads();  // the staged arrays are complete for every thread
+
+  WeakestSlot weakest = {CUDART_INF_F, INT32_MAX, -1};  // beaten by every slot
+  for (int s = tid; s <= K; s += kThreads) {
+    const WeakestSlot cand = {scores[s], positions[s], s};
+    if (s != spare && weaker(cand, weakest)) weakest = cand;
+  }
+
+  // A poisoned pair stays frozen: its outputs are NaN until the caller rebuilds the cache.
+  if (state != kDecodeOk) return;
+  // Checked here rather than on the host, which would cost a synchronisation per step.
+  const int bad = pos == INT32_MAX ? kDecodePositionOverflow : (isfinite(score_new) ? kDecodeOk : kDecodeNonFiniteScore);
+  if (bad != kDecodeOk) {
+    if (tid == 0) {
+      status[1] = pos;
+      status[0] = bad;
+    }
+    return;
+  }
+
   int dst = -1;          // candidate slot the leaving key moves into
   int new_spare = spare;
   if (x_pos >= 0) {
@@ -236,7 +275,7 @@ __global__ void __launch_bounds__(kThreads) decode_update_kernel(const DecodeUpd
       // holds every candidate score (soft_capacity > topk is checked by the binding).
       dst = x_pos;
       if (tid == 0) {
-        soft[x_pos] = ux;
+        soft_global[x_pos] = ux;
         p.soft_count[pair] = x_pos + 1;
       }
     } else {
@@ -317,17 +356,21 @@ __global__ void __launch_bounds__(kThreads) decode_update_kernel(const DecodeUpd
         }
         const bool keep_x = static_cast<double>(ux) > tau_new;
         const int new_count = kept_total + (keep_x ? 1 : 0);
-        if (tid == 0) {
-          if (new_count > p.soft_capacity) {
+        if (new_count > p.soft_capacity) {
+          if (tid == 0) {
             status[1] = new_count;
             status[0] = kDecodeSoftOverflow;
-          } else {
-            if (keep_x) soft[kept_total] = ux;
-            p.soft_count[pair] = new_count;
-            p.tau[pair] = tau_new;
           }
+          return;
         }
-        if (new_count > p.soft_capacity) return;
+        if (p.stage) {  // the compacted set back to global memory (the loop above ended on a barrier)
+          for (int i = tid; i < kept_total; i += kThreads) soft_global[i] = soft[i];
+        }
+        if (tid == 0) {
+          if (keep_x) soft_global[kept_total] = ux;
+          p.soft_count[pair] = new_count;
+          p.tau[pair] = tau_new;
+        }
       }
     }
   }
@@ -360,9 +403,26 @@ __global__ void __launch_bounds__(kThreads) decode_update_kernel(const DecodeUpd
 }  // namespace
 
 cudaError_t launch_decode_update(const DecodeUpdateParams& params, cudaStream_t stream) {
+  DecodeUpdateParams staged = params;
+  const int64_t stage_bytes = (2 * (static_cast<int64_t>(params.topk) + 1) + params.soft_capacity) * 4;
+  staged.stage = stage_bytes <= kMaxStageBytes;
+  // opt in to more than 48 KiB of dynamic shared memory, once per kernel and process
+  static const cudaError_t opt_in = [] {
+    const cudaError_t a = cudaFuncSetAttribute(decode_update_kernel<kBesideThreads>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxStageBytes);
+    const cudaError_t b = cudaFuncSetAttribute(decode_update_kernel<kFirstThreads>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxStageBytes);
+    // the same L1/shared split as the attention kernel it shares SMs with
+    const cudaError_t c = cudaFuncSetAttribute(decode_update_kernel<kBesideThreads>,
+                                               cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+    return a != cudaSuccess ? a : b != cudaSuccess ? b : c;
+  }();
+  if (opt_in != cudaSuccess) return opt_in;
+
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(params.kv_heads, params.batch);
   config.blockDim = dim3(params.concurrent ? kBesideThreads : kFirstThreads);
+  config.dynamicSmemBytes = staged.stage ? static_cast<size_t>(stage_bytes) : 0;
   config.stream = stream;
   // Concurrent: starts as soon as every CTA of the attention kernel launched just before has read
   // the state (griddepcontrol.launch_dependents there), and never waits for that grid to finish.
@@ -371,8 +431,8 @@ cudaError_t launch_decode_update(const DecodeUpdateParams& params, cudaStream_t 
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attribute;
   config.numAttrs = params.concurrent ? 1 : 0;
-  const cudaError_t err = params.concurrent ? cudaLaunchKernelEx(&config, decode_update_kernel<kBesideThreads>, params)
-                                            : cudaLaunchKernelEx(&config, decode_update_kernel<kFirstThreads>, params);
+  const cudaError_t err = params.concurrent ? cudaLaunchKernelEx(&config, decode_update_kernel<kBesideThreads>, staged)
+                                            : cudaLaunchKernelEx(&config, decode_update_kernel<kFirstThreads>, staged);
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }

@@ -306,6 +306,8 @@ def reference_step(st: DecodeState, q: Tensor, k_new: Tensor, v_new: Tensor, sco
     if bool((pos >= INT32_MAX).any()):
         raise SparseKCacheError(f"{_FN}: positions are int32 and a sequence reached {INT32_MAX} tokens")
     kn, vn = k_new[:, :, 0], v_new[:, :, 0]  # (B, H, D)
+    if score_new.dim() == 3:  # (B, H, 1), as step accepts it
+        score_new = score_new[..., 0]
     un = score_new.to(st.soft.dtype)
     if W == 0:
         _add_candidate(st, kn, vn, un, pos, topk)
