@@ -429,11 +429,10 @@ __global__ void __maxnreg__(kMaxRegisters) decode_attention_kernel(const DecodeA
 
 template <int kHeadDim, bool kIsBf16>
 cudaError_t launch_typed(const DecodeAttentionParams& params, cudaStream_t stream) {
-  // The SM's split between L1 and shared memory follows the kernels resident on it. This kernel
-  // reads nothing through L1 (streaming loads) and needs 16 KiB of shared memory; asking for the
-  // largest shared carveout leaves room for the update (48 KiB staged) to join it mid-step.
+  // The SM's split between L1 and shared memory follows the kernels resident on it; the update that
+  // runs beside this kernel needs room to join it mid-step (kDecodeSharedCarveout has the figures).
   static const cudaError_t carveout = cudaFuncSetAttribute(
-      decode_attention_kernel<kHeadDim, kIsBf16>, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+      decode_attention_kernel<kHeadDim, kIsBf16>, cudaFuncAttributePreferredSharedMemoryCarveout, kDecodeSharedCarveout);
   if (carveout != cudaSuccess) return carveout;
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(params.num_splits, params.kv_heads * params.head_chunks, params.batch);

@@ -57,6 +57,13 @@ constexpr int kDecodeAttentionWarps = 4;
 constexpr int kDecodeAttentionThreads = kDecodeAttentionWarps * 32;
 // Upper bound on splits over the slots; bounds the partial-result workspace.
 constexpr int kDecodeMaxSplits = 64;
+// L1/shared split (percent of the SM's 228 KiB) asked for by both decode kernels: 44% selects the
+// 100 KiB shared configuration, room for two attention CTAs (2 x 17 KiB) and one staged update
+// (48 KiB at topk 2048). Measured on an H200 at decode-32k-b16 (step / attention alone, us):
+// driver default 81.9 / 54.5 (the update cannot join an SM until it drains: it starts 45 us late),
+// 44% 55.5 / 54.6 (the update starts 2 us in and ends inside the attention), 100% 75.3 / 63.2 (the
+// attention's loads starve for L1, which holds in-flight requests even without allocation).
+constexpr int kDecodeSharedCarveout = 44;
 
 struct DecodeUpdateParams {
   // cache state (see the header comment), all contiguous

@@ -38,10 +38,13 @@ constexpr int kMaxWarps = kFirstThreads / 32;
 // 8 made ptxas spill the array next to the walk's doubles; 4 keeps it in registers.
 constexpr int kCompactPerThread = 4;
 constexpr unsigned kFullMask = 0xffffffffu;
-// Shared memory for the staged state (candidate scores and positions, the soft set). 48 KiB at
-// topk 2048 and the default soft_capacity; beside two attention CTAs (2 x 16.3 KiB) an SM has far
-// more. Larger states fall back to working on global memory.
-constexpr int kMaxStageBytes = 96 * 1024;
+// Shared memory for the staged state (candidate scores and positions, the soft set): 48 KiB at
+// topk 2048 and the default soft_capacity. The shared configuration both kernels ask for (100 KiB,
+// kDecodeSharedCarveout) holds two attention CTAs and 64 KiB more. Larger states work on global
+// memory: correct, but each of their loops is then a chain of round trips (measured beside the
+// attention at decode-32k-b16 on an H200: 70 us unstaged against the attention's 53, so the step
+// waits for it; staged, it ends inside the attention).
+constexpr int kMaxStageBytes = 64 * 1024;
 
 // One 4-byte asynchronous copy global -> shared (no register round trip, no wait until
 // cp_async_wait_all): a thread issues all of its copies back to back, so a staged array costs one
@@ -414,7 +417,7 @@ cudaError_t launch_decode_update(const DecodeUpdateParams& params, cudaStream_t 
                                                cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxStageBytes);
     // the same L1/shared split as the attention kernel it shares SMs with
     const cudaError_t c = cudaFuncSetAttribute(decode_update_kernel<kBesideThreads>,
-                                               cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+                                               cudaFuncAttributePreferredSharedMemoryCarveout, kDecodeSharedCarveout);
     return a != cudaSuccess ? a : b != cudaSuccess ? b : c;
   }();
   if (opt_in != cudaSuccess) return opt_in;
