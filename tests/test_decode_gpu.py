@@ -60,7 +60,7 @@ def _pair(shape, dtype, **kw):
     cuda = SparseKCache.from_prefill(k[:, :, :P], v[:, :, :P], u[:, :, :P], topk=K, window=W, lengths=lengths,
                                      backend="cuda", check_interval=1, **kw)
     ref = SparseKCache.from_prefill(k[:, :, :P], v[:, :, :P], u[:, :, :P], topk=K, window=W, lengths=lengths,
-                                    backend="reference")
+                                    backend="reference", **kw)
     return (q, k, v, u), torch.tensor(lengths, device="cuda"), cuda, ref
 
 
@@ -93,6 +93,21 @@ def test_step_matches_the_reference(shape, dtype):
         _same_state(cuda, ref)
         torch.testing.assert_close(got.float(), want, atol=ATOL[dtype], rtol=ATOL[dtype],
                                    msg=lambda m: f"step {s}: {m}")
+
+
+@pytest.mark.parametrize("window", [16, 0], ids=["beside", "first"])
+def test_unstaged_update_matches_the_reference(window):
+    # 2 x (topk + 1) + soft_capacity floats = 68.5 KiB > the 64 KiB the update stages in shared
+    # memory: the update works on global memory instead (csrc/decode_update.cu, kMaxStageBytes)
+    shape = (2, 8, 2, 300, 30, 64, 64, window)
+    (q, k, v, u), start, cuda, ref = _pair(shape, torch.bfloat16, soft_capacity=17000)
+    for s in range(shape[4]):
+        pos = start + s
+        args = (_at(q, pos), _at(k, pos), _at(v, pos), _at(u.unsqueeze(-1), pos)[..., 0])
+        got = cuda.step(*args)
+        want = reference_step(ref.state, args[0].float(), *args[1:], ref.topk, ref.window, ref.scale)
+        _same_state(cuda, ref)
+        torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2, msg=lambda m: f"step {s}: {m}")
 
 
 @pytest.mark.parametrize("splits", [1, 2, 7, 64])
