@@ -311,19 +311,29 @@ int64_t pick_splits(int64_t requested, int64_t work_items, int64_t num_slots, in
   return sparsek::decode_num_splits(static_cast<int>(work_items), static_cast<int>(num_slots), sms * ctas);
 }
 
-// The new token's row tensors and score (both kernels read them).
-void check_new_token(const DecodeShape& s, const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& score_new) {
+// The new token's row tensors and score, checked, as both kernels take them.
+sparsek::DecodeNewToken new_token(const DecodeShape& s, const at::Tensor& k_new, const at::Tensor& v_new,
+                                  const at::Tensor& score_new) {
   check_rows(k_new, "k_new", s.dtype, {s.B, s.Hkv, 1, s.D}, s.device);
   check_rows(v_new, "v_new", s.dtype, {s.B, s.Hkv, 1, s.D}, s.device);
   check_state(score_new, "score_new", at::kFloat, {s.B, s.Hkv}, s.device);
+  sparsek::DecodeNewToken token = {};
+  token.k = k_new.data_ptr();
+  token.v = v_new.data_ptr();
+  token.k_batch_stride = k_new.stride(0);
+  token.k_head_stride = k_new.stride(1);
+  token.v_batch_stride = v_new.stride(0);
+  token.v_head_stride = v_new.stride(1);
+  token.score = score_new.data_ptr<float>();
+  return token;
 }
 
-// concurrent: launched right after the step's attention kernel, beside it (window >= 1)
-void launch_update(const DecodeShape& s, const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& score_new,
-                   at::Tensor& k_slots, at::Tensor& v_slots, at::Tensor& slot_score, at::Tensor& slot_pos, at::Tensor& spare,
-                   at::Tensor& win_score, at::Tensor& soft, at::Tensor& soft_count, at::Tensor& tau, at::Tensor& lengths,
-                   at::Tensor& status, bool concurrent) {
-  check_new_token(s, k_new, v_new, score_new);
+// The update's launch parameters, every argument checked (nothing is launched here).
+// concurrent: to be launched right after the step's attention kernel, beside it (window >= 1).
+sparsek::DecodeUpdateParams plan_update(const DecodeShape& s, const sparsek::DecodeNewToken& token, at::Tensor& k_slots,
+                                        at::Tensor& v_slots, at::Tensor& slot_score, at::Tensor& slot_pos, at::Tensor& spare,
+                                        at::Tensor& win_score, at::Tensor& soft, at::Tensor& soft_count, at::Tensor& tau,
+                                        at::Tensor& lengths, at::Tensor& status, bool concurrent) {
   check_state(slot_pos, "slot_pos", at::kInt, {s.B, s.Hkv, s.topk + 1}, s.device);
   check_state(win_score, "win_score", at::kFloat, {s.B, s.Hkv, s.window}, s.device);
   DECODE_CHECK(soft.dim() == 3, "soft must be (B, Hkv, soft_capacity), got ", soft.sizes());
@@ -346,13 +356,7 @@ void launch_update(const DecodeShape& s, const at::Tensor& k_new, const at::Tens
   params.tau = tau.data_ptr<double>();
   params.lengths = lengths.data_ptr<int>();
   params.status = status.data_ptr<int>();
-  params.k_new = k_new.data_ptr();
-  params.v_new = v_new.data_ptr();
-  params.k_new_batch_stride = k_new.stride(0);
-  params.k_new_head_stride = k_new.stride(1);
-  params.v_new_batch_stride = v_new.stride(0);
-  params.v_new_head_stride = v_new.stride(1);
-  params.score_new = score_new.data_ptr<float>();
+  params.token = token;
   params.batch = static_cast<int>(s.B);
   params.kv_heads = static_cast<int>(s.Hkv);
   params.head_dim = static_cast<int>(s.D);
@@ -362,6 +366,10 @@ void launch_update(const DecodeShape& s, const at::Tensor& k_new, const at::Tens
   params.num_slots = static_cast<int>(s.NS);
   params.soft_capacity = static_cast<int>(capacity);
   params.concurrent = concurrent;
+  return params;
+}
+
+void launch_update(const sparsek::DecodeUpdateParams& params) {
   const cudaError_t err = sparsek::launch_decode_update(params, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, sparsek_msg::build("sparsek decode: update launch failed: ", cudaGetErrorString(err)));
 }
@@ -395,8 +403,8 @@ AttentionPlan plan_attention(const DecodeShape& s, const at::Tensor& q, const at
   return plan;
 }
 
-at::Tensor launch_attention(const DecodeShape& s, const AttentionPlan& plan, const at::Tensor& q, const at::Tensor& k_new,
-                            const at::Tensor& v_new, const at::Tensor& score_new, const at::Tensor& k_slots,
+at::Tensor launch_attention(const DecodeShape& s, const AttentionPlan& plan, const at::Tensor& q,
+                            const sparsek::DecodeNewToken& token, const at::Tensor& k_slots,
                             const at::Tensor& v_slots, const at::Tensor& slot_score, const at::Tensor& spare, const at::Tensor& tau,
                             const at::Tensor& lengths, const at::Tensor& status, at::Tensor& counters, double scale) {
   const int64_t Hq = plan.Hq, group = plan.group, head_chunks = plan.head_chunks, work_items = plan.work_items;
@@ -422,13 +430,7 @@ at::Tensor launch_attention(const DecodeShape& s, const AttentionPlan& plan, con
   params.tau = tau.data_ptr<double>();
   params.lengths = lengths.data_ptr<int>();
   params.status = status.data_ptr<int>();
-  params.k_new = k_new.data_ptr();
-  params.v_new = v_new.data_ptr();
-  params.k_new_batch_stride = k_new.stride(0);
-  params.k_new_head_stride = k_new.stride(1);
-  params.v_new_batch_stride = v_new.stride(0);
-  params.v_new_head_stride = v_new.stride(1);
-  params.score_new = score_new.data_ptr<float>();
+  params.token = token;
   params.out = out.data_ptr();
   params.out_batch_stride = out.stride(0);
   params.out_head_stride = out.stride(1);
@@ -468,17 +470,15 @@ at::Tensor decode_step_cuda(const at::Tensor& q,          // (B, Hq, 1, D)
   const c10::cuda::CUDAGuard guard(s.device);
   // every argument is checked before anything is launched: a refused step changes nothing
   const AttentionPlan plan = plan_attention(s, q, counters, scale, num_splits);
-  check_new_token(s, k_new, v_new, score_new);
+  const sparsek::DecodeNewToken token = new_token(s, k_new, v_new, score_new);
+  const sparsek::DecodeUpdateParams update = plan_update(s, token, k_slots, v_slots, slot_score, slot_pos, spare, win_score,
+                                                         soft, soft_count, tau, lengths, status, /*concurrent=*/window > 0);
   if (window == 0) {
-    launch_update(s, k_new, v_new, score_new, k_slots, v_slots, slot_score, slot_pos, spare, win_score, soft, soft_count, tau,
-                  lengths, status, /*concurrent=*/false);
-    return launch_attention(s, plan, q, k_new, v_new, score_new, k_slots, v_slots, slot_score, spare, tau, lengths, status,
-                            counters, scale);
+    launch_update(update);
+    return launch_attention(s, plan, q, token, k_slots, v_slots, slot_score, spare, tau, lengths, status, counters, scale);
   }
-  at::Tensor out = launch_attention(s, plan, q, k_new, v_new, score_new, k_slots, v_slots, slot_score, spare, tau, lengths,
-                                    status, counters, scale);
-  launch_update(s, k_new, v_new, score_new, k_slots, v_slots, slot_score, slot_pos, spare, win_score, soft, soft_count, tau,
-                lengths, status, /*concurrent=*/true);
+  at::Tensor out = launch_attention(s, plan, q, token, k_slots, v_slots, slot_score, spare, tau, lengths, status, counters, scale);
+  launch_update(update);
   return out;
 }
 
@@ -490,8 +490,9 @@ void decode_update_cuda(const at::Tensor& k_new, const at::Tensor& v_new, const 
                         int64_t window) {
   const DecodeShape s = check_cache(k_slots, v_slots, slot_score, spare, tau, lengths, status, topk, window);
   const c10::cuda::CUDAGuard guard(s.device);
-  launch_update(s, k_new, v_new, score_new, k_slots, v_slots, slot_score, slot_pos, spare, win_score, soft, soft_count, tau,
-                lengths, status, /*concurrent=*/false);
+  const sparsek::DecodeNewToken token = new_token(s, k_new, v_new, score_new);
+  launch_update(plan_update(s, token, k_slots, v_slots, slot_score, slot_pos, spare, win_score, soft, soft_count, tau, lengths,
+                            status, /*concurrent=*/false));
 }
 
 // The attention alone, without an update: window >= 1, query position = lengths (before the
@@ -503,9 +504,8 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_new, c
   const DecodeShape s = check_cache(k_slots, v_slots, slot_score, spare, tau, lengths, status, topk, window);
   const c10::cuda::CUDAGuard guard(s.device);
   const AttentionPlan plan = plan_attention(s, q, counters, scale, num_splits);
-  check_new_token(s, k_new, v_new, score_new);
-  return launch_attention(s, plan, q, k_new, v_new, score_new, k_slots, v_slots, slot_score, spare, tau, lengths, status, counters,
-                          scale);
+  const sparsek::DecodeNewToken token = new_token(s, k_new, v_new, score_new);
+  return launch_attention(s, plan, q, token, k_slots, v_slots, slot_score, spare, tau, lengths, status, counters, scale);
 }
 
 }  // namespace sparsek_decode_binding

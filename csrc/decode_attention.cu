@@ -186,7 +186,7 @@ __global__ void __maxnreg__(kMaxRegisters) decode_attention_kernel(const DecodeA
   // in hand (waiting only for the loads to be issued would not be enough).
   if (tid == 0) {
     const int len = p.lengths[pair];
-    const float unew = p.score_new[pair];
+    const float unew = p.token.score[pair];
     const int code = p.status[pair * 2];
     PairMeta m;
     m.pos = p.after_update ? len - 1 : len;
@@ -213,8 +213,8 @@ __global__ void __maxnreg__(kMaxRegisters) decode_attention_kernel(const DecodeA
   const int64_t cache_offset = pair * p.num_slots * kHeadDim;
   const Elem* k_cache = static_cast<const Elem*>(p.k_slots) + cache_offset;
   const Elem* v_cache = static_cast<const Elem*>(p.v_slots) + cache_offset;
-  const Elem* k_own = static_cast<const Elem*>(p.k_new) + b * p.k_new_batch_stride + hkv * p.k_new_head_stride;
-  const Elem* v_own = static_cast<const Elem*>(p.v_new) + b * p.v_new_batch_stride + hkv * p.v_new_head_stride;
+  const Elem* k_own = p.token.k_row(b, hkv);
+  const Elem* v_own = p.token.v_row(b, hkv);
   auto valid = [&](int slot) { return slot < s_end && slot != spare_slot; };
   auto k_row = [&](int slot) { return slot == own_slot ? k_own : k_cache + slot * kHeadDim; };
   auto v_row = [&](int slot) { return slot == own_slot ? v_own : v_cache + slot * kHeadDim; };

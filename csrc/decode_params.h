@@ -65,6 +65,23 @@ constexpr int kDecodeMaxSplits = 64;
 // attention's loads starve for L1, which holds in-flight requests even without allocation).
 constexpr int kDecodeSharedCarveout = 44;
 
+// The step's new token, read by both kernels: its key and value rows (16-bit elements, rows
+// contiguous and 16-byte aligned, strides in elements) and its score.
+struct DecodeNewToken {
+  const void* k;  // (B, Hkv, 1, D)
+  const void* v;  // (B, Hkv, 1, D)
+  int64_t k_batch_stride, k_head_stride;
+  int64_t v_batch_stride, v_head_stride;
+  const float* score;  // (B, Hkv) contiguous
+
+  __host__ __device__ const uint16_t* k_row(int b, int h) const {
+    return static_cast<const uint16_t*>(k) + b * k_batch_stride + h * k_head_stride;
+  }
+  __host__ __device__ const uint16_t* v_row(int b, int h) const {
+    return static_cast<const uint16_t*>(v) + b * v_batch_stride + h * v_head_stride;
+  }
+};
+
 struct DecodeUpdateParams {
   // cache state (see the header comment), all contiguous
   void* k_slots;       // (B, Hkv, NS, D)
@@ -79,12 +96,7 @@ struct DecodeUpdateParams {
   int* lengths;        // (B, Hkv)
   int* status;         // (B, Hkv, 2)
 
-  // the new token; rows contiguous and 16-byte aligned, strides in elements
-  const void* k_new;   // (B, Hkv, 1, D)
-  const void* v_new;   // (B, Hkv, 1, D)
-  int64_t k_new_batch_stride, k_new_head_stride;
-  int64_t v_new_batch_stride, v_new_head_stride;
-  const float* score_new;  // (B, Hkv) contiguous
+  DecodeNewToken token;
 
   int batch, kv_heads, head_dim;
   int elem_bytes;  // 2 (fp16/bf16): the update only moves rows, it never does arithmetic on them
@@ -106,12 +118,9 @@ struct DecodeAttentionParams {
   const double* tau;        // (B, Hkv)
   const int* lengths;       // (B, Hkv): tokens seen; the query's position, or one past it after the update
   const int* status;        // (B, Hkv, 2)
-  // the query's own key and value (window >= 1: they replace ring slot p % window) and score
-  const void* k_new;  // (B, Hkv, 1, D), rows contiguous and 16-byte aligned
-  const void* v_new;  // (B, Hkv, 1, D)
-  int64_t k_new_batch_stride, k_new_head_stride;
-  int64_t v_new_batch_stride, v_new_head_stride;
-  const float* score_new;  // (B, Hkv): a non-finite score poisons this step's output too
+  // the query's own key and value (window >= 1: they replace ring slot p % window) and score (a
+  // non-finite score poisons this step's output too)
+  DecodeNewToken token;
   void* out;  // (B, Hq, 1, D), rows contiguous and 16-byte aligned
   int64_t out_batch_stride, out_head_stride;
 

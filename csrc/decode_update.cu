@@ -206,7 +206,7 @@ __global__ void __launch_bounds__(kThreads) decode_update_kernel(const DecodeUpd
   const int state = status[0];
   const int pos = p.lengths[pair];
   const int spare = p.spare[pair];
-  const float score_new = p.score_new[pair];
+  const float score_new = p.token.score[pair];
   const double tau_old = p.tau[pair];
   const int count = p.soft_count[pair];
   if (p.stage) {
@@ -220,8 +220,8 @@ __global__ void __launch_bounds__(kThreads) decode_update_kernel(const DecodeUpd
   char* v_slots = static_cast<char*>(p.v_slots) + pair * p.num_slots * row_bytes;
   char* k_cand = k_slots + W * row_bytes;  // candidate slot c is row W + c
   char* v_cand = v_slots + W * row_bytes;
-  const char* k_new = static_cast<const char*>(p.k_new) + (b * p.k_new_batch_stride + h * p.k_new_head_stride) * p.elem_bytes;
-  const char* v_new = static_cast<const char*>(p.v_new) + (b * p.v_new_batch_stride + h * p.v_new_head_stride) * p.elem_bytes;
+  const char* k_new = reinterpret_cast<const char*>(p.token.k_row(b, h));
+  const char* v_new = reinterpret_cast<const char*>(p.token.v_row(b, h));
 
   // The key that becomes a candidate now. window >= 2: it sits in ring slot (p + 1) % window, which
   // this step does not overwrite (token p goes to slot p % window); window <= 1: the new token.
@@ -232,21 +232,16 @@ __global__ void __launch_bounds__(kThreads) decode_update_kernel(const DecodeUpd
   const float ux = x_pos < 0 ? 0.0f : (x_ring >= 0 ? p.win_score[pair * W + x_ring] : score_new);
   const int ring = W > 0 ? pos % W : -1;  // the new token's ring slot
 
-  // The rows this thread moves (16-byte pieces of K or V), read now: the leaving key and the new
-  // token. A key and a value row of D = 128 two-byte elements are 32 pieces: one per thread.
-  constexpr int kMaxPieces = (2 * 128 * 2 / kVecBytes + kThreads - 1) / kThreads;
-  const int pieces = 2 * row_vecs;
-  uint4 moved[kMaxPieces], incoming[kMaxPieces];
-#pragma unroll
-  for (int r = 0; r < kMaxPieces; ++r) {
-    const int piece = tid + r * kThreads;
-    moved[r] = incoming[r] = make_uint4(0, 0, 0, 0);
-    if (piece < pieces) {
-      const bool is_v = piece >= row_vecs;
-      const int vec = is_v ? piece - row_vecs : piece;
-      if (x_pos >= 0) moved[r] = reinterpret_cast<const uint4*>(is_v ? vx : kx)[vec];
-      if (W > 0) incoming[r] = reinterpret_cast<const uint4*>(is_v ? v_new : k_new)[vec];
-    }
+  // The piece of a row this thread moves (16 bytes of K or V), read now: the leaving key and the
+  // new token. A key and a value row of D = 128 two-byte elements are 32 pieces: one per thread.
+  static_assert(2 * 128 * 2 / kVecBytes <= kThreads, "one 16-byte piece of the moved rows per thread");
+  const bool mover = tid < 2 * row_vecs;
+  const bool is_v = tid >= row_vecs;
+  const int vec = is_v ? tid - row_vecs : tid;
+  uint4 moved = make_uint4(0, 0, 0, 0), incoming = make_uint4(0, 0, 0, 0);
+  if (mover) {
+    if (x_pos >= 0) moved = reinterpret_cast<const uint4*>(is_v ? vx : kx)[vec];
+    if (W > 0) incoming = reinterpret_cast<const uint4*>(is_v ? v_new : k_new)[vec];
   }
 
   if (p.stage) cp_async_wait_all();
@@ -382,15 +377,9 @@ __global__ void __launch_bounds__(kThreads) decode_update_kernel(const DecodeUpd
   __syncthreads();
 
   // ---- move rows: the leaving key into its candidate slot, the new token into the ring ----
-#pragma unroll
-  for (int r = 0; r < kMaxPieces; ++r) {
-    const int piece = tid + r * kThreads;
-    if (piece < pieces) {
-      const bool is_v = piece >= row_vecs;
-      const int vec = is_v ? piece - row_vecs : piece;
-      if (dst >= 0) reinterpret_cast<uint4*>((is_v ? v_cand : k_cand) + static_cast<int64_t>(dst) * row_bytes)[vec] = moved[r];
-      if (W > 0) reinterpret_cast<uint4*>((is_v ? v_slots : k_slots) + static_cast<int64_t>(ring) * row_bytes)[vec] = incoming[r];
-    }
+  if (mover) {
+    if (dst >= 0) reinterpret_cast<uint4*>((is_v ? v_cand : k_cand) + static_cast<int64_t>(dst) * row_bytes)[vec] = moved;
+    if (W > 0) reinterpret_cast<uint4*>((is_v ? v_slots : k_slots) + static_cast<int64_t>(ring) * row_bytes)[vec] = incoming;
   }
   if (tid == 0) {
     if (dst >= 0) {

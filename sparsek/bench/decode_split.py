@@ -67,6 +67,7 @@ def _closures(case):
     """(step, attention, update) callables over one cache built from the case's context."""
     from sparsek import SparseKCache
     from sparsek.bench.cases import make_inputs
+    from sparsek.bench.impls.decode import STEP_STREAM  # the same token replay as the sparsek-decode benchmark
 
     x = make_inputs(case)
     cache = SparseKCache.from_prefill(x.k, x.v, x.scores, topk=case.topk, window=case.window, scale=case.scale,
@@ -74,7 +75,7 @@ def _closures(case):
     st, ops = cache.state, cache._cuda_ops()
     counters = cache._counters_for(case.q_heads)
     K, W = case.topk, case.window
-    n = min(1024, case.seq_len)
+    n = min(STEP_STREAM, case.seq_len)
     stream = x.scores[..., :n].permute(2, 0, 1).contiguous()  # (n, B, Hkv): token j's scores
     j = [0]
 
