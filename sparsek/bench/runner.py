@@ -2,9 +2,12 @@
 
 Per record: availability (skipped with the reason), prepare (not timed), one call whose output
 is checked against the reference on chosen rows (peak memory measured around it), then the
-timed loop with NVML clock sampling. Any exception, out-of-memory or timeout becomes a record
-with that status and the run goes on; the results file is rewritten atomically after every
-record, so even a run killed mid-way leaves every finished record on disk.
+timed loop with NVML clock sampling. For train cases the call is one training step and the
+check compares its gradients with reference gradients on a bounded subset
+(impls/grad_reference.py). Any exception, out-of-memory or timeout becomes a record
+with that status and the run goes on; a checkpoint beside the results file is rewritten
+atomically after every record, so even a run killed mid-way leaves every finished record on disk
+(marked partial), and the results file itself is written once, at the end (results.write_final).
 
 NVTX: every timed call runs inside ``case:<case>`` wrapping ``<impl>`` (domain ``sparsek``), and
 nothing else is pushed between them or inside the impl range by the harness. ncu's push/pop
@@ -37,6 +40,7 @@ from . import device as device_mod
 from . import metrics, results as results_mod, tiers as tiers_mod, timing
 from .cases import CASES, DEFAULT_CASES, Case, get_case, make_inputs
 from .impls import Impl, get_impl, impls_for
+from .impls import grad_reference
 from .impls.base import check_rows, first_line
 
 RUNS_DIR = Path("benchmarks/runs")
@@ -116,7 +120,7 @@ def _cleanup(cuda: bool):
 
 
 def _base_record(case: Case, impl: Impl) -> dict:
-    return {"case": case.name, "impl": impl.id, "family": impl.family, "kind": impl.kind, "pattern": impl.pattern,
+    return {"case": case.name, "impl": impl.id, "family": impl.family, "kind": case.kind, "pattern": impl.pattern,
             "description": impl.description, "case_spec": asdict(case), "status": None, "reason": None, "notes": []}
 
 
@@ -128,16 +132,49 @@ class CaseContext:
         self.inputs = inputs
         self.rows = check_rows(case, rows)
         self._refs: dict[str, torch.Tensor] = {}
+        self._grad_refs: dict[str, tuple[grad_reference.GradSubset, dict]] = {}
 
     def reference(self, impl: Impl) -> torch.Tensor:
         if impl.pattern not in self._refs:
             self._refs[impl.pattern] = impl.reference_rows(self.case, self.inputs, self.rows)
         return self._refs[impl.pattern]
 
+    def grad_reference(self, impl: Impl) -> tuple[grad_reference.GradSubset, dict]:
+        """(subset, reference gradients there) of a train case, once per pattern."""
+        if impl.pattern not in self._grad_refs:
+            subset = grad_reference.grad_subset(self.case, impl.pattern)
+            refs = grad_reference.reference_grads(self.case, self.inputs, impl.pattern, subset)
+            self._grad_refs[impl.pattern] = (subset, refs)
+        return self._grad_refs[impl.pattern]
 
-def check_output(ctx: CaseContext, impl: Impl, out: torch.Tensor, compare_with: dict) -> dict:
-    """Error of ``out`` at the checked rows against the reference (and any extra outputs)."""
+
+def check_grads(ctx: CaseContext, impl: Impl, grads: dict) -> dict:
+    """Error of a training step's gradients (name -> tensor, inputs' layouts) against the
+    reference gradients of the impl's pattern on the case's bounded subset."""
     case = ctx.case
+    if not isinstance(grads, dict):
+        raise ValueError(f"{impl.id} returned {type(grads).__name__} from a training step, expected a dict of gradients")
+    subset = grad_reference.grad_subset(case, impl.pattern)
+    got = grad_reference.take(case, grads, subset)  # validates names and shapes first
+    against = f"{impl.pattern} reference gradients"
+    try:
+        subset, refs = ctx.grad_reference(impl)
+    except Exception as exc:
+        if _is_oom(exc):
+            _cleanup(case.device == "cuda")
+        return {"against": against, "subset": subset.describe(), "passed": None,
+                "error": f"the reference failed: {first_line(exc)}"}
+    err = metrics.grad_error_stats(got, refs, case.dtype)
+    err.update(against=against, subset=subset.describe(), not_compared=[n for n in refs if n not in got])
+    return err
+
+
+def check_output(ctx: CaseContext, impl: Impl, out, compare_with: dict) -> dict:
+    """Error of ``out`` at the checked rows against the reference (and any extra outputs); for
+    a train case ``out`` is the step's gradients (check_grads)."""
+    case = ctx.case
+    if case.kind == "train":
+        return check_grads(ctx, impl, out)
     rows_dim = 1 if case.kind == "decode" else case.seq_len
     expected = (case.batch, case.q_heads, rows_dim, case.head_dim)
     if tuple(out.shape) != expected:
@@ -196,6 +233,11 @@ def run_one(ctx: CaseContext, impl: Impl, options: RunOptions, *, peaks: dict | 
                 record["memory"] = {"peak_bytes": state_bytes + call_bytes, "prepared_bytes": state_bytes,
                                     "call_bytes": call_bytes,
                                     "note": "beyond the inputs: prepared state + one call's workspace and output"}
+                if case.kind == "train":
+                    record["memory"].update(
+                        inputs_bytes=case.input_bytes(), step_peak_bytes=case.input_bytes() + state_bytes + call_bytes,
+                        note="peak_bytes: beyond the inputs (prepared state + one step's saved activations, workspace "
+                             "and gradients); step_peak_bytes: the same plus the inputs (q, k, v, scores, grad_out)")
             record["error"] = check_output(ctx, impl, out, prepared.compare_with)
             out = None
             with sampler if sampler is not None else contextlib.nullcontext():
@@ -321,7 +363,7 @@ def run(case_names: list[str], impl_ids: list[str] | None = None, *, options: Ru
                 "nvtx": _nvtx.available(), "cases": {n: asdict(CASES[n]) for n in case_names if n in CASES},
                 "json_path": str(path), "throttled": None}
     doc = results_mod.new_results(run_meta)
-    results_mod.write_json_atomic(path, doc)
+    results_mod.write_checkpoint(path, doc)
 
     plan = _planned(case_names, ids)
     total = sum(max(1, len(impls)) for _, impls in plan)
@@ -346,7 +388,7 @@ def run(case_names: list[str], impl_ids: list[str] | None = None, *, options: Ru
             record = run_learn(name, options.quick)
             doc["records"].append(record)
             _say(progress, f"[{done}/{total}] {name}: {record['status']}")
-            results_mod.write_json_atomic(path, doc)
+            results_mod.write_checkpoint(path, doc)
             continue
         case = CASES[name]
         peaks = doc["run"]["peaks"].get(case.device)
@@ -375,7 +417,7 @@ def run(case_names: list[str], impl_ids: list[str] | None = None, *, options: Ru
             doc["records"].append(record)
             _say(progress, f"[{done}/{total}] {name} / {impl.id}: {_summary_line(record)} "
                            f"[{time.perf_counter() - t_start:.0f} s]")
-            results_mod.write_json_atomic(path, doc)
+            results_mod.write_checkpoint(path, doc)
         ctx = None
         _cleanup(case.device == "cuda" and cuda)
 
@@ -384,7 +426,7 @@ def run(case_names: list[str], impl_ids: list[str] | None = None, *, options: Ru
     doc["run"]["throttled"] = any(f for f in flags if f is not None) if flags else None
     doc["run"]["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     doc["run"]["status_counts"] = results_mod.status_counts(doc)
-    results_mod.write_json_atomic(path, doc)
+    results_mod.write_final(path, doc)
     return doc
 
 
