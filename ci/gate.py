@@ -1,7 +1,8 @@
 """Performance gate: compare a base and a head result set, print a markdown table, fail on a regression.
 
     python ci/gate.py BASE HEAD [--threshold 0.05] [--alpha 0.01] [--machine NAME]
-                      [--base-commit SHA] [--head-commit SHA] [--bench REGEX]
+                      [--base-commit SHA] [--head-commit SHA] [--bench REGEX] [--allow-partial]
+                      [--head-error TEXT ...] [--base-error TEXT ...]
                       [--title TEXT] [--note TEXT ...] [--json PATH]
 
 BASE and HEAD are each one or more paths, joined with commas:
@@ -9,14 +10,20 @@ BASE and HEAD are each one or more paths, joined with commas:
   file. Only benchmarks whose unit is seconds (read from `benchmarks.json` beside the machine
   folders) are compared; their raw samples are there when asv ran with `--record-samples` or
   `--append-samples`. A result without samples counts as one sample: too few to decide.
-- sparsek-bench results JSON (`sparsek-bench run --json`), or a directory of them.
+- sparsek-bench results JSON (`sparsek-bench run --json`), or a directory of them, validated
+  against the results schema; a partial run (one that never finished) is refused unless
+  --allow-partial. Records that failed, ran out of memory or timed out are read as failures.
 Several files of one side (rounds of the same commit on the same machine) pool their samples.
 
-The statistics live in sparsek.bench.compare. The table goes to stdout and, when
-$GITHUB_STEP_SUMMARY is set, is appended to the job summary.
+The gate fails closed: a benchmark measured in base that failed, timed out or is missing in head
+fails it, unless base failed it too, and so does a head run that errored (--head-error, which
+ci/gate.sh passes with the error's last line). The statistics and verdicts live in
+sparsek.bench.compare. The table goes to stdout and, when $GITHUB_STEP_SUMMARY is set, is
+appended to the job summary, as is the reason when the input is unusable.
 
-Exit status: 0 no regression, 1 a regression beyond the threshold, 2 bad input or nothing that
-could be compared (a gate that compared nothing must not pass).
+Exit status: 0 pass; 1 a regression beyond the threshold, or a broken head (a benchmark of base
+failed or missing in head, or the head run errored); 2 unusable input or nothing that could be
+compared (a gate that compared nothing must not pass).
 """
 
 from __future__ import annotations
@@ -40,9 +47,15 @@ from sparsek.bench.compare import (  # noqa: E402
     REGRESSION,
     UNCHANGED,
     compare_samples,
+    failures,
     has_regression,
     to_markdown,
 )
+from sparsek.bench.results import write_json_atomic  # noqa: E402
+
+EXIT_PASS = 0
+EXIT_FAIL = 1  # a regression, or a broken head
+EXIT_UNUSABLE = 2
 
 ASV_SKIP_FILES = {"machine.json", "benchmarks.json"}
 ASV_TIME_UNIT = "seconds"
@@ -54,8 +67,10 @@ class GateError(Exception):
     """Input the gate cannot judge; the message says which path and why."""
 
 
-def load_side(spec: str, *, commit: str | None = None, machine: str | None = None) -> tuple[Samples, dict]:
-    """Samples by benchmark key for one side, and what was found: {"format", "commit", "machine", "files"}."""
+def load_side(spec: str, *, commit: str | None = None, machine: str | None = None,
+              allow_partial: bool = False) -> tuple[Samples, dict]:
+    """Samples by benchmark key for one side, and what was found: {"format", "commit", "machine",
+    "files", "failed" (key -> why, sparsek-bench only), "notes"}."""
     files = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
         files.extend(_json_files(Path(part)))
@@ -72,7 +87,7 @@ def load_side(spec: str, *, commit: str | None = None, machine: str | None = Non
         )
     if asv_files:
         return _load_asv(spec, asv_files, commit=commit, machine=machine)
-    return _load_sparsek_bench(bench_files)
+    return _load_sparsek_bench(bench_files, allow_partial=allow_partial)
 
 
 def asv_samples(data: dict, units: dict[str, str] | None) -> tuple[Samples, dict[str, str]]:
@@ -101,60 +116,99 @@ def asv_samples(data: dict, units: dict[str, str] | None) -> tuple[Samples, dict
 
 
 def run_gate(args: argparse.Namespace) -> int:
-    try:
-        base, base_info = load_side(args.base, commit=args.base_commit, machine=args.machine)
-        head, head_info = load_side(args.head, commit=args.head_commit, machine=args.machine)
-    except GateError as exc:
-        print(f"gate: {exc}", file=sys.stderr)
-        return 2
-
     notes = list(args.note or [])
+    try:
+        base, base_info = load_side(args.base, commit=args.base_commit, machine=args.machine,
+                                    allow_partial=args.allow_partial)
+    except GateError as exc:
+        return _unusable(args, str(exc))
+    try:
+        head, head_info = load_side(args.head, commit=args.head_commit, machine=args.machine,
+                                    allow_partial=args.allow_partial)
+    except GateError as exc:
+        if not args.head_error:
+            return _unusable(args, str(exc))
+        # The head run errored and left nothing usable: every benchmark of base is lost in head.
+        head, head_info = {}, {"format": base_info["format"], "failed": {}, "notes": []}
+        notes.append(f"head results unusable: {exc}")
+    notes += base_info.get("notes", []) + head_info.get("notes", [])
+    notes += [f"base run error: {e}" for e in args.base_error or []]
+    notes += [f"**head run error**: {e}" for e in args.head_error or []]
+
     if base_info.get("machine") and head_info.get("machine") and base_info["machine"] != head_info["machine"]:
         notes.append(
             f"base ran on machine `{base_info['machine']}`, head on `{head_info['machine']}`: "
             "timings from different machines are not comparable"
         )
+    base_failed, head_failed = base_info.get("failed", {}), head_info.get("failed", {})
     if args.bench:
-        base = {k: v for k, v in base.items() if args.bench.search(k)}
-        head = {k: v for k, v in head.items() if args.bench.search(k)}
+        base, head, base_failed, head_failed = (
+            {k: v for k, v in side.items() if args.bench.search(k)} for side in (base, head, base_failed, head_failed)
+        )
     for key in sorted(set(base) & set(head)):
         vb, vh = base_info.get("versions", {}).get(key), head_info.get("versions", {}).get(key)
         if vb != vh:
             notes.append(f"`{key}`: the benchmark changed between base and head (version differs); not compared")
             del base[key]
 
-    rows = compare_samples(base, head, threshold=args.threshold, alpha=args.alpha)
-    decided = any(row.verdict in (REGRESSION, IMPROVEMENT, UNCHANGED) for row in rows)
-    if not decided:
-        outcome = "NO VERDICT: no benchmark could be compared"
-    elif has_regression(rows):
-        outcome = "FAIL: significant regression"
+    rows = compare_samples(base, head, threshold=args.threshold, alpha=args.alpha,
+                           base_failed=base_failed, head_failed=head_failed)
+    failing = failures(rows)
+    broken = [row for row in failing if row.verdict != REGRESSION]
+    decided = bool(failing) or any(row.verdict in (REGRESSION, IMPROVEMENT, UNCHANGED) for row in rows)
+    if failing or args.head_error:
+        reasons = []
+        if has_regression(rows):
+            reasons.append("significant regression")
+        if broken:
+            reasons.append(f"{len(broken)} benchmark{'s' * (len(broken) != 1)} of base failed or missing in head")
+        if args.head_error:
+            reasons.append("the head run errored")
+        outcome, code = "FAIL: " + "; ".join(reasons), EXIT_FAIL
+    elif not decided:
+        outcome, code = "NO VERDICT: no benchmark could be compared", EXIT_UNUSABLE
     else:
-        outcome = "PASS: no significant regression"
+        outcome, code = "PASS: no significant regression", EXIT_PASS
     report = _report(args, rows, base_info, head_info, notes, outcome)
     print(report)
-    summary = os.environ.get("GITHUB_STEP_SUMMARY")
-    if summary:
-        with open(summary, "a", encoding="utf-8") as f:
-            f.write(report + "\n")
+    _append_summary(report)
     if args.json:
         payload = {
             "threshold": args.threshold,
             "alpha": args.alpha,
+            "outcome": outcome,
             "base": {k: v for k, v in base_info.items() if k != "versions"},
             "head": {k: v for k, v in head_info.items() if k != "versions"},
+            "head_errors": list(args.head_error or []),
             "rows": [asdict(row) for row in rows],
         }
-        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        write_json_atomic(args.json, payload)
 
-    if not decided:
+    if code == EXIT_UNUSABLE:
         print(
             "gate: no benchmark had enough samples on both sides to decide; "
             "were samples recorded (asv run --record-samples) and did the benchmarks run?",
             file=sys.stderr,
         )
-        return 2
-    return 1 if has_regression(rows) else 0
+    return code
+
+
+def _unusable(args: argparse.Namespace, why: str) -> int:
+    """Input the gate cannot judge: one line on stderr and in the job summary, exit 2."""
+    print(f"gate: {why}", file=sys.stderr)
+    _append_summary(f"### {args.title}\n\n**NO VERDICT: unusable input**: {_one_line(why)}\n")
+    return EXIT_UNUSABLE
+
+
+def _append_summary(text: str) -> None:
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        with open(summary, "a", encoding="utf-8") as f:
+            f.write(text + "\n")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-commit", help="asv: only base results of this commit (a prefix is enough)")
     parser.add_argument("--head-commit", help="asv: only head results of this commit (a prefix is enough)")
     parser.add_argument("--bench", help="only benchmark keys matching this regular expression")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="sparsek-bench: accept partial runs (checkpoints of runs that never finished)")
+    parser.add_argument("--head-error", action="append", metavar="TEXT",
+                        help="the head run errored (repeatable): the gate fails and shows TEXT")
+    parser.add_argument("--base-error", action="append", metavar="TEXT",
+                        help="the base run errored (repeatable): shown under the table")
     parser.add_argument("--title", default="Performance gate", help="heading of the markdown report")
     parser.add_argument("--note", action="append", help="a line to add under the table (repeatable)")
     parser.add_argument("--json", help="also write the rows as JSON to this path")
@@ -253,19 +313,36 @@ def _asv_units(result_file: Path) -> dict[str, str] | None:
     return {name: b.get("unit") for name, b in data.items() if isinstance(b, dict)}
 
 
-def _load_sparsek_bench(files) -> tuple[Samples, dict]:
+def _load_sparsek_bench(files, *, allow_partial: bool) -> tuple[Samples, dict]:
     # Imported here: asv-only use of the gate must not depend on the harness.
-    from sparsek.bench.results import load_results, samples_by_key
+    from sparsek.bench.results import (
+        ResultsFileError,
+        check_results,
+        failures_by_key,
+        is_partial,
+        partial_note,
+        refuse_partial,
+        samples_by_key,
+    )
 
     samples: Samples = {}
-    for path, _ in files:
+    failed: dict[str, str] = {}
+    notes = []
+    for path, data in files:
         try:
-            by_key = samples_by_key(load_results(path))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise GateError(f"{path}: not a sparsek-bench results file ({exc})") from exc
-        for key, values in by_key.items():
-            samples.setdefault(key, []).extend(float(v) for v in values)
-    return samples, {"format": "sparsek-bench", "files": [str(p) for p, _ in files]}
+            doc = check_results(data, path)
+            if not allow_partial:
+                refuse_partial(doc, path)
+        except ResultsFileError as exc:
+            raise GateError(str(exc)) from None
+        if is_partial(doc):
+            notes.append(partial_note(doc, path))
+        for key, values in samples_by_key(doc).items():
+            samples.setdefault(key, []).extend(values)
+        for key, why in failures_by_key(doc).items():
+            failed.setdefault(key, why)  # the first failure of a key speaks for all rounds
+    info = {"format": "sparsek-bench", "files": [str(p) for p, _ in files], "failed": failed, "notes": notes}
+    return samples, info
 
 
 def _json_files(path: Path) -> list[Path]:
@@ -280,8 +357,8 @@ def _read_json(path: Path):
     try:
         # asv writes NaN for skipped parameter combinations; json reads it as float('nan').
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise GateError(f"{path}: cannot read JSON ({exc})") from exc
+    except (OSError, ValueError, RecursionError) as exc:
+        raise GateError(f"{path}: cannot read JSON ({exc})") from None
 
 
 def _is_asv_result(data) -> bool:

@@ -9,8 +9,9 @@
 # environment on this one GPU. Rounds alternate the order (base then head, head then base, ...) so
 # a slow drift of clocks or temperature hits both sides alike; the samples of all rounds are
 # pooled per side. Then ci/gate.py from this checkout decides: a markdown table on stdout and in
-# $GITHUB_STEP_SUMMARY, exit 1 on a significant regression beyond the threshold, 2 when nothing
-# could be compared.
+# $GITHUB_STEP_SUMMARY; exit 0 pass, 1 on a significant regression beyond the threshold or a broken
+# head (a benchmark of base failed or missing in head, or a head run that errored: its last output
+# line goes into the summary), 2 when the input is unusable or nothing could be compared.
 #
 # Environment:
 #   SPARSEK_GATE_THRESHOLD  relative slowdown that fails (default 0.05)
@@ -64,8 +65,9 @@ for side in base head; do
   fi
 done
 
+run_errors=()
 measure() {
-  local side="$1" round="$2"
+  local side="$1" round="$2" log="$work/$1-round-$2.log" status=0 last
   echo "gate: round $round, $side (${sha[$side]:0:12})"
   if [ "$tool" = asv ]; then
     # asv's benchmark runner strips PYTHONPATH from sys.path and puts ASV_PYTHONPATH first;
@@ -73,12 +75,22 @@ measure() {
     ASV_PYTHONPATH="$work/src-$side${PYTHONPATH:+:$PYTHONPATH}" \
       asv --config "$work/asv-$side.conf.json" run -E existing \
       --set-commit-hash "${sha[$side]}" --machine "$SPARSEK_ASV_MACHINE" \
-      --append-samples --show-stderr "${bench_args[@]}" ||
-      echo "gate: asv reported failures for $side; those benchmarks count as missing" >&2
+      --append-samples --show-stderr "${bench_args[@]}" 2>&1 | tee "$log" || status=$?
+    if [ "$status" = 2 ]; then
+      # asv's exit status when some benchmarks failed: ci/gate.py judges those one by one (one
+      # measured in base and missing in head fails the gate, unless base lost it too).
+      echo "gate: asv reported failed benchmarks for $side in round $round" >&2
+      return 0
+    fi
   else
     # Run from the worktree so that its sparsek, not this checkout's, is imported.
-    (cd "$work/src-$side" && python -m sparsek.bench.cli run --default --json "$work/results-$side/round-$round.json") ||
-      echo "gate: sparsek-bench failed for $side in round $round" >&2
+    (cd "$work/src-$side" && python -m sparsek.bench.cli run --default --json "$work/results-$side/round-$round.json") \
+      2>&1 | tee "$log" || status=$?
+  fi
+  if [ "$status" != 0 ]; then
+    last="$(grep -v '^[[:space:]]*$' "$log" | tail -n 1 || true)"
+    echo "gate: the $side run of round $round failed (exit status $status)" >&2
+    run_errors+=("--$side-error" "round $round: $tool exited with status $status: ${last:-no output}")
   fi
 }
 
@@ -96,5 +108,5 @@ python ci/gate.py "$work/results-base" "$work/results-head" \
   --base-commit "${sha[base]}" --head-commit "${sha[head]}" \
   --threshold "${SPARSEK_GATE_THRESHOLD:-0.05}" --alpha "${SPARSEK_GATE_ALPHA:-0.01}" \
   --title "Performance gate on $SPARSEK_ASV_MACHINE: ${sha[head]:0:12} against ${sha[base]:0:12}" \
-  --json "$work/gate.json" "${notes[@]}" || status=$?
+  --json "$work/gate.json" "${notes[@]}" "${run_errors[@]}" || status=$?
 exit "$status"

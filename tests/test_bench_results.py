@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -28,6 +30,44 @@ def test_atomic_write_replaces_whole_files(tmp_path):
     assert os.listdir(path.parent) == ["r.json"]  # and no temp file is left behind
 
 
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_atomic_write_gives_the_mode_open_would(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        path = results.write_json_atomic(tmp_path / "r.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == mode
+
+
+def test_a_write_removes_the_temp_files_of_killed_writers(tmp_path):
+    """A SIGKILL skips every cleanup; the next write in the directory removes what it left."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = results._HOST
+    stale = tmp_path / f".old.json.{host}.{dead.pid}.0123abcd.tmp"
+    live = tmp_path / f".other.json.{host}.{os.getppid()}.0123abcd.tmp"  # a writer still running
+    elsewhere = tmp_path / f".old.json.another-host.{dead.pid}.0123abcd.tmp"  # not ours to judge
+    unrelated = tmp_path / ".notes.tmp"
+    for path in (stale, live, elsewhere, unrelated):
+        path.write_text("{")
+    results.write_json_atomic(tmp_path / "new.json", {"a": 1})
+    assert sorted(os.listdir(tmp_path)) == sorted(["new.json", live.name, elsewhere.name, unrelated.name])
+
+
+def test_checkpoints_go_beside_the_results_file(tmp_path):
+    path = tmp_path / "run.json"
+    results.write_json_atomic(path, results.new_results({"finished": "t1"}))
+    before = path.read_bytes()
+    results.write_checkpoint(path, results.new_results({"finished": None}))
+    assert path.read_bytes() == before  # a run in progress never touches the results file
+    assert results.checkpoint_path(path) == tmp_path / "run.json.partial"
+    assert results.is_partial(results.load_results(results.checkpoint_path(path)))
+    results.write_final(path, results.new_results({"finished": "t2"}))
+    assert os.listdir(tmp_path) == ["run.json"]
+    assert results.load_results(path)["run"]["finished"] == "t2"
+
+
 def test_load_checks_the_schema(tmp_path):
     good = tmp_path / "good.json"
     results.write_json_atomic(good, results.new_results({"argv": []}))
@@ -40,6 +80,10 @@ def test_load_checks_the_schema(tmp_path):
     other.write_text("{}")
     with pytest.raises(ValueError, match="not a sparsek-bench results file"):
         results.load_results(other)
+    with pytest.raises(results.ResultsFileError, match="is a directory; expected a results file"):
+        results.load_results(tmp_path)
+    with pytest.raises(results.ResultsFileError, match="no such file"):
+        results.load_results(tmp_path / "missing.json")
 
 
 def test_samples_by_key_takes_ok_records_only():
@@ -160,3 +204,12 @@ def test_merging_runs_of_one_gpu():
     assert [m["path"] for m in merged["run"]["merged"]] == ["a.json", "b.json"] and merged["run"]["throttled"] is True
     with pytest.raises(ValueError, match="different devices"):
         results.merge_results([a, run("t2", "NVIDIA H100 80GB HBM3", [])])
+
+
+def test_a_merge_is_partial_when_any_run_is():
+    done = [results.new_results({"started": s, "finished": f, "device": {"name": "H200"}})
+            for s, f in (("t0", "t1"), ("t2", "t3"))]
+    assert results.merge_results(done)["run"]["finished"] == "t3"
+    partial = results.new_results({"started": "t4", "finished": None, "device": {"name": "H200"}})
+    merged = results.merge_results(done + [partial])
+    assert results.is_partial(merged) and [m["finished"] for m in merged["run"]["merged"]] == ["t1", "t3", None]

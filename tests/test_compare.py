@@ -254,14 +254,15 @@ def test_markdown_table_worst_news_first():
     head = {"a/fast": spread[::-1], "z|slow": [1.5 * t for t in spread]}
     text = to_markdown(compare_samples(base, head))
     lines = text.splitlines()
-    assert lines[0] == "**1 regression, 1 unchanged, 1 missing-in-head**"
+    assert lines[0] == "**1 regression, 1 missing-in-head, 1 unchanged**"
     assert lines[2].startswith("| benchmark | base median | head median | head/base |")
     body = [line for line in lines[4:] if line.startswith("|")]
     assert len(body) == 3
     assert body[0].startswith("| z\\|slow |") and "**regression**" in body[0]  # the | is escaped
     assert "| 250 us | 375 us | 1.500x |" in body[0]
-    assert body[1].startswith("| a/fast |") and body[1].endswith("| unchanged |")
-    assert body[2].startswith("| gone |") and "| - |" in body[2]
+    # A benchmark that head lost is bad news too: right after the regressions.
+    assert body[1].startswith("| gone |") and "| - |" in body[1] and "**missing-in-head**" in body[1]
+    assert body[2].startswith("| a/fast |") and body[2].endswith("| unchanged |")
     assert all(line.count("|") - line.count("\\|") == 8 for line in body)
 
 

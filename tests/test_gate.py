@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import bench_docs
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -261,15 +262,16 @@ def test_asv_samples_without_benchmarks_json_keeps_sampled_benchmarks(asv_pair):
 # sparsek-bench results
 
 
-def write_bench(path: Path, scale: float, seed: int) -> Path:
-    from sparsek.bench.results import new_results, write_json_atomic
+def bench_records(scale: float, seed: int) -> list[dict]:
+    records = [bench_docs.ok("seed", impl, timings(seed * 10 + i, scale=scale if impl == "sparsek" else 1.0))
+               for i, impl in enumerate(("sparsek", "sdpa-cudnn", "flex-window"))]
+    return records + [bench_docs.broken("seed", "vllm-paged", "skipped", "vllm is not installed")]
 
-    doc = new_results({"device": {"name": "NVIDIA H200", "throttled": False}})
-    for i, impl in enumerate(("sparsek", "sdpa-cudnn", "flex-window")):
-        factor = scale if impl == "sparsek" else 1.0
-        doc["records"].append({"case": "seed", "impl": impl, "status": "ok",
-                               "timing": {"samples": timings(seed * 10 + i, scale=factor)}})
-    doc["records"].append({"case": "seed", "impl": "vllm-paged", "status": "skipped", "reason": "vllm is not installed"})
+
+def write_bench(path: Path, scale: float, seed: int, *, records: list[dict] | None = None, finished=True) -> Path:
+    from sparsek.bench.results import write_json_atomic
+
+    doc = bench_docs.results_doc(bench_records(scale, seed) if records is None else records, finished=finished)
     return write_json_atomic(path, doc)
 
 
@@ -297,6 +299,122 @@ def test_sparsek_bench_rounds_pool_their_samples(tmp_path, capsys):
     code, _, _ = run_gate(capsys, f"{tmp_path}/base/round-0.json,{tmp_path}/base/round-1.json",
                           tmp_path / "head" / "round-0.json", "--json", tmp_path / "g.json")
     assert rows_by_key(tmp_path / "g.json")["seed/sparsek"]["n_base"] == 60
+
+
+def replaced(records: list[dict], impl: str, record: dict | None) -> list[dict]:
+    """records with seed/<impl> replaced by record (None: dropped)."""
+    return [record if r["impl"] == impl else r for r in records if r["impl"] != impl or record is not None]
+
+
+BROKEN_HEADS = {
+    "timeout": (bench_docs.broken("seed", "sparsek", "timeout", "exceeded the per-record timeout of 300 s"),
+                "failed-in-head", "head timeout: exceeded the per-record timeout of 300 s"),
+    "crash": (bench_docs.broken("seed", "sparsek", "failed", "RuntimeError: CUDA error: an illegal memory access"),
+              "failed-in-head", "head failed: RuntimeError: CUDA error: an illegal memory access"),
+    "oom": (bench_docs.broken("seed", "sparsek", "oom", "CUDA out of memory"), "failed-in-head", "head oom"),
+    "missing": (None, "missing-in-head", None),
+    "skipped": (bench_docs.broken("seed", "sparsek", "skipped", "no kernels for this GPU"), "missing-in-head", None),
+}
+
+
+@pytest.mark.parametrize("planted", list(BROKEN_HEADS))
+def test_a_broken_head_fails_the_gate(planted, tmp_path, capsys, monkeypatch):
+    """A head whose sparsek benchmark timed out, crashed or vanished must not pass: nothing slow
+    was measured, because nothing was measured."""
+    summary = tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    record, verdict, detail = BROKEN_HEADS[planted]
+    base = write_bench(tmp_path / "base.json", 1.0, 1)
+    head = write_bench(tmp_path / "head.json", 1.0, 2, records=replaced(bench_records(1.0, 2), "sparsek", record))
+    code, out, _ = run_gate(capsys, base, head, "--json", tmp_path / "g.json")
+    assert code == 1
+    row = rows_by_key(tmp_path / "g.json")["seed/sparsek"]
+    assert row["verdict"] == verdict
+    if detail:
+        assert row["detail"].startswith(detail)
+    assert rows_by_key(tmp_path / "g.json")["seed/sdpa-cudnn"]["verdict"] == "unchanged"
+    assert "FAIL: 1 benchmark of base failed or missing in head" in out
+    assert f"**{verdict}**" in summary.read_text()
+
+
+def test_a_benchmark_that_base_failed_too_does_not_fail_the_gate(tmp_path, capsys):
+    timeout = bench_docs.broken("seed", "sparsek", "timeout", "exceeded the per-record timeout of 300 s")
+    base = write_bench(tmp_path / "base.json", 1.0, 1, records=replaced(bench_records(1.0, 1), "sparsek", timeout))
+    head = write_bench(tmp_path / "head.json", 1.0, 2, records=replaced(bench_records(1.0, 2), "sparsek", timeout))
+    code, out, _ = run_gate(capsys, base, head, "--json", tmp_path / "g.json")
+    assert code == 0 and "PASS" in out
+    assert rows_by_key(tmp_path / "g.json")["seed/sparsek"]["verdict"] == "failed-in-both"
+    # Base failed it, head measured it: nothing to compare against, and nothing broken by head.
+    head = write_bench(tmp_path / "head.json", 1.0, 2)
+    code, _, _ = run_gate(capsys, base, head, "--json", tmp_path / "g.json")
+    assert code == 0
+    assert rows_by_key(tmp_path / "g.json")["seed/sparsek"]["verdict"] == "failed-in-base"
+
+
+def test_a_timeout_in_one_head_round_fails_although_another_round_measured_it(tmp_path, capsys):
+    timeout = bench_docs.broken("seed", "sparsek", "timeout", "exceeded the per-record timeout of 300 s")
+    for r in range(2):
+        write_bench(tmp_path / "base" / f"round-{r}.json", 1.0, 1 + r)
+    write_bench(tmp_path / "head" / "round-0.json", 1.0, 5)
+    write_bench(tmp_path / "head" / "round-1.json", 1.0, 6, records=replaced(bench_records(1.0, 6), "sparsek", timeout))
+    code, _, _ = run_gate(capsys, tmp_path / "base", tmp_path / "head", "--json", tmp_path / "g.json")
+    assert code == 1
+    assert rows_by_key(tmp_path / "g.json")["seed/sparsek"]["verdict"] == "failed-in-head"
+
+
+def test_asv_benchmark_lost_in_head_fails_the_gate(tmp_path, capsys):
+    """asv keeps no record of a benchmark that failed: measured in base and absent in head fails."""
+    pytest.importorskip("asv")
+    write_asv(tmp_path / "base", BASE_SHA, seed=1, skip_long_cudnn=False)
+    write_asv(tmp_path / "head", HEAD_SHA, seed=2)
+    code, out, _ = run_gate(capsys, tmp_path / "base", tmp_path / "head", "--json", tmp_path / "g.json")
+    assert code == 1
+    assert rows_by_key(tmp_path / "g.json")[f"{TRACK_LATENCY}('long-16k', 'sdpa-cudnn')"]["verdict"] == "missing-in-head"
+    assert "failed or missing in head" in out
+
+
+def test_a_head_run_that_errored_fails_with_the_error_in_the_summary(tmp_path, capsys, monkeypatch):
+    summary = tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    base = write_bench(tmp_path / "base.json", 1.0, 1)
+    (tmp_path / "head").mkdir()  # the crashed run wrote nothing
+    error = "round 1: sparsek-bench exited with status 1: RuntimeError: CUDA error: unspecified launch failure"
+    code, out, _ = run_gate(capsys, base, tmp_path / "head", "--head-error", error)
+    assert code == 1
+    assert "FAIL: 3 benchmarks of base failed or missing in head; the head run errored" in out
+    text = summary.read_text()
+    assert error in text and "head results unusable" in text
+    # A head run that errored after writing complete results still fails the gate.
+    head = write_bench(tmp_path / "head.json", 1.0, 2)
+    code, out, _ = run_gate(capsys, base, head, "--head-error", error)
+    assert code == 1 and "FAIL: the head run errored" in out
+    # A base run error is only reported.
+    code, out, _ = run_gate(capsys, base, head, "--base-error", "round 2: sparsek-bench exited with status 137")
+    assert code == 0 and "base run error: round 2" in out
+
+
+def test_partial_runs_are_refused_unless_allowed(tmp_path, capsys):
+    base = write_bench(tmp_path / "base.json", 1.0, 1)
+    head = write_bench(tmp_path / "head.json", 1.0, 2, finished=False)
+    code, _, err = run_gate(capsys, base, head)
+    assert code == 2
+    assert err.count("\n") == 1 and "PARTIAL RUN" in err and "--allow-partial" in err
+    code, out, _ = run_gate(capsys, base, head, "--allow-partial")
+    assert code == 0 and "PARTIAL RUN" in out  # accepted, and said so under the table
+
+
+def test_gate_json_is_written_atomically_with_the_usual_mode(tmp_path, capsys):
+    base = write_bench(tmp_path / "base.json", 1.0, 1)
+    out_dir = tmp_path / "out"
+    old = os.umask(0o022)
+    try:
+        code, _, _ = run_gate(capsys, base, base, "--json", out_dir / "g.json")
+    finally:
+        os.umask(old)
+    assert code == 0
+    assert os.listdir(out_dir) == ["g.json"]
+    assert (out_dir / "g.json").stat().st_mode & 0o777 == 0o644
+    assert json.loads((out_dir / "g.json").read_text())["outcome"] == "PASS: no significant regression"
 
 
 def test_bad_inputs_exit_2(tmp_path, capsys):

@@ -4,7 +4,7 @@
     sparsek-bench run --case seed --impl sparsek,sdpa-cudnn --warm --json out.json
     sparsek-bench tiers --results benchmarks/runs/X.json --explain
     sparsek-bench report --results part1.json --results part2.json --json merged.json
-    sparsek-bench compare base.json head.json       # exit 1 on a significant regression
+    sparsek-bench compare base.json head.json       # exit 1 on a regression or a broken head, 2 bad input
     sparsek-bench env
     sparsek-bench profile ...                        # Nsight Compute (sparsek.bench.profile)
 
@@ -15,11 +15,65 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from pathlib import Path
 
 EXIT_OK = 0
-EXIT_REGRESSION = 1
-EXIT_USAGE = 2
+EXIT_REGRESSION = 1  # also: a benchmark of base failed or missing in head
+EXIT_USAGE = 2  # bad arguments, or results files that cannot be used (one line on stderr)
+
+
+# Argument types: argparse turns their ArgumentTypeError into "argument --x: message", exit 2.
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; expected an integer >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is too small; expected an integer >= 1")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not finite; expected a finite number")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (seconds, fractions)."""
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not positive; expected a finite number > 0")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0 (where 0 has a meaning, e.g. no timeout or no threshold)."""
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative; expected a finite number >= 0")
+    return value
+
+
+def probability(text: str) -> float:
+    value = _finite_float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1); expected a significance level such as 0.01")
+    return value
+
+
+def output_path(text: str) -> str:
+    """A file to write: not an existing directory (the write would fail only at the end of a run)."""
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; expected a file path, e.g. {Path(text) / 'run.json'}")
+    return text
 
 
 def _split(values: list[str] | None) -> list[str]:
@@ -41,12 +95,14 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                       help="flush L2 before every sample (default)")
     mode.add_argument("--warm", dest="cold", action="store_false", help="no L2 flush between samples")
     p.add_argument("--cuda-graph", action="store_true", help="time CUDA-graph replays of each call")
-    p.add_argument("--json", metavar="PATH", help="results file (default: benchmarks/runs/<date>-<gpu>-<commit>.json)")
-    p.add_argument("--timeout", type=float, default=300.0, metavar="S",
+    p.add_argument("--json", metavar="PATH", type=output_path,
+                   help="results file (default: benchmarks/runs/<date>-<gpu>-<commit>.json); written at the end, "
+                        "with a checkpoint in PATH.partial while the run goes on")
+    p.add_argument("--timeout", type=non_negative_float, default=300.0, metavar="S",
                    help="per case x implementation: prepare + check + timing (default 300; 0 = none)")
-    p.add_argument("--max-time", type=float, metavar="S", help="time cap of one timed loop")
-    p.add_argument("--min-samples", type=int, metavar="N", help="samples before the stopping rule may stop")
-    p.add_argument("--target-rel-iqr", type=float, metavar="F", help="stop when IQR/median is under this")
+    p.add_argument("--max-time", type=positive_float, metavar="S", help="time cap of one timed loop")
+    p.add_argument("--min-samples", type=positive_int, metavar="N", help="samples before the stopping rule may stop")
+    p.add_argument("--target-rel-iqr", type=positive_float, metavar="F", help="stop when IQR/median is under this")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
 
 
@@ -110,9 +166,14 @@ def cmd_tiers(args, argv) -> int:
 
 
 def _load_many(paths: list[str]) -> dict:
-    from .results import load_results, merge_results
+    """Validated results files (one, or several runs of one GPU merged); a partial run is marked
+    with a line at the top of the output, since its tables hold only the records it finished."""
+    from .results import is_partial, load_results, merge_results, partial_note
 
     docs = [load_results(p) for p in paths]
+    for path, doc in zip(paths, docs):
+        if is_partial(doc):
+            print(partial_note(doc, path))
     return docs[0] if len(docs) == 1 else merge_results(docs, paths)
 
 
@@ -133,7 +194,7 @@ def cmd_report(args, argv) -> int:
 
 
 def cmd_compare(args, argv) -> int:
-    from .results import load_results, samples_by_key
+    from .results import failures_by_key, is_partial, load_results, partial_note, refuse_partial, samples_by_key
 
     try:
         from . import compare
@@ -141,14 +202,20 @@ def cmd_compare(args, argv) -> int:
         print(f"sparsek-bench compare: the statistics module sparsek.bench.compare is missing ({exc})", file=sys.stderr)
         return EXIT_USAGE
     base, head = load_results(args.base), load_results(args.head)
+    for path, doc in ((args.base, base), (args.head, head)):
+        if not args.allow_partial:
+            refuse_partial(doc, path)
+        elif is_partial(doc):
+            print(f"warning: {partial_note(doc, path)}", file=sys.stderr)
     names = [(d["run"].get("device") or {}).get("name") for d in (base, head)]
     if names[0] != names[1]:
         print(f"warning: {args.base} ran on {names[0]} and {args.head} on {names[1]}; "
               "timings from different cards are not comparable", file=sys.stderr)
     rows = compare.compare_samples(samples_by_key(base), samples_by_key(head), threshold=args.threshold,
-                                   alpha=args.alpha)
+                                   alpha=args.alpha, base_failed=failures_by_key(base),
+                                   head_failed=failures_by_key(head))
     print(compare.to_markdown(rows), end="")
-    return EXIT_REGRESSION if compare.has_regression(rows) else EXIT_OK
+    return EXIT_REGRESSION if compare.failures(rows) else EXIT_OK
 
 
 def cmd_env(args, argv) -> int:
@@ -183,12 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p)
     p = sub.add_parser("report", help="print the report and tiers of results files (merging runs of one GPU)")
     p.add_argument("--results", metavar="FILE", action="append", required=True, help="a results JSON (repeatable)")
-    p.add_argument("--json", metavar="PATH", help="also write the merged document here")
-    p = sub.add_parser("compare", help="base vs head: significance test on the samples; exit 1 on a regression")
+    p.add_argument("--json", metavar="PATH", type=output_path, help="also write the merged document here")
+    p = sub.add_parser("compare", help="base vs head: significance test on the samples; exit 1 on a regression "
+                                       "or on a benchmark of base that failed or is missing in head")
     p.add_argument("base", help="results JSON of the base run")
     p.add_argument("head", help="results JSON of the head run")
-    p.add_argument("--threshold", type=float, default=0.05, help="relative slowdown that counts (default 0.05)")
-    p.add_argument("--alpha", type=float, default=0.01, help="significance level (default 0.01)")
+    p.add_argument("--threshold", type=non_negative_float, default=0.05,
+                   help="relative slowdown that counts (default 0.05)")
+    p.add_argument("--alpha", type=probability, default=0.01, help="significance level (default 0.01)")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="compare partial runs (checkpoints of runs that never finished) too")
     p = sub.add_parser("env", help="print the device fingerprint, versions and commit")
     p.add_argument("--json", action="store_true", help="as JSON")
     sub.add_parser("profile", help="Nsight Compute profile (sparsek.bench.profile; see `profile --help`)",

@@ -11,6 +11,10 @@ The first guards against noise, the second against reporting a real but negligib
 a run with thousands of samples. Improvement is the mirror image, ratio < 1 / (1 + threshold), so a
 5% threshold means the same distance in log space both ways.
 
+The comparison fails closed: a benchmark measured in base that failed, timed out or is missing in
+head is a failure too (FAILING), unless base failed it as well: a change that makes a kernel hang
+must not pass because the hung kernel left no samples to be slow with.
+
 Small, tie-free samples get the exact U distribution; otherwise the normal approximation with the
 tie correction and a continuity correction. CUDA events tick in about 0.5 us, so ties are common
 for short kernels and the correction matters.
@@ -24,12 +28,19 @@ from functools import lru_cache
 from typing import Mapping, Sequence
 
 REGRESSION = "regression"
+FAILED_IN_HEAD = "failed-in-head"  # measured in base; head's run of it failed, ran out of memory or timed out
+MISSING_IN_HEAD = "missing-in-head"  # measured in base; head has no samples and no failure (absent, skipped)
+FAILED_IN_BOTH = "failed-in-both"
+FAILED_IN_BASE = "failed-in-base"
 IMPROVEMENT = "improvement"
 UNCHANGED = "unchanged"
 MISSING_IN_BASE = "missing-in-base"
-MISSING_IN_HEAD = "missing-in-head"
 TOO_FEW_SAMPLES = "too-few-samples"
-VERDICTS = (REGRESSION, IMPROVEMENT, UNCHANGED, MISSING_IN_BASE, MISSING_IN_HEAD, TOO_FEW_SAMPLES)
+# Worst news first: the order of the report.
+VERDICTS = (REGRESSION, FAILED_IN_HEAD, MISSING_IN_HEAD, FAILED_IN_BOTH, FAILED_IN_BASE, IMPROVEMENT, UNCHANGED,
+            MISSING_IN_BASE, TOO_FEW_SAMPLES)
+# The verdicts that fail a gate.
+FAILING = (REGRESSION, FAILED_IN_HEAD, MISSING_IN_HEAD)
 
 # Below this many samples on either side a median is not worth comparing, whatever the test says.
 MIN_SAMPLES = 3
@@ -49,6 +60,7 @@ class Row:
     p_value: float | None  # two-sided Mann-Whitney U
     n_base: int
     n_head: int
+    detail: str | None = None  # why a side has no samples: "head timeout: exceeded ..."
 
 
 def compare_samples(
@@ -57,25 +69,34 @@ def compare_samples(
     *,
     threshold: float = 0.05,
     alpha: float = 0.01,
+    base_failed: Mapping[str, str] | None = None,
+    head_failed: Mapping[str, str] | None = None,
 ) -> list[Row]:
-    """One Row per key of base or head, sorted by key.
+    """One Row per key of base, head, base_failed or head_failed, sorted by key.
 
+    ``*_failed`` map a key whose run failed on that side (in any round) to a one-line reason.
     Missing and non-finite samples (None, NaN, inf) are dropped before anything else.
     """
     if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold >= 0):
         raise ValueError(f"threshold={threshold!r}: expected a finite relative change >= 0, e.g. 0.05")
     if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
         raise ValueError(f"alpha={alpha!r}: expected a significance level in (0, 1), e.g. 0.01")
+    base_failed, head_failed = base_failed or {}, head_failed or {}
     rows = []
-    for key in sorted(set(base) | set(head)):
+    for key in sorted(set(base) | set(head) | set(base_failed) | set(head_failed)):
         a = _finite(key, "base", base.get(key))
         b = _finite(key, "head", head.get(key))
-        rows.append(_compare_one(key, a, b, threshold, alpha))
+        rows.append(_compare_one(key, a, b, threshold, alpha, base_failed.get(key), head_failed.get(key)))
     return rows
 
 
 def has_regression(rows: Sequence[Row]) -> bool:
     return any(row.verdict == REGRESSION for row in rows)
+
+
+def failures(rows: Sequence[Row]) -> list[Row]:
+    """The rows that fail a gate: regressions, and benchmarks of base that head broke or lost."""
+    return [row for row in rows if row.verdict in FAILING]
 
 
 def to_markdown(rows: Sequence[Row]) -> str:
@@ -90,7 +111,9 @@ def to_markdown(rows: Sequence[Row]) -> str:
     ]
     order = {v: i for i, v in enumerate(VERDICTS)}
     for row in sorted(rows, key=lambda r: (order[r.verdict], r.key)):
-        verdict = f"**{row.verdict}**" if row.verdict == REGRESSION else row.verdict
+        verdict = f"**{row.verdict}**" if row.verdict in FAILING else row.verdict
+        if row.detail:
+            verdict += f": {_escape(row.detail)}"
         lines.append(
             f"| {_escape(row.key)} | {_seconds(row.base_median)} | {_seconds(row.head_median)} "
             f"| {_ratio(row.ratio)} | {_p(row.p_value)} | {row.n_base}/{row.n_head} | {verdict} |"
@@ -127,18 +150,24 @@ def median(values: Sequence[float]) -> float:
     return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
 
 
-def _compare_one(key: str, a: list[float], b: list[float], threshold: float, alpha: float) -> Row:
+def _compare_one(key: str, a: list[float], b: list[float], threshold: float, alpha: float,
+                 base_failure: str | None, head_failure: str | None) -> Row:
     med_a = median(a) if a else None
     med_b = median(b) if b else None
     ratio = None
     if med_a is not None and med_b is not None:
         ratio = med_b / med_a if med_a > 0 else (1.0 if med_b == med_a else math.inf)
 
-    def row(verdict: str, p: float | None = None) -> Row:
-        return Row(key, verdict, med_a, med_b, ratio, p, len(a), len(b))
+    def row(verdict: str, p: float | None = None, detail: str | None = None) -> Row:
+        return Row(key, verdict, med_a, med_b, ratio, p, len(a), len(b), detail)
 
+    said = "; ".join(f"{side} {why}" for side, why in (("base", base_failure), ("head", head_failure)) if why)
+    if base_failure and head_failure:
+        return row(FAILED_IN_BOTH, detail=said)
+    if head_failure and a:
+        return row(FAILED_IN_HEAD, detail=said)
     if not a:
-        return row(MISSING_IN_BASE)
+        return row(FAILED_IN_BASE if base_failure else MISSING_IN_BASE, detail=said or None)
     if not b:
         return row(MISSING_IN_HEAD)
     # With too few samples even complete separation cannot reach alpha: say so rather than
