@@ -10,6 +10,9 @@ from torch import Tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
+# The kernels hold topk, window and key indices in int32 (and the reference's index arithmetic
+# overflows int64 near 2**63): larger values are refused here instead of wrapping around.
+INT32_MAX = 2**31 - 1
 
 
 def _fail(fn: str, msg: str, exc=ValueError):
@@ -22,6 +25,27 @@ def check_int(fn: str, name: str, value, minimum: int) -> int:
     if value < minimum:
         _fail(fn, f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def check_topk_window(fn: str, topk, window) -> None:
+    """topk >= 1 and window >= 0, both within the int32 range the kernels index with."""
+    for name, value, minimum in (("topk", topk, 1), ("window", window, 0)):
+        check_int(fn, name, value, minimum)
+        if value > INT32_MAX:
+            _fail(fn, f"{name} must be <= {INT32_MAX} (2**31 - 1, the int32 range of the kernels), got {value}")
+
+
+def check_selection_args(fn: str, scores, topk, window) -> None:
+    """Validate the arguments of sparsek_selection: scores (B, H, S) of a floating dtype (tau is
+    a real threshold: integer scores would give an integer tau), finite, and topk/window."""
+    if not isinstance(scores, Tensor) or scores.dim() != 3:
+        shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        _fail(fn, f"scores must be a 3-D tensor (B, H, S), got {shape}")
+    if scores.dtype not in FLOAT_DTYPES:
+        _fail(fn, f"scores must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+                  f"got {scores.dtype}", TypeError)
+    check_topk_window(fn, topk, window)
+    check_finite_scores(fn, scores)
 
 
 def check_attention_args(fn: str, q, k, v, scores, topk, window, scale) -> float:
@@ -63,8 +87,7 @@ def check_attention_args(fn: str, q, k, v, scores, topk, window, scale) -> float
     for name, t in (("k", k), ("v", v), ("scores", scores)):
         if t.device != q.device:
             _fail(fn, f"{name} is on {t.device} but q is on {q.device}; all inputs must share one device")
-    check_int(fn, "topk", topk, 1)
-    check_int(fn, "window", window, 0)
+    check_topk_window(fn, topk, window)
     if scale is None:
         return D**-0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:

@@ -77,3 +77,52 @@ def test_selection_validates():
         sparsek.sparsek_selection(torch.randn(8), topk=2)
     with pytest.raises(ValueError, match=r"topk must be >= 1, got 0"):
         sparsek.sparsek_selection(torch.randn(1, 1, 8), topk=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# topk/window beyond the kernels' int32 range; selection scores of a floating dtype
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(topk=2**31), r"sparsek_attention: topk must be <= 2147483647 \(2\*\*31 - 1, the int32 range of the kernels\), got 2147483648"),
+    (dict(topk=2**63), r"topk must be <= 2147483647 .*, got 9223372036854775808"),
+    (dict(window=2**63 - 2), r"window must be <= 2147483647 .*, got 9223372036854775806"),
+], ids=["topk-2^31", "topk-2^63", "window-2^63"])
+def test_attention_topk_window_beyond_int32(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        _call(**kw)
+
+
+def test_attention_topk_window_at_int32_max_pass_validation():
+    from sparsek._validate import INT32_MAX, check_topk_window
+
+    check_topk_window("f", INT32_MAX, INT32_MAX)  # the largest values the kernels can hold
+
+
+@pytest.mark.parametrize("scores, kw, exc, msg", [
+    (torch.ones(1, 1, 8, dtype=torch.int64), {}, TypeError,
+     r"f: scores must be a floating-point tensor \(float16, bfloat16, float32 or float64\), got torch.int64"),
+    (torch.ones(1, 1, 8, dtype=torch.bool), {}, TypeError, r"scores must be a floating-point tensor .* got torch.bool"),
+    (torch.ones(1, 1, 8, dtype=torch.complex64), {}, TypeError, r"got torch.complex64"),
+    (torch.randn(8), {}, ValueError, r"f: scores must be a 3-D tensor \(B, H, S\), got \(8,\)"),
+    ([1.0, 2.0], {}, ValueError, r"scores must be a 3-D tensor \(B, H, S\), got list"),
+    (torch.randn(1, 1, 8), dict(topk=2**63), ValueError, r"f: topk must be <= 2147483647 .*, got 9223372036854775808"),
+    (torch.randn(1, 1, 8), dict(window=2**62), ValueError, r"f: window must be <= 2147483647"),
+    (torch.randn(1, 1, 8), dict(topk=1.5), TypeError, r"f: topk must be an int, got float 1.5"),
+    (torch.randn(1, 1, 8), dict(window=-1), ValueError, r"f: window must be >= 0, got -1"),
+    (torch.tensor([[[0.0, float("nan")]]]), {}, ValueError, r"f: scores must be finite, got nan at index \(0, 0, 1\)"),
+], ids=["int64", "bool", "complex", "rank", "list", "topk-2^63", "window-2^62", "topk-float", "window-neg", "nan"])
+def test_selection_validator(scores, kw, exc, msg):
+    from sparsek._validate import check_selection_args
+
+    args = dict(topk=2, window=0)
+    args.update(kw)
+    with pytest.raises(exc, match=msg):
+        check_selection_args("f", scores, args["topk"], args["window"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_selection_validator_accepts_float_scores(dtype):
+    from sparsek._validate import check_selection_args
+
+    check_selection_args("f", torch.randn(1, 2, 8).to(dtype), 2, 0)
