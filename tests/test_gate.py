@@ -526,6 +526,37 @@ class Kernel:
         return {"samples": [sparsek.COST * 250e-6 * (1 + rng.gauss(0, 0.01)) for _ in range(30)], "number": 1}
 '''
 
+# `python -m sparsek.bench.cli run --default --json PATH` of the toy package (SPARSEK_GATE_TOOL=
+# sparsek-bench): one record timed like the asv benchmark; a COST of None crashes the run.
+TOY_CLI = '''
+import random
+import statistics
+import sys
+
+import sparsek
+from sparsek.bench.results import new_results, write_final
+
+
+def main(argv):
+    if argv[:1] != ["run"]:
+        return 1
+    if sparsek.COST is None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    rng = random.Random()
+    samples = [sparsek.COST * 250e-6 * (1 + rng.gauss(0, 0.01)) for _ in range(30)]
+    q1, median, q3 = statistics.quantiles(samples, n=4)
+    timing = {"samples": samples, "median": median, "iqr": q3 - q1, "rel_iqr": (q3 - q1) / median,
+              "count": len(samples)}
+    doc = new_results({"started": "t0", "finished": "t1", "device": {"name": "cpu"}})
+    doc["records"] = [{"case": "seed", "impl": "sparsek", "status": "ok", "timing": timing}]
+    write_final(argv[argv.index("--json") + 1], doc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
+'''
+
 TOY_CONF = {
     "version": 1, "project": "sparsek", "repo": ".", "branches": ["main"], "environment_type": "existing",
     "launch_method": "spawn", "benchmark_dir": "benchmarks", "results_dir": "benchmarks/results", "html_dir": "html",
@@ -548,8 +579,9 @@ def toy_repo(tmp_path):
                  "push-results.sh"):
         shutil.copy2(CI / name, repo / "ci" / name)
     (repo / "sparsek" / "bench").mkdir(parents=True)
-    for name in ("compare.py", "asv_results.py"):  # the modules ci/gate.py imports
+    for name in ("compare.py", "asv_results.py", "results.py", "results_schema.py"):  # what ci/gate.py imports
         shutil.copy2(REPO / "sparsek" / "bench" / name, repo / "sparsek" / "bench" / name)
+    (repo / "sparsek" / "bench" / "cli.py").write_text(TOY_CLI)
     (repo / "sparsek" / "__init__.py").write_text("COST = 1.0\n")
     (repo / "benchmarks").mkdir()
     (repo / "benchmarks" / "__init__.py").write_text("")
@@ -593,6 +625,84 @@ def test_gate_sh_catches_the_slower_commit(toy_repo):
     # The worktrees are gone and the committed results dir was never written.
     assert git(repo, "worktree", "list").count("\n") == 0
     assert not (repo / "benchmarks" / "results").exists()
+
+
+def commit_broken_head(repo: Path) -> None:
+    """A third commit whose kernel crashes: the asv benchmark raises, the toy run exits 1."""
+    (repo / "sparsek" / "__init__.py").write_text("COST = None\n")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "broken")
+
+
+@pytest.mark.slow
+def test_gate_sh_fails_a_head_whose_benchmark_crashes(toy_repo):
+    """asv keeps no record of the failed benchmark: it is measured in base and missing in head."""
+    repo, env = toy_repo
+    commit_broken_head(repo)
+    summary = repo.parent / "summary.md"
+    env = env | {"GITHUB_STEP_SUMMARY": str(summary), "SPARSEK_GATE_ROUNDS": "1"}
+    proc = subprocess.run(["bash", "ci/gate.sh", "HEAD~2", "HEAD"], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "asv reported failed benchmarks for head" in proc.stderr
+    assert "| bench_kernel.Kernel.track_latency('seed') |" in proc.stdout and "**missing-in-head**" in proc.stdout
+    assert "FAIL: 1 benchmark of base failed or missing in head" in summary.read_text()
+
+
+@pytest.mark.slow
+def test_gate_sh_fails_a_head_run_that_errors_with_the_error_in_the_summary(toy_repo):
+    repo, env = toy_repo
+    commit_broken_head(repo)
+    summary = repo.parent / "summary.md"
+    env = env | {"GITHUB_STEP_SUMMARY": str(summary), "SPARSEK_GATE_ROUNDS": "1", "SPARSEK_GATE_TOOL": "sparsek-bench"}
+    proc = subprocess.run(["bash", "ci/gate.sh", "HEAD~2", "HEAD"], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    text = summary.read_text()
+    assert "FAIL: 1 benchmark of base failed or missing in head; the head run errored" in text
+    assert ("**head run error**: round 1: sparsek-bench exited with status 1: "
+            "RuntimeError: CUDA error: an illegal memory access was encountered") in text
+    # The same tool on a healthy head passes: the error path is the head's, not the harness's.
+    proc = subprocess.run(["bash", "ci/gate.sh", "HEAD~2", "HEAD~2"], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode in (0, 2), proc.stdout + proc.stderr  # 30 vs 30 samples: pass (2 only if undecidable)
+    assert "head run error" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_six_concurrent_pushers_all_land(tmp_path):
+    """Jittered exponential backoff: pushers that collided spread out instead of colliding again."""
+    repo = tmp_path / "checkout"
+    (repo / "ci").mkdir(parents=True)
+    shutil.copy2(CI / "push-results.sh", repo / "ci" / "push-results.sh")
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    remote = tmp_path / "remote.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(remote)], check=True)
+    git(repo, "remote", "add", "origin", str(remote))
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "SPARSEK_PUSH_BACKOFF_MS": "200", "SPARSEK_PUSH_MAX_WAIT_MS": "3000"}
+    pushers = []
+    for i in range(6):
+        staged = tmp_path / f"box-{i}" / "benchmarks" / "results" / f"box-{i}"
+        staged.mkdir(parents=True)
+        (staged / "machine.json").write_text(json.dumps({"machine": f"box-{i}"}))
+        pushers.append(subprocess.Popen(["bash", "ci/push-results.sh", str(tmp_path / f"box-{i}"), f"box-{i}"],
+                                        cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [(p.wait(timeout=300), p.stdout.read()) for p in pushers]
+    assert all(code == 0 for code, _ in outputs), outputs
+    listing = git(remote, "ls-tree", "-r", "--name-only", "benchmark-results").splitlines()
+    assert sorted(listing) == [f"benchmarks/results/box-{i}/machine.json" for i in range(6)]
+    assert len(git(remote, "log", "--format=%s", "benchmark-results").splitlines()) == 6
+
+
+def test_push_results_refuses_bad_retry_settings(tmp_path):
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / "f").write_text("x")
+    proc = subprocess.run(["bash", str(CI / "push-results.sh"), str(staged)], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "SPARSEK_PUSH_ATTEMPTS": "many"}, timeout=60)
+    assert proc.returncode == 2 and "'many' is not a whole number" in proc.stderr
 
 
 @pytest.mark.slow
