@@ -43,6 +43,7 @@ std::string build(const Args&... args) {
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 
 #include "sparsek_params.h"
 
@@ -134,16 +135,15 @@ at::Tensor rows_aligned(const at::Tensor& t) {
   return ok ? t : t.contiguous();
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
-    const at::Tensor& q,            // (B, Hq, S, D)
-    const at::Tensor& k,            // (B, Hkv, S, D)
-    const at::Tensor& v,            // (B, Hkv, S, D)
-    const at::Tensor& scores,       // (B, Hkv, S) float32
-    const at::Tensor& tau,          // (B, Hkv, S) float32
-    const at::Tensor& end,          // (B, Hkv, S) int32
-    const at::Tensor& block_keys,   // (B * Hkv, n_blocks, cap) int32
-    const at::Tensor& block_count,  // (B * Hkv, n_blocks) int32
-    int64_t window, double scale, int64_t block_q, bool poison) {
+struct AttnShape {
+  int64_t B, Hq, S, D, Hkv, group, n_blocks;
+};
+
+// The checks shared by the forward and the backward attention: shapes, dtypes, devices, the GQA
+// packing and the selection's outputs.
+AttnShape check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& scores,
+                          const at::Tensor& tau, const at::Tensor& end, const at::Tensor& block_keys,
+                          const at::Tensor& block_count, double scale, int64_t block_q) {
   for (const auto* t : {&q, &k, &v, &scores, &tau, &end, &block_keys, &block_count}) {
     SPARSEK_CHECK((*t).is_cuda() && (*t).device() == q.device(), "all inputs must be on ", q.device());
   }
@@ -170,6 +170,20 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
   SPARSEK_CHECK(block_count.sizes() == at::IntArrayRef({B * Hkv, n_blocks}) && block_count.is_contiguous() &&
                     block_count.scalar_type() == at::kInt,
                 "block_count must be contiguous int32 (B*Hkv, ", n_blocks, ")");
+  return {B, Hq, S, D, Hkv, group, n_blocks};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
+    const at::Tensor& q,            // (B, Hq, S, D)
+    const at::Tensor& k,            // (B, Hkv, S, D)
+    const at::Tensor& v,            // (B, Hkv, S, D)
+    const at::Tensor& scores,       // (B, Hkv, S) float32
+    const at::Tensor& tau,          // (B, Hkv, S) float32
+    const at::Tensor& end,          // (B, Hkv, S) int32
+    const at::Tensor& block_keys,   // (B * Hkv, n_blocks, cap) int32
+    const at::Tensor& block_count,  // (B * Hkv, n_blocks) int32
+    int64_t window, double scale, int64_t block_q, bool poison) {
+  const auto [B, Hq, S, D, Hkv, group, n_blocks] = check_attention(q, k, v, scores, tau, end, block_keys, block_count, scale, block_q);
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor qa = rows_aligned(q), ka = rows_aligned(k), va = rows_aligned(v);
   const at::Tensor u = scores.contiguous();
@@ -216,6 +230,116 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
   return {out, lse};
 }
 
+// Backward attention. Returns dq (q's dtype), the dk and dv accumulators (float32, or int64 fixed
+// point at the scales in fixed_scale when deterministic; dk without the softmax scale), the
+// per-key term of d scores (deterministic: per block and list place, (B*Hkv, n_blocks, cap);
+// otherwise summed, (B, Hkv, S)) and gamma's per-row sums (B, Hq, S). The caller finishes dk,
+// dv and d scores (sparsek/_cuda.py).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+    const at::Tensor& dout,         // (B, Hq, S, D)
+    const at::Tensor& q,            // (B, Hq, S, D)
+    const at::Tensor& k,            // (B, Hkv, S, D)
+    const at::Tensor& v,            // (B, Hkv, S, D)
+    const at::Tensor& out,          // (B, Hq, S, D)
+    const at::Tensor& lse,          // (B, Hq, S) float32
+    const at::Tensor& scores,       // (B, Hkv, S) float32
+    const at::Tensor& tau,          // (B, Hkv, S) float32
+    const at::Tensor& end,          // (B, Hkv, S) int32
+    const at::Tensor& block_keys,   // (B * Hkv, n_blocks, cap) int32
+    const at::Tensor& block_count,  // (B * Hkv, n_blocks) int32
+    int64_t window, double scale, int64_t block_q, bool deterministic,
+    const std::optional<at::Tensor>& fixed_scale,  // (2,) float64: dk, dv (deterministic only)
+    bool poison) {
+  const auto [B, Hq, S, D, Hkv, group, n_blocks] = check_attention(q, k, v, scores, tau, end, block_keys, block_count, scale, block_q);
+  for (const auto* t : {&dout, &out, &lse}) {
+    SPARSEK_CHECK((*t).is_cuda() && (*t).device() == q.device(), "all inputs must be on ", q.device());
+  }
+  SPARSEK_CHECK(dout.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type(), "grad_out must be ", q.scalar_type(), " ",
+                q.sizes(), ", got ", dout.scalar_type(), " ", dout.sizes());
+  SPARSEK_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(), "out must be ", q.scalar_type(), " ", q.sizes(),
+                ", got ", out.scalar_type(), " ", out.sizes());
+  SPARSEK_CHECK(lse.sizes() == at::IntArrayRef({B, Hq, S}) && lse.scalar_type() == at::kFloat, "lse must be float32 ",
+                at::IntArrayRef({B, Hq, S}), ", got ", lse.scalar_type(), " ", lse.sizes());
+  if (deterministic) {
+    SPARSEK_CHECK(fixed_scale.has_value() && fixed_scale->is_cuda() && fixed_scale->device() == q.device() &&
+                      fixed_scale->scalar_type() == at::kDouble && fixed_scale->numel() == 2 && fixed_scale->is_contiguous(),
+                  "deterministic mode needs fixed_scale: a contiguous float64 CUDA tensor of 2 elements");
+  }
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor qa = rows_aligned(q), ka = rows_aligned(k), va = rows_aligned(v);
+  const at::Tensor dout_c = dout.contiguous(), out_c = out.contiguous(), lse_c = lse.contiguous(), u = scores.contiguous();
+
+  at::Tensor dsum = at::empty({B, Hq, S}, q.options().dtype(at::kFloat));
+  sparsek::BwdDotParams dot = {};
+  dot.dout = dout_c.data_ptr();
+  dot.out = out_c.data_ptr();
+  dot.dsum = dsum.data_ptr<float>();
+  dot.rows = B * Hq * S;
+  dot.head_dim = static_cast<int>(D);
+  dot.is_bf16 = q.scalar_type() == at::kBFloat16;
+  cudaError_t err = sparsek::launch_bwd_dot(dot, stream);
+  TORCH_CHECK(err == cudaSuccess, sparsek_msg::build("sparsek_cuda: backward dot launch failed: ", cudaGetErrorString(err)));
+
+  const auto acc_opts = q.options().dtype(deterministic ? at::kLong : at::kFloat);
+  at::Tensor dq = at::empty({B, Hq, S, D}, q.options());
+  at::Tensor dk_acc = at::zeros({B, Hkv, S, D}, acc_opts);
+  at::Tensor dv_acc = at::zeros({B, Hkv, S, D}, acc_opts);
+  const int64_t cap = block_keys.size(2);
+  at::Tensor du = deterministic ? at::zeros({B * Hkv, n_blocks, cap}, q.options().dtype(at::kFloat))
+                                : at::zeros({B, Hkv, S}, q.options().dtype(at::kFloat));
+  at::Tensor gamma_rows = at::empty({B, Hq, S}, q.options().dtype(at::kFloat));
+  if (poison) {
+    dq.fill_(std::numeric_limits<float>::quiet_NaN());
+    gamma_rows.fill_(std::numeric_limits<float>::quiet_NaN());
+  }
+
+  sparsek::AttnBwdParams p = {};
+  p.q = qa.data_ptr();
+  p.k = ka.data_ptr();
+  p.v = va.data_ptr();
+  p.dout = dout_c.data_ptr();
+  p.lse = lse_c.data_ptr<float>();
+  p.dsum = dsum.data_ptr<float>();
+  p.scores = u.data_ptr<float>();
+  p.tau = tau.data_ptr<float>();
+  p.end = end.data_ptr<int>();
+  p.block_keys = block_keys.data_ptr<int>();
+  p.block_count = block_count.data_ptr<int>();
+  p.dq = dq.data_ptr();
+  p.dk_acc = dk_acc.data_ptr();
+  p.dv_acc = dv_acc.data_ptr();
+  p.fixed_scale = deterministic ? fixed_scale->data_ptr<double>() : nullptr;
+  p.du = deterministic ? nullptr : du.data_ptr<float>();
+  p.du_part = deterministic ? du.data_ptr<float>() : nullptr;
+  p.gamma_rows = gamma_rows.data_ptr<float>();
+  p.q_batch_stride = qa.stride(0);
+  p.q_head_stride = qa.stride(1);
+  p.q_row_stride = qa.stride(2);
+  p.k_batch_stride = ka.stride(0);
+  p.k_head_stride = ka.stride(1);
+  p.k_row_stride = ka.stride(2);
+  p.v_batch_stride = va.stride(0);
+  p.v_head_stride = va.stride(1);
+  p.v_row_stride = va.stride(2);
+  p.batch = static_cast<int>(B);
+  p.q_heads = static_cast<int>(Hq);
+  p.kv_heads = static_cast<int>(Hkv);
+  p.group = static_cast<int>(group);
+  p.seq_len = static_cast<int>(S);
+  p.window = static_cast<int>(std::min<int64_t>(window, S));
+  p.block_q = static_cast<int>(block_q);
+  p.n_blocks = static_cast<int>(n_blocks);
+  p.cap = static_cast<int>(cap);
+  p.scale = static_cast<float>(scale);
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  p.is_bf16 = q.scalar_type() == at::kBFloat16;
+  p.deterministic = deterministic;
+  err = sparsek::launch_attention_bwd(p, static_cast<int>(D), stream);
+  TORCH_CHECK(err == cudaSuccess, sparsek_msg::build("sparsek_cuda: backward attention launch failed: ", cudaGetErrorString(err)));
+  return {dq, dk_acc, dv_acc, du, gamma_rows};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(sparsek_cuda, m) {
@@ -223,11 +347,16 @@ TORCH_LIBRARY(sparsek_cuda, m) {
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor scores, Tensor tau, Tensor end, Tensor block_keys, "
       "Tensor block_count, int window, float scale, int block_q, bool poison=False) -> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor scores, Tensor tau, "
+      "Tensor end, Tensor block_keys, Tensor block_count, int window, float scale, int block_q, bool deterministic, "
+      "Tensor? fixed_scale=None, bool poison=False) -> (Tensor dq, Tensor dk_acc, Tensor dv_acc, Tensor du, Tensor gamma_rows)");
 }
 
 TORCH_LIBRARY_IMPL(sparsek_cuda, CUDA, m) {
   m.impl("select", &select_cuda);
   m.impl("attention_fwd", &attention_fwd_cuda);
+  m.impl("attention_bwd", &attention_bwd_cuda);
 }
 
 

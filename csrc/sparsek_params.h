@@ -60,9 +60,68 @@ struct AttnParams {
   bool is_bf16;
 };
 
+// Backward attention: one CTA per (batch, kv head, query block), the forward's tile plan.
+// dq is owned by the CTA; dk and dv are summed over query blocks in global accumulators; the
+// score gradient's per-key term is summed over blocks, its tau term is left to the caller as
+// per-row sums (gamma_rows).
+struct AttnBwdParams {
+  const void* q;          // (B, Hq, S, D)
+  const void* k;          // (B, Hkv, S, D)
+  const void* v;          // (B, Hkv, S, D)
+  const void* dout;       // (B, Hq, S, D) contiguous
+  const float* lse;       // (B, Hq, S) contiguous, natural log (from the forward)
+  const float* dsum;      // (B, Hq, S) contiguous: rowsum(dout * out)
+  const float* scores;    // (B, Hkv, S) contiguous
+  const float* tau;       // (B, Hkv, S) contiguous
+  const int* end;         // (B, Hkv, S) contiguous
+  const int* block_keys;  // (B * Hkv, n_blocks, cap)
+  const int* block_count; // (B * Hkv, n_blocks)
+  void* dq;               // (B, Hq, S, D) contiguous, q's dtype
+  // (B, Hkv, S, D) contiguous accumulators of dk / scale and dv: float32 summed with atomics, or,
+  // when deterministic, int64 fixed point (value * fixed_scale[0 or 1], rounded), whose sums do
+  // not depend on the order of the additions.
+  void* dk_acc;
+  void* dv_acc;
+  const double* fixed_scale;  // [2] device: fixed-point scales of dk_acc and dv_acc (deterministic only)
+  // Per-key term of d scores: sum over rows of gamma for the soft selected keys. Not
+  // deterministic: atomically added to du (B * Hkv, S). Deterministic: each block writes its
+  // column sums to du_part (B * Hkv, n_blocks, cap), at the key's place in the block's list.
+  float* du;
+  float* du_part;
+  float* gamma_rows;      // (B, Hq, S) out: sum of gamma over the soft selected keys of each row
+  int64_t q_batch_stride, q_head_stride, q_row_stride;
+  int64_t k_batch_stride, k_head_stride, k_row_stride;
+  int64_t v_batch_stride, v_head_stride, v_row_stride;
+  int batch;
+  int q_heads;
+  int kv_heads;
+  int group;
+  int seq_len;
+  int window;
+  int block_q;
+  int n_blocks;
+  int cap;
+  float scale;       // softmax scale (dq = scale * dS K)
+  float scale_log2;  // scale * log2(e)
+  bool is_bf16;
+  bool deterministic;
+};
+
+// rowsum(dout * out) per row, in float32: the D_i of dS = P (dP - D_i).
+struct BwdDotParams {
+  const void* dout;  // (rows, D) contiguous
+  const void* out;   // (rows, D) contiguous
+  float* dsum;       // (rows,)
+  int64_t rows;
+  int head_dim;
+  bool is_bf16;
+};
+
 // Host launchers (defined in the .cu files). Each checks the launch and returns its error.
 cudaError_t launch_selection(const SelectParams& p, cudaStream_t stream);
 cudaError_t launch_attention_fwd(const AttnParams& p, int head_dim, cudaStream_t stream);
+cudaError_t launch_bwd_dot(const BwdDotParams& p, cudaStream_t stream);
+cudaError_t launch_attention_bwd(const AttnBwdParams& p, int head_dim, cudaStream_t stream);
 
 // Rows of the attention tile, shared by the host (block_q = kAttnRows / group) and the kernel.
 constexpr int kAttnRows = 128;

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from . import selection as sel_mod
 from ._nvtx import annotate
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -89,15 +90,110 @@ def block_q_for(q_heads: int, kv_heads: int) -> int:
     return ATTN_ROWS // (q_heads // kv_heads)
 
 
+def list_shape(q, k, v, scores, topk: int) -> tuple[int, int]:
+    """(n_blocks, cap) of the per-block key lists the forward keeps for the backward, (0, 0) when
+    the kernels do not run this call (the reference needs no lists)."""
+    if not q.is_cuda or unsupported_reason(q, k, v, scores) is not None:
+        return 0, 0
+    S = q.shape[2]
+    block_q = block_q_for(q.shape[1], k.shape[1])
+    return (S + block_q - 1) // block_q, min(topk, S) + block_q - 1
+
+
 def forward(q, k, v, scores, topk: int, window: int, scale: float):
-    """(out, lse, tau, end) from the selection and attention kernels.
+    """(out, lse, tau, end, block_keys, block_count) from the selection and attention kernels.
 
     q (B, Hq, S, D), k and v (B, Hkv, S, D) float16/bfloat16, scores (B, Hkv, S) float32.
+    block_keys (B, Hkv, n_blocks, cap) and block_count (B, Hkv, n_blocks) are the selection's
+    per-block key lists, kept for the backward.
     """
     cuda = ops()
-    block_q = block_q_for(q.shape[1], k.shape[1])
+    B, Hkv = k.shape[:2]
+    block_q = block_q_for(q.shape[1], Hkv)
     with annotate("selection"):
         tau, end, keys, count = cuda.select(scores, topk, window, block_q)
     with annotate("attention"):
         out, lse = cuda.attention_fwd(q, k, v, scores, tau, end, keys, count, window, scale, block_q)
-    return out, lse, tau, end
+    return out, lse, tau, end, keys.view(B, Hkv, *keys.shape[1:]), count.view(B, Hkv, -1)
+
+
+def backward(grad_out, q, k, v, scores, out, lse, tau, end, keys, count, window: int, scale: float):
+    """(dq, dk, dv, dscores) from the backward kernel and a few O(S) tensor ops.
+
+    Arguments as the forward's inputs and outputs; grad_out (B, Hq, S, D). Under
+    ``torch.use_deterministic_algorithms(True)`` every sum runs in a fixed order or in integers,
+    so two calls give bitwise-identical gradients.
+    """
+    cuda = ops()
+    B, Hq, S, D = q.shape
+    Hkv = k.shape[1]
+    block_q = block_q_for(Hq, Hkv)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    fixed = _fixed_point_scales(grad_out, q, v, Hq // Hkv, S) if deterministic else None
+    with annotate("attention_bwd"):
+        dq, dk_acc, dv_acc, du_key, gamma_rows = cuda.attention_bwd(
+            grad_out, q, k, v, out, lse, scores, tau, end, keys.view(B * Hkv, *keys.shape[2:]), count.view(B * Hkv, -1),
+            window, scale, block_q, deterministic, fixed,
+        )
+    if deterministic:
+        dk = (dk_acc.double() * (scale / fixed[0])).to(k.dtype)
+        dv = (dv_acc.double() / fixed[1]).to(v.dtype)
+        du_key = _sum_list_places(du_key, keys, count, S)
+    else:
+        dk = (dk_acc * scale).to(k.dtype)
+        dv = dv_acc.to(v.dtype)
+    du = du_key.double() - tau_term(gamma_rows, scores, tau, window, Hkv)
+    return dq, dk, dv, du.to(scores.dtype)
+
+
+def _fixed_point_scales(grad_out, q, v, group: int, S: int):
+    """Scales (2,) float64 on the device for the int64 accumulators of dk (without the softmax
+    scale) and dv: 2**62 over a power of two above the largest sum the kernel can form, so no sum
+    overflows and the resolution is 2**-62 of that bound.
+
+    |dS_ij| = P_ij |dO_i.v_j - dO_i.o_i| <= 2 P_ij |dO_i| |v| (o_i averages rows of v), each key
+    gets at most group * S rows with P <= 1, and a factor 2 covers the rounding of P and dS to
+    the input type before the tensor-core products. Computed on the device: no host sync.
+    A non-finite input gives a NaN scale, so the gradients come out NaN rather than wrong.
+    """
+    rows = float(group * S)
+
+    def amax(x):
+        lo, hi = torch.aminmax(x)
+        return torch.maximum(lo.abs(), hi.abs()).double()
+
+    def max_row_norm(x):
+        return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).amax().double()
+
+    bound_k = 4.0 * rows * max_row_norm(grad_out) * max_row_norm(v) * amax(q)
+    bound_v = 2.0 * rows * amax(grad_out)
+    bounds = torch.stack([bound_k, bound_v]).clamp(min=1e-300)
+    scales = torch.exp2(62.0 - torch.ceil(torch.log2(bounds)))
+    return torch.where(torch.isfinite(bounds), scales, torch.full_like(scales, float("nan")))
+
+
+def _sum_list_places(du_part, keys, count, S: int):
+    """Deterministic sum of the per-block column sums (B*Hkv, n_blocks, cap) into (B, Hkv, S):
+    each block wrote the term of key keys[..., p] at place p < count."""
+    B, Hkv, n_blocks, cap = keys.shape
+    valid = torch.arange(cap, device=keys.device) < count.unsqueeze(-1)  # (B, Hkv, n_blocks, cap)
+    row = torch.arange(B * Hkv, device=keys.device).view(B, Hkv, 1, 1) * S
+    index = torch.where(valid, keys.long() + row, row)  # unused places add 0 to key 0 of the row
+    du = torch.zeros(B * Hkv * S, dtype=du_part.dtype, device=du_part.device)
+    du.index_add_(0, index.flatten(), du_part.flatten())
+    return du.view(B, Hkv, S)
+
+
+def tau_term(gamma_rows, scores, tau, window: int, kv_heads: int):
+    """sum_i [l in F_i] Gamma_i / |F_i| for every key l: (B, Hkv, S) float64.
+
+    gamma_rows (B, Hq, S): per query row, gamma summed over its soft selected keys; the heads of a
+    GQA group add up to Gamma_i. {i : l in F_i} is one range of queries (selection.soft_ranges), so
+    the sum over it is a difference of prefix sums.
+    """
+    B, Hq, S = gamma_rows.shape
+    big_gamma = gamma_rows.view(B, kv_heads, Hq // kv_heads, S).sum(2, dtype=torch.float64)
+    lo, hi, nsoft = sel_mod.soft_ranges(scores, tau, window)
+    c = big_gamma / nsoft.clamp(min=1)
+    prefix = torch.cat([c.new_zeros(B, kv_heads, 1), c.cumsum(-1)], -1)
+    return prefix.gather(-1, hi) - prefix.gather(-1, lo)

@@ -1,10 +1,12 @@
 """The public op: ``sparsek_attention`` as ``torch.library`` custom ops.
 
-``sparsek::attention_fwd`` returns (out, lse, tau, end); ``sparsek::attention_bwd`` returns
-(dq, dk, dv, dscores). Both have fake implementations (so ``torch.compile`` traces them) and
-the pair is tied together with ``register_autograd``. On CUDA tensors the kernels of csrc/
-run when they support the call; otherwise the reference runs, with a one-time warning that
-names the reason when a GPU user falls back.
+``sparsek::attention_fwd`` returns (out, lse, tau, end, block_keys, block_count);
+``sparsek::attention_bwd`` returns (dq, dk, dv, dscores). Both have fake implementations (so
+``torch.compile`` traces them) and the pair is tied together with ``register_autograd``. On CUDA
+tensors the kernels of csrc/ run when they support the call, forward and backward alike (the
+block lists are the selection's per-block key lists, kept for the backward; empty when the
+reference runs); otherwise the reference runs, with a one-time warning that names the reason
+when a GPU user falls back.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ def attention_fwd(
     topk: int,
     window: int,
     scale: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """out (B, Hq, S, D), lse (B, Hq, S), tau (B, Hkv, S), end (B, Hkv, S) int32."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """out (B, Hq, S, D), lse (B, Hq, S), tau (B, Hkv, S), end (B, Hkv, S) int32,
+    block_keys (B, Hkv, n_blocks, cap) int32 and block_count (B, Hkv, n_blocks) int32."""
     if os.environ.get("SPARSEK_SKIP_FINITE_CHECK") != "1":
         check_finite_scores(_FN, scores)
     if q.is_cuda:
@@ -54,18 +57,24 @@ def attention_fwd(
         _warn_once(reason)
     sel = sel_mod.select(scores, topk, window)
     out, lse = ref.attention_blocked(q, k, v, scores, topk, window, scale, sel)
-    return out, lse.to(_lse_dtype(q)), sel.tau, sel.end
+    B, Hkv = k.shape[:2]
+    keys = torch.empty(B, Hkv, 0, 0, dtype=torch.int32, device=q.device)
+    count = torch.empty(B, Hkv, 0, dtype=torch.int32, device=q.device)
+    return out, lse.to(_lse_dtype(q)), sel.tau, sel.end, keys, count
 
 
 @attention_fwd.register_fake
 def _(q, k, v, scores, topk, window, scale):
     B, Hq, S, D = q.shape
     Hkv = k.shape[1]
+    n_blocks, cap = _cuda.list_shape(q, k, v, scores, topk)
     return (
         q.new_empty(B, Hq, S, D),
         q.new_empty(B, Hq, S, dtype=_lse_dtype(q)),
         scores.new_empty(B, Hkv, S),
         scores.new_empty(B, Hkv, S, dtype=torch.int32),
+        scores.new_empty(B, Hkv, n_blocks, cap, dtype=torch.int32),
+        scores.new_empty(B, Hkv, n_blocks, dtype=torch.int32),
     )
 
 
@@ -80,32 +89,42 @@ def attention_bwd(
     lse: Tensor,  # (B, Hq, S)
     tau: Tensor,  # (B, Hkv, S)
     end: Tensor,  # (B, Hkv, S) int32
+    block_keys: Tensor,  # (B, Hkv, n_blocks, cap) int32, empty when the forward ran the reference
+    block_count: Tensor,  # (B, Hkv, n_blocks) int32
     topk: int,
     window: int,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """dq, dk, dv, dscores; the reference backward on every device for now."""
+    """dq, dk, dv, dscores: the kernels when the forward ran on them, else the reference."""
+    if q.is_cuda:
+        # The forward's own test: the kernels ran there exactly when they run here.
+        reason = _cuda.unsupported_reason(q, k, v, scores)
+        if reason is None:
+            return _cuda.backward(grad_out, q, k, v, scores, out, lse, tau, end, block_keys, block_count, window, scale)
+        _warn_once(reason)
     sel = sel_mod.Selection(topk=topk, window=window, tau=tau, nsoft=None, end=end)
     return ref.backward_blocked(grad_out, q, k, v, scores, out, lse, sel, scale)
 
 
 @attention_bwd.register_fake
-def _(grad_out, q, k, v, scores, out, lse, tau, end, topk, window, scale):
+def _(grad_out, q, k, v, scores, out, lse, tau, end, block_keys, block_count, topk, window, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(scores)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, scores, topk, window, scale = inputs
-    out, lse, tau, end = output
-    ctx.mark_non_differentiable(lse, tau, end)
-    ctx.save_for_backward(q, k, v, scores, out, lse, tau, end)
+    out, lse, tau, end, block_keys, block_count = output
+    ctx.mark_non_differentiable(lse, tau, end, block_keys, block_count)
+    ctx.save_for_backward(q, k, v, scores, out, lse, tau, end, block_keys, block_count)
     ctx.params = (topk, window, scale)
 
 
-def _backward(ctx, grad_out, _grad_lse, _grad_tau, _grad_end):
-    q, k, v, scores, out, lse, tau, end = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_lse, _grad_tau, _grad_end, _grad_keys, _grad_count):
+    q, k, v, scores, out, lse, tau, end, block_keys, block_count = ctx.saved_tensors
     topk, window, scale = ctx.params
-    dq, dk, dv, du = attention_bwd(grad_out.contiguous(), q, k, v, scores, out, lse, tau, end, topk, window, scale)
+    dq, dk, dv, du = attention_bwd(
+        grad_out.contiguous(), q, k, v, scores, out, lse, tau, end, block_keys, block_count, topk, window, scale
+    )
     return dq, dk, dv, du, None, None, None
 
 

@@ -208,6 +208,27 @@ def soft_mask(sel: Selection, scores: Tensor, rows: Tensor | None = None) -> Ten
     return candidate & (u > tau) & (u < tau + 1)
 
 
+def soft_ranges(scores: Tensor, tau: Tensor, window: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The soft sets as ranges: key l is in F_i exactly for the queries i in [lo_l, hi_l).
+
+    l is in F_i when l is a candidate of i (l + window <= i) and tau_i < u_l < tau_i + 1. tau is
+    non-decreasing, so the queries with tau_i < u_l are a prefix and those with tau_i > u_l - 1
+    a suffix: one binary search each over the tau row, no (S, S) mask. Returns lo, hi (B, H, S)
+    int64 and |F_i| (B, H, S) int64, the number of ranges that cover i. Comparisons are exact in
+    float64 for float32 scores and tau, the same ones ``soft_mask`` makes.
+    """
+    B, H, S = scores.shape
+    # cummax only guards the binary search against a rounding step down in a computed tau
+    t = torch.cummax(tau.double(), -1).values.contiguous()
+    u = scores.double().contiguous()
+    j = torch.arange(S, device=scores.device)
+    lo = torch.maximum(torch.searchsorted(t, u - 1.0, right=True), j + window).clamp(max=S)  # first i: tau_i > u - 1
+    hi = torch.maximum(torch.searchsorted(t, u, right=False), lo)  # first i: tau_i >= u
+    i = j.expand(B, H, S).contiguous()
+    nsoft = torch.searchsorted(lo.sort(-1).values, i, right=True) - torch.searchsorted(hi.sort(-1).values, i, right=True)
+    return lo, hi, nsoft
+
+
 def gates(sel: Selection, scores: Tensor, rows: Tensor | None = None) -> Tensor:
     """Gate matrix (B, H, R, S) in float64: g_ij on S_i, 1 on W_i, 0 elsewhere."""
     B, H, S = scores.shape

@@ -18,9 +18,11 @@ def test_opcheck_forward():
 
 def test_opcheck_backward():
     q, k, v, u = attention_inputs(1, 2, 1, 21, 8, dtype=torch.float32)
-    out, lse, tau, end = torch.ops.sparsek.attention_fwd(q, k, v, u, 4, 2, 0.3)
+    out, lse, tau, end, keys, count = torch.ops.sparsek.attention_fwd(q, k, v, u, 4, 2, 0.3)
     grad = torch.randn_like(out)
-    torch.library.opcheck(torch.ops.sparsek.attention_bwd.default, (grad, q, k, v, u, out, lse, tau, end, 4, 2, 0.3))
+    torch.library.opcheck(
+        torch.ops.sparsek.attention_bwd.default, (grad, q, k, v, u, out, lse, tau, end, keys, count, 4, 2, 0.3)
+    )
 
 
 def test_compile_fullgraph_forward_and_backward():

@@ -2,6 +2,7 @@
 device's own ceilings and against dense SDPA, all measured in one process on one GPU.
 
     python -m sparsek.bench.kernel_probe [--cases long-16k,long-64k,seed] [--json PATH]
+    python -m sparsek.bench.kernel_probe --train [--cases ...]   # the backward and the training step
 
 Times with ``triton.testing.do_bench`` (CUDA events, L2 cleared between calls, median). This is
 the quick loop for kernel work; the full, fingerprinted benchmark is ``sparsek-bench run``.
@@ -74,6 +75,75 @@ def probe_case(name: str, peaks: dict) -> list[dict]:
     return rows
 
 
+# A training step's FLOPs over the forward's: the backward does five matrix products (S and dP
+# recomputed, dV, dK, dQ) where the forward does two.
+BACKWARD_OVER_FORWARD = 2.5
+
+
+def probe_train(name: str, peaks: dict) -> list[dict]:
+    """The backward kernel alone, the backward op (fast and deterministic) and one training step
+    (forward + backward with a fixed upstream gradient) against dense SDPA's step."""
+    case = get_case(name)
+    inp = make_inputs(case)
+    q, k, v, u = inp.q, inp.k, inp.v, inp.scores
+    scale = q.shape[-1] ** -0.5
+    gen = torch.Generator(device=q.device).manual_seed(case.seed + 1)
+    grad = torch.randn(q.shape, generator=gen, device=q.device, dtype=q.dtype)
+    ops = _cuda.ops()
+    block_q = _cuda.block_q_for(q.shape[1], k.shape[1])
+    fwd = _cuda.forward(q, k, v, u, case.topk, case.window, scale)
+    out, lse, tau, end, keys, count = fwd
+    B, Hkv = k.shape[:2]
+    work = flops(case, "sparsek")
+    dense = flops(case, "dense-causal")
+    rows = []
+
+    def add(impl, seconds, fl, **extra):
+        rows.append({"case": name, "impl": impl, "ms": seconds * 1e3, "tflops": fl / seconds / 1e12 if fl else None,
+                     "pct_peak": 100 * fl / seconds / 1e12 / peaks["matmul_tflops"] if fl else None, **extra})
+
+    bwd_work = BACKWARD_OVER_FORWARD * work
+    kernel_args = (grad, q, k, v, out, lse, u, tau, end, keys.view(B * Hkv, *keys.shape[2:]), count.view(B * Hkv, -1),
+                   case.window, scale, block_q, False, None)
+    add("backward kernels (dot + attention)", _bench(lambda: ops.attention_bwd(*kernel_args)), bwd_work)
+    bwd = lambda: _cuda.backward(grad, q, k, v, u, out, lse, tau, end, keys, count, case.window, scale)
+    add("backward (op)", _bench(bwd), bwd_work)
+    torch.use_deterministic_algorithms(True)
+    try:
+        add("backward (op, deterministic)", _bench(bwd), bwd_work)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, u)]
+
+    def step():
+        o = sparsek_attention(*leaves, topk=case.topk, window=case.window)
+        return torch.autograd.grad(o, leaves, grad)
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    add("sparsek step (fwd + bwd)", _bench(step), (1 + BACKWARD_OVER_FORWARD) * work, peak_extra_mib=peak / 2**20)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dq_leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    for impl, backend in (("sdpa-cudnn step", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash step", SDPBackend.FLASH_ATTENTION)):
+        def dense_step():
+            with sdpa_kernel(backend):
+                o = F.scaled_dot_product_attention(*dq_leaves, is_causal=True, enable_gqa=True)
+            return torch.autograd.grad(o, dq_leaves, grad)
+
+        try:
+            dense_step()
+            add(impl, _bench(dense_step), (1 + BACKWARD_OVER_FORWARD) * dense)
+        except RuntimeError as exc:
+            rows.append({"case": name, "impl": impl, "error": str(exc).splitlines()[0]})
+    return rows
+
+
 def breakdown(name: str) -> list[dict]:
     """Device time of every kernel of one selection + attention call (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
@@ -106,6 +176,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--once", action="store_true", help="one selection + attention call per case (for ncu), no timing")
     ap.add_argument("--breakdown", action="store_true", help="per-kernel device times of one call per case")
+    ap.add_argument("--train", action="store_true", help="the backward and the training step instead of the forward")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     if args.once or args.breakdown:
@@ -119,7 +190,7 @@ def main(argv=None) -> int:
     print(f"{result['device']}: bf16 matmul {peaks['matmul_tflops']:.0f} TFLOP/s, copy {peaks['copy_tbps']:.2f} TB/s", flush=True)
     for name in args.cases.split(","):
         try:
-            result["rows"] += probe_case(name, peaks)
+            result["rows"] += (probe_train if args.train else probe_case)(name, peaks)
         except Exception as exc:  # keep the other cases
             result["rows"].append({"case": name, "impl": "*", "error": f"{type(exc).__name__}: {exc}"})
         torch.cuda.empty_cache()
@@ -128,7 +199,8 @@ def main(argv=None) -> int:
             print(f"{r['case']:10s} {r['impl']:32s} ERROR {r['error'][:120]}")
         else:
             tf = f"{r['tflops']:7.1f} TFLOP/s {r['pct_peak']:5.1f}%" if r["tflops"] else ""
-            print(f"{r['case']:10s} {r['impl']:32s} {r['ms']:9.3f} ms {tf}")
+            mem = f" peak +{r['peak_extra_mib']:.0f} MiB" if "peak_extra_mib" in r else ""
+            print(f"{r['case']:10s} {r['impl']:36s} {r['ms']:9.3f} ms {tf}{mem}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

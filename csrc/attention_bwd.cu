@@ -1,0 +1,512 @@
+// SparseK backward attention for sm_90a: dq, dk, dv and the score gradient's per-key term, one
+// CTA per (batch, kv head, query block), mma.sync m16n8k16.
+//
+// The CTA walks the forward's tile plan (the block's window tiles, then its list of selected
+// keys, 64 keys per tile) over its 128 rows = (query head of the GQA group) x (query of the
+// block). Per tile, each of the 8 warps owns 16 rows:
+//   S  = Q K^T, dP = dO V^T                       (recomputed; Q, dO resident in shared memory)
+//   e  = exp(S * scale - lse)  (masked: 0)        P = g e,  gamma = e (dP - D),  dS = g gamma
+//   dQ += dS K                                    (registers, written once at the end)
+// then P and dS go to shared memory and, after one barrier, the warps re-partition by key:
+//   dV_tile = P^T dO,  dK_tile = dS^T Q           (64 keys x D, summed over the CTA's 128 rows)
+// and add them to global accumulators (one 16-byte float4 atomic per 4 values; or int64 fixed
+// point in the deterministic mode, where integer sums do not depend on the order). The heads of a
+// GQA group share one selection, so their rows meet in the same tile and their dK/dV contributions
+// are summed on the tensor cores before any atomic.
+//
+// Score gradient (docs/semantics.md): for the soft selected keys (0 < u_j - tau_i < 1) gamma_ij
+// is summed per key (column sums over the CTA's rows, one value per key and block) and per row
+// (gamma_rows); the tau term, a range sum over the rows whose soft set holds the key, is left to
+// the caller, which has the whole tau row.
+//
+// Why query-major with atomics instead of FA2's key-major dK/dV: a key's selecting queries are one
+// run [j + W, end_j), but runs of neighbouring keys differ wildly in length (a high score is kept
+// to the end of the sequence), so a tile of consecutive keys would visit nearly every later query
+// block for a few live keys. The query block's list is already compact (at most K + Bq - 1 keys).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math_constants.h>
+
+#include <cstdint>
+
+#include "ptx.h"
+#include "sparsek_params.h"
+
+namespace sparsek {
+namespace {
+
+constexpr int kRows = kAttnRows;        // rows (query x head) per CTA
+constexpr int kWarps = kRows / 16;      // one m16 row slice per warp
+constexpr int kThreads = kWarps * 32;
+constexpr int kTileN = 64;              // keys per tile
+constexpr int kStages = 2;              // K/V tile t in use, t + 1 in flight
+constexpr int kKeyWarps = kTileN / 16;  // dK/dV phase: warps along the keys of a tile ...
+constexpr int kDWarps = kWarps / kKeyWarps;  // ... and along the head dim
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr unsigned kFull = 0xffffffffu;
+static_assert(kWarps == kKeyWarps * kDWarps, "the dK/dV phase uses every warp once");
+
+template <int kD>
+struct Traits {
+  static constexpr int kChunks = kD / 8;                    // 16-byte chunks per row of Q, dO, K, V
+  static constexpr int kLoadersPerRow = kThreads / kTileN;  // threads that copy one key row
+  static constexpr int kChunksPerThread = kChunks / kLoadersPerRow;
+  static constexpr int kDPerWarp = kD / kDWarps;            // head-dim columns per warp in the dK/dV phase
+  static constexpr int kSmemBytes =
+      (2 * kRows * kD + 2 * kStages * kTileN * kD + 2 * kRows * kTileN) * 2  // Q, dO, K, V, P, dS
+      + kStages * kTileN * 4 * 4                                             // key, start, end, u
+      + kWarps * kTileN * 4;                                                 // column sums of gamma
+};
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a row-major tile of kC chunks per row, the
+// chunk index XOR-ed with row % 8: the 8 rows an ldmatrix reads (or a warp's fragment stores
+// write) at one logical chunk land in 8 different bank groups.
+template <int kC>
+__device__ __forceinline__ uint32_t swz(int row, int chunk) {
+  return static_cast<uint32_t>((row * kC + (chunk ^ (row & 7))) * 16);
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+template <typename Elem>
+struct Mma;
+
+// d (16 x 8, float) += a (16 x 16) b (16 x 8); PTX spells the input type in the opcode.
+#define SPARSEK_MMA(ELEM, TYPE)                                                                          \
+  template <>                                                                                            \
+  struct Mma<ELEM> {                                                                                     \
+    static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) { \
+      asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE                                \
+                   ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"              \
+                   : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                      \
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));                      \
+    }                                                                                                    \
+  };
+SPARSEK_MMA(__nv_bfloat16, "bf16")
+SPARSEK_MMA(__half, "f16")
+#undef SPARSEK_MMA
+
+// acc (16 rows x 64 keys) = A (16 rows x kD, row-major tile at a_base) B^T, B (64 keys x kD,
+// row-major tile at b_base): S = Q K^T and dP = dO V^T. `a_row0` is the warp's first row.
+template <int kD, typename Elem>
+__device__ __forceinline__ void gemm_rows_keys(float (&acc)[kTileN / 8][4], uint32_t a_base, int a_row0, uint32_t b_base,
+                                               int lane) {
+  constexpr int kC = kD / 8;
+#pragma unroll
+  for (int nb = 0; nb < kTileN / 8; ++nb) acc[nb][0] = acc[nb][1] = acc[nb][2] = acc[nb][3] = 0.f;
+  const int mi = lane >> 3, r8 = lane & 7;
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk) {
+    uint32_t a[4];  // matrices: rows 0-7 / 8-15 x k low, then k high
+    ldsm_x4(a, a_base + swz<kC>(a_row0 + 8 * (mi & 1) + r8, 2 * kk + (mi >> 1)));
+#pragma unroll
+    for (int nb2 = 0; nb2 < kTileN / 16; ++nb2) {
+      uint32_t b[4];  // matrices: keys n0..n0+7 x k low / high, then keys n0+8.. x k low / high
+      ldsm_x4(b, b_base + swz<kC>(16 * nb2 + 8 * (mi >> 1) + r8, 2 * kk + (mi & 1)));
+      Mma<Elem>::run(acc[2 * nb2], a, b[0], b[1]);
+      Mma<Elem>::run(acc[2 * nb2 + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// acc (16 keys x kDPerWarp) = A^T B over the CTA's 128 rows: A (128 rows x 64 keys, P or dS),
+// B (128 rows x kD, dO or Q); this warp's keys start at key0, its head-dim columns at d0.
+template <int kD, typename Elem>
+__device__ __forceinline__ void gemm_keys_dims(float (&acc)[Traits<kD>::kDPerWarp / 8][4], uint32_t a_base, uint32_t b_base,
+                                               int key0, int d0, int lane) {
+  constexpr int kC = kD / 8;
+  constexpr int kNB = Traits<kD>::kDPerWarp / 8;
+#pragma unroll
+  for (int nb = 0; nb < kNB; ++nb) acc[nb][0] = acc[nb][1] = acc[nb][2] = acc[nb][3] = 0.f;
+  const int mi = lane >> 3, r8 = lane & 7;
+#pragma unroll
+  for (int kr = 0; kr < kRows / 16; ++kr) {
+    uint32_t a[4];  // transposed: matrices rows k0..k0+7 x keys m0 / m0+8, then rows k0+8..
+    ldsm_x4_t(a, a_base + swz<kTileN / 8>(16 * kr + 8 * (mi >> 1) + r8, key0 / 8 + (mi & 1)));
+#pragma unroll
+    for (int nd2 = 0; nd2 < kNB / 2; ++nd2) {
+      uint32_t b[4];  // transposed: matrices rows k0.. / k0+8.. x d chunk n0, then chunk n0+1
+      ldsm_x4_t(b, b_base + swz<kC>(16 * kr + 8 * (mi & 1) + r8, d0 / 8 + 2 * nd2 + (mi >> 1)));
+      Mma<Elem>::run(acc[2 * nd2], a, b[0], b[1]);
+      Mma<Elem>::run(acc[2 * nd2 + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// Adds a warp's 16 keys x kDPerWarp tile to the global accumulator rows of its keys. Each pair of
+// lanes swaps two values so that every lane holds 4 consecutive columns of one key row: one
+// 16-byte atomic instead of two 8-byte ones.
+template <int kD>
+__device__ __forceinline__ void add_tile(const float (&acc)[Traits<kD>::kDPerWarp / 8][4], void* base, const int* keys,
+                                         int key0, int d0, int lane, bool deterministic, const double* fixed_scale) {
+  constexpr int kNB = Traits<kD>::kDPerWarp / 8;
+  const int g = lane >> 2, t = lane & 3, odd = t & 1;
+  const int key = keys[key0 + g + 8 * odd];
+  const int col0 = d0 + 2 * (t & ~1);
+  const double fixed = deterministic ? *fixed_scale : 0.0;
+#pragma unroll
+  for (int nb = 0; nb < kNB; ++nb) {
+    // even lanes keep row g (c0, c1) and take the partner's; odd lanes keep row g + 8 (c2, c3)
+    const float send0 = odd ? acc[nb][0] : acc[nb][2];
+    const float send1 = odd ? acc[nb][1] : acc[nb][3];
+    const float recv0 = __shfl_xor_sync(kFull, send0, 1);
+    const float recv1 = __shfl_xor_sync(kFull, send1, 1);
+    const float4 v = odd ? make_float4(recv0, recv1, acc[nb][2], acc[nb][3]) : make_float4(acc[nb][0], acc[nb][1], recv0, recv1);
+    if (key < 0) continue;  // padding row of the tile
+    const size_t off = static_cast<size_t>(key) * kD + col0 + 8 * nb;
+    if (deterministic) {
+      unsigned long long* dst = static_cast<unsigned long long*>(base) + off;
+      atomicAdd(dst + 0, static_cast<unsigned long long>(__double2ll_rn(static_cast<double>(v.x) * fixed)));
+      atomicAdd(dst + 1, static_cast<unsigned long long>(__double2ll_rn(static_cast<double>(v.y) * fixed)));
+      atomicAdd(dst + 2, static_cast<unsigned long long>(__double2ll_rn(static_cast<double>(v.z) * fixed)));
+      atomicAdd(dst + 3, static_cast<unsigned long long>(__double2ll_rn(static_cast<double>(v.w) * fixed)));
+    } else {
+      atomicAdd(reinterpret_cast<float4*>(static_cast<float*>(base) + off), v);
+    }
+  }
+}
+
+template <int kD, typename Elem>
+__global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBwdParams p) {
+  using T = Traits<kD>;
+  constexpr int kC = T::kChunks;
+  constexpr int kTileBytes = kTileN * kD * 2;
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  Elem* sQ = reinterpret_cast<Elem*>(smem);
+  Elem* sDO = sQ + kRows * kD;
+  Elem* sK = sDO + kRows * kD;
+  Elem* sV = sK + kStages * kTileN * kD;
+  Elem* sP = sV + kStages * kTileN * kD;
+  Elem* sDS = sP + kRows * kTileN;
+  int* sKey = reinterpret_cast<int*>(sDS + kRows * kTileN);  // [stage][key row]: key index, -1 = padding
+  int* sStart = sKey + kStages * kTileN;                      // j + W
+  int* sEnd = sStart + kStages * kTileN;
+  float* sU = reinterpret_cast<float*>(sEnd + kStages * kTileN);
+  float* sColSum = sU + kStages * kTileN;  // [warp][key]: column sums of gamma over the warp's rows
+
+  const int blk = blockIdx.x;
+  const int bh = blockIdx.y;
+  const int b = bh / p.kv_heads, hkv = bh % p.kv_heads;
+  const int S = p.seq_len, W = p.window;
+  const int i0 = blk * p.block_q, i1 = min(S, i0 + p.block_q);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, quad = lane & 3;
+
+  const Elem* k_base = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + hkv * p.k_head_stride;
+  const Elem* v_base = static_cast<const Elem*>(p.v) + b * p.v_batch_stride + hkv * p.v_head_stride;
+  const float* scores = p.scores + (size_t)bh * S;
+  const int* ends = p.end + (size_t)bh * S;
+
+  // ---- tile plan (as the forward): window tiles over [w0, i1), then the block's key list ----
+  const int w0 = W > 0 ? max(0, i0 - W + 1) : i1;
+  const int n_win = (i1 - w0 + kTileN - 1) / kTileN;
+  const int count = p.block_count[(size_t)bh * p.n_blocks + blk];
+  const int* list = p.block_keys + ((size_t)bh * p.n_blocks + blk) * p.cap;
+  const int n_tiles = n_win + (count + kTileN - 1) / kTileN;
+
+  const int my_row = tid / T::kLoadersPerRow, my_part = tid % T::kLoadersPerRow;
+  auto tile_key = [&](int t) -> int {  // key index of my_row in tile t, -1 for padding
+    if (t >= n_tiles) return -1;
+    if (t < n_win) {
+      const int j = w0 + t * kTileN + my_row;
+      return j < i1 ? j : -1;
+    }
+    const int idx = (t - n_win) * kTileN + my_row;
+    return idx < count ? __ldg(list + idx) : -1;
+  };
+  const uint32_t k_addr = smem_addr(sK), v_addr = smem_addr(sV);
+  auto load_tile = [&](int t, int stage, int j) {
+    const bool ok = j >= 0;
+    const int64_t jj = ok ? j : 0;
+    const Elem* ksrc = k_base + jj * p.k_row_stride;
+    const Elem* vsrc = v_base + jj * p.v_row_stride;
+#pragma unroll
+    for (int c = 0; c < T::kChunksPerThread; ++c) {
+      const int ch = my_part * T::kChunksPerThread + c;
+      cp_async16(k_addr + stage * kTileBytes + swz<kC>(my_row, ch), ksrc + ch * 8, ok);
+      cp_async16(v_addr + stage * kTileBytes + swz<kC>(my_row, ch), vsrc + ch * 8, ok);
+    }
+    if (my_part == 0) {
+      const int m = stage * kTileN + my_row;
+      sKey[m] = j;
+      if (t >= n_win) {  // window tiles need no per-key data
+        if (ok) {
+          sStart[m] = j + W;
+          cp_async4(&sEnd[m], ends + j);
+          cp_async4(&sU[m], scores + j);
+        } else {
+          sStart[m] = S;  // padding: selected by no row (i < S)
+          sEnd[m] = -1;
+          sU[m] = 0.f;
+        }
+      }
+    }
+  };
+
+  // ---- prologue: Q and dO rows (zero beyond S) with tile 0 ----
+  const Elem* dout = static_cast<const Elem*>(p.dout);
+  const Elem* q_base = static_cast<const Elem*>(p.q) + b * p.q_batch_stride;
+  for (int c = tid; c < kRows * kC; c += kThreads) {
+    const int r = c / kC, ch = c % kC;
+    const int i = i0 + r % p.block_q, head = hkv * p.group + r / p.block_q;
+    const bool ok = i < S;
+    const int64_t ii = ok ? i : 0;
+    cp_async16(smem_addr(sQ) + swz<kC>(r, ch), q_base + head * p.q_head_stride + ii * p.q_row_stride + ch * 8, ok);
+    cp_async16(smem_addr(sDO) + swz<kC>(r, ch), dout + (((size_t)b * p.q_heads + head) * S + ii) * kD + ch * 8, ok);
+  }
+  if (n_tiles > 0) load_tile(0, 0, tile_key(0));
+  cp_async_commit();
+  int key_next = tile_key(1);
+
+  // Per-thread rows (mma accumulator layout): rows r_lo = 16 warp + lane / 4 and r_lo + 8.
+  const int r_lo = warp * 16 + g;
+  int qi[2], head_of[2];
+  float lse2[2], dsum[2], tau[2], tau1[2];
+  bool tau1_exact[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = r_lo + 8 * h;
+    qi[h] = i0 + r % p.block_q;
+    head_of[h] = hkv * p.group + r / p.block_q;
+    const size_t row = ((size_t)b * p.q_heads + head_of[h]) * S + qi[h];
+    const bool ok = qi[h] < S;
+    const float lse = ok ? p.lse[row] : CUDART_INF_F;
+    // exp2(s * scale_log2 - lse2): a row beyond S (or without keys) gets weight 0 everywhere
+    lse2[h] = isfinite(lse) ? lse * kLog2e : CUDART_INF_F;
+    dsum[h] = ok ? p.dsum[row] : 0.f;
+    tau[h] = ok ? p.tau[(size_t)bh * S + qi[h]] : 0.f;
+    // Soft means tau < u < tau + 1 exactly (as the selection counts |F_i|): tau + 1 rounded
+    // down, and whether that rounding was exact, decide u < tau + 1 without a wider type.
+    tau1[h] = __fadd_rd(tau[h], 1.f);
+    tau1_exact[h] = tau1[h] == __fadd_ru(tau[h], 1.f);
+  }
+
+  float dq[kD / 8][4];
+#pragma unroll
+  for (int nd = 0; nd < kD / 8; ++nd) dq[nd][0] = dq[nd][1] = dq[nd][2] = dq[nd][3] = 0.f;
+  float gamma_sum[2] = {0.f, 0.f};
+
+  const uint32_t q_addr = smem_addr(sQ), do_addr = smem_addr(sDO);
+  const uint32_t p_addr = smem_addr(sP), ds_addr = smem_addr(sDS);
+  const int key0 = 16 * (warp % kKeyWarps), d0 = T::kDPerWarp * (warp / kKeyWarps);
+
+  for (int t = 0; t < n_tiles; ++t) {
+    const int stage = t % kStages;
+    cp_async_wait<0>();  // tile t (and Q, dO) has landed
+    // Also frees the other stage (tile t - 1's S, dP and dQ are done) and sP / sDS / sColSum
+    // (tile t - 1's dK/dV phase is done).
+    __syncthreads();
+    if (t + 1 < n_tiles) load_tile(t + 1, (t + 1) % kStages, key_next);
+    cp_async_commit();
+    key_next = tile_key(t + 2);
+
+    float s[kTileN / 8][4], dp[kTileN / 8][4];
+    gemm_rows_keys<kD, Elem>(s, q_addr, warp * 16, k_addr + stage * kTileBytes, lane);
+    gemm_rows_keys<kD, Elem>(dp, do_addr, warp * 16, v_addr + stage * kTileBytes, lane);
+
+    const bool listed = t >= n_win;
+    float col[kTileN / 8][2] = {};  // gamma of the soft selected entries, summed over this thread's two rows
+    if (!listed) {
+      const int j0 = w0 + t * kTileN;
+#pragma unroll
+      for (int nb = 0; nb < kTileN / 8; ++nb) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int h = c >> 1;
+          const int behind = qi[h] - (j0 + 8 * nb + 2 * quad + (c & 1));  // i - j
+          const float e = static_cast<unsigned>(behind) < static_cast<unsigned>(W)
+                              ? exp2f(fmaf(s[nb][c], p.scale_log2, -lse2[h]))
+                              : 0.f;
+          s[nb][c] = e;                          // P (gate 1)
+          dp[nb][c] = e * (dp[nb][c] - dsum[h]);  // dS
+        }
+      }
+    } else {
+      const int* start = sStart + stage * kTileN;
+      const int* end = sEnd + stage * kTileN;
+      const float* u = sU + stage * kTileN;
+#pragma unroll
+      for (int nb = 0; nb < kTileN / 8; ++nb) {
+        col[nb][0] = col[nb][1] = 0.f;
+#pragma unroll
+        for (int e2 = 0; e2 < 2; ++e2) {
+          const int cj = 8 * nb + 2 * quad + e2;
+          const int start_j = start[cj], end_j = end[cj];
+          const float u_j = u[cj];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int c = 2 * h + e2;
+            const bool sel = start_j <= qi[h] && qi[h] < end_j;
+            const float e = sel ? exp2f(fmaf(s[nb][c], p.scale_log2, -lse2[h])) : 0.f;
+            const float gate = __saturatef(u_j - tau[h]);
+            const float gamma = e * (dp[nb][c] - dsum[h]);
+            const bool soft = sel && u_j > tau[h] && (u_j < tau1[h] || (u_j == tau1[h] && !tau1_exact[h]));
+            if (soft) {
+              gamma_sum[h] += gamma;
+              col[nb][e2] += gamma;
+            }
+            s[nb][c] = gate * e;       // P
+            dp[nb][c] = gate * gamma;  // dS
+          }
+        }
+      }
+    }
+
+    // P and dS to shared memory (for the key-major phase); dS as A fragments for dQ += dS K.
+    uint32_t ds_frag[kTileN / 16][4];
+#pragma unroll
+    for (int nb = 0; nb < kTileN / 8; ++nb) {
+      const uint32_t p_lo = pack2<Elem>(s[nb][0], s[nb][1]), p_hi = pack2<Elem>(s[nb][2], s[nb][3]);
+      const uint32_t d_lo = pack2<Elem>(dp[nb][0], dp[nb][1]), d_hi = pack2<Elem>(dp[nb][2], dp[nb][3]);
+      const uint32_t in_chunk = 4 * quad;
+      *reinterpret_cast<uint32_t*>(sP + (swz<kTileN / 8>(r_lo, nb) + in_chunk) / 2) = p_lo;
+      *reinterpret_cast<uint32_t*>(sP + (swz<kTileN / 8>(r_lo + 8, nb) + in_chunk) / 2) = p_hi;
+      *reinterpret_cast<uint32_t*>(sDS + (swz<kTileN / 8>(r_lo, nb) + in_chunk) / 2) = d_lo;
+      *reinterpret_cast<uint32_t*>(sDS + (swz<kTileN / 8>(r_lo + 8, nb) + in_chunk) / 2) = d_hi;
+      ds_frag[nb / 2][(nb & 1) * 2 + 0] = d_lo;
+      ds_frag[nb / 2][(nb & 1) * 2 + 1] = d_hi;
+    }
+    {
+      const int mi = lane >> 3, r8 = lane & 7;
+#pragma unroll
+      for (int kk = 0; kk < kTileN / 16; ++kk) {
+#pragma unroll
+        for (int nd2 = 0; nd2 < kD / 16; ++nd2) {
+          uint32_t bk[4];  // K as B (keys x d), transposed: keys k0.. / k0+8.. x chunk n0, then n0+1
+          ldsm_x4_t(bk, k_addr + stage * kTileBytes + swz<kC>(16 * kk + 8 * (mi & 1) + r8, 2 * nd2 + (mi >> 1)));
+          Mma<Elem>::run(dq[2 * nd2], ds_frag[kk], bk[0], bk[1]);
+          Mma<Elem>::run(dq[2 * nd2 + 1], ds_frag[kk], bk[2], bk[3]);
+        }
+      }
+    }
+    if (listed) {  // column sums over the warp's 16 rows: lanes of one quad position share columns
+#pragma unroll
+      for (int nb = 0; nb < kTileN / 8; ++nb) {
+#pragma unroll
+        for (int e2 = 0; e2 < 2; ++e2) {
+          float v = col[nb][e2];
+          v += __shfl_xor_sync(kFull, v, 4);
+          v += __shfl_xor_sync(kFull, v, 8);
+          v += __shfl_xor_sync(kFull, v, 16);
+          if (g == 0) sColSum[warp * kTileN + 8 * nb + 2 * quad + e2] = v;
+        }
+      }
+    }
+    __syncthreads();  // P, dS and the column sums of every warp are in shared memory
+
+    // ---- key-major phase: this warp's 16 keys x kDPerWarp columns of dV and dK ----
+    {
+      float acc[T::kDPerWarp / 8][4];
+      const int* keys = sKey + stage * kTileN;
+      gemm_keys_dims<kD, Elem>(acc, p_addr, do_addr, key0, d0, lane);
+      add_tile<kD>(acc, static_cast<char*>(p.dv_acc) + (size_t)bh * S * kD * (p.deterministic ? 8 : 4), keys, key0, d0, lane,
+                   p.deterministic, p.fixed_scale + 1);
+      gemm_keys_dims<kD, Elem>(acc, ds_addr, q_addr, key0, d0, lane);
+      add_tile<kD>(acc, static_cast<char*>(p.dk_acc) + (size_t)bh * S * kD * (p.deterministic ? 8 : 4), keys, key0, d0, lane,
+                   p.deterministic, p.fixed_scale);
+    }
+    if (listed && tid < kTileN) {
+      float v = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) v += sColSum[w * kTileN + tid];  // fixed order
+      const int pos = (t - n_win) * kTileN + tid;
+      if (pos < count) {
+        if (p.deterministic) {
+          p.du_part[((size_t)bh * p.n_blocks + blk) * p.cap + pos] = v;
+        } else {
+          atomicAdd(p.du + (size_t)bh * S + sKey[stage * kTileN + tid], v);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // ---- epilogue: dq rows and the per-row sums of gamma ----
+  Elem* dq_out = static_cast<Elem*>(p.dq);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float gs = gamma_sum[h];
+    gs += __shfl_xor_sync(kFull, gs, 1);
+    gs += __shfl_xor_sync(kFull, gs, 2);
+    if (qi[h] >= S) continue;
+    const size_t row = ((size_t)b * p.q_heads + head_of[h]) * S + qi[h];
+    Elem* dst = dq_out + row * kD;
+#pragma unroll
+    for (int nd = 0; nd < kD / 8; ++nd) {
+      *reinterpret_cast<uint32_t*>(dst + 8 * nd + 2 * quad) = pack2<Elem>(dq[nd][2 * h] * p.scale, dq[nd][2 * h + 1] * p.scale);
+    }
+    if (quad == 0) p.gamma_rows[row] = gs;
+  }
+}
+
+// rowsum(dout * out) for every row: D / 8 threads per row, each one 16-byte chunk of both.
+template <int kD, typename Elem>
+__global__ void __launch_bounds__(256) bwd_dot_kernel(const BwdDotParams p) {
+  constexpr int kPerRow = kD / 8;
+  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kPerRow;
+  const int part = threadIdx.x % kPerRow;
+  float acc = 0.f;
+  if (row < p.rows) {
+    const uint4 a = *reinterpret_cast<const uint4*>(static_cast<const Elem*>(p.dout) + row * kD + part * 8);
+    const uint4 c = *reinterpret_cast<const uint4*>(static_cast<const Elem*>(p.out) + row * kD + part * 8);
+    const Elem* x = reinterpret_cast<const Elem*>(&a);
+    const Elem* y = reinterpret_cast<const Elem*>(&c);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc = fmaf(static_cast<float>(x[e]), static_cast<float>(y[e]), acc);
+  }
+#pragma unroll
+  for (int o = kPerRow / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(kFull, acc, o);
+  if (row < p.rows && part == 0) p.dsum[row] = acc;
+}
+
+template <int kD, typename Elem>
+cudaError_t launch(const AttnBwdParams& p, cudaStream_t stream) {
+  auto kernel = attention_bwd_kernel<kD, Elem>;
+  constexpr int smem = Traits<kD>::kSmemBytes;
+  // Above 48 KB a kernel must opt in to the larger dynamic shared memory carve-out.
+  if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem); e != cudaSuccess) {
+    return e;
+  }
+  const dim3 grid(p.n_blocks, p.batch * p.kv_heads);
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <int kD, typename Elem>
+cudaError_t launch_dot(const BwdDotParams& p, cudaStream_t stream) {
+  constexpr int kThreadsDot = 256;
+  const int64_t rows_per_block = kThreadsDot / (kD / 8);
+  const int64_t blocks = (p.rows + rows_per_block - 1) / rows_per_block;
+  bwd_dot_kernel<kD, Elem><<<static_cast<unsigned>(blocks), kThreadsDot, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_bwd_dot(const BwdDotParams& p, cudaStream_t stream) {
+  if (p.rows == 0) return cudaSuccess;
+  if (p.head_dim == 128) return p.is_bf16 ? launch_dot<128, __nv_bfloat16>(p, stream) : launch_dot<128, __half>(p, stream);
+  if (p.head_dim == 64) return p.is_bf16 ? launch_dot<64, __nv_bfloat16>(p, stream) : launch_dot<64, __half>(p, stream);
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_attention_bwd(const AttnBwdParams& p, int head_dim, cudaStream_t stream) {
+  if (p.n_blocks == 0 || p.batch * p.kv_heads == 0) return cudaSuccess;
+  if (head_dim == 128) return p.is_bf16 ? launch<128, __nv_bfloat16>(p, stream) : launch<128, __half>(p, stream);
+  if (head_dim == 64) return p.is_bf16 ? launch<64, __nv_bfloat16>(p, stream) : launch<64, __half>(p, stream);
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace sparsek

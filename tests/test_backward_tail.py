@@ -1,0 +1,98 @@
+"""The CPU-side pieces of the CUDA backward, against the reference (no GPU needed).
+
+The kernel returns the score gradient's per-key sums and per-row sums of gamma; sparsek/_cuda.py
+finishes it with the tau term over soft-set ranges (selection.soft_ranges), sums per-block terms
+in a fixed order when deterministic, and picks fixed-point scales. Each piece is checked here on
+fresh random inputs, ties and constant scores included.
+"""
+
+import pytest
+import torch
+
+from conftest import attention_inputs
+from sparsek import _cuda
+from sparsek import reference as ref
+from sparsek import selection as sel_mod
+
+CONFIGS = [  # B, Hq, Hkv, S, topk, window, score_scale, ties
+    (1, 2, 1, 40, 5, 3, 1.0, False),
+    (2, 4, 2, 67, 9, 0, 0.3, False),
+    (1, 4, 1, 50, 6, 7, 1.0, True),
+    (2, 2, 2, 33, 40, 2, 1.0, False),  # topk > every prefix: no soft keys
+    (1, 2, 1, 45, 4, 5, 0.0, False),  # constant scores: every candidate soft
+    (1, 8, 2, 80, 12, 16, 3.0, True),
+]
+
+
+def _id(c):
+    return "B{}-Hq{}-Hkv{}-S{}-K{}-W{}-u{}{}".format(*c[:7], "-ties" if c[7] else "")
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=_id)
+def test_soft_ranges_match_the_soft_mask(config):
+    B, Hq, Hkv, S, topk, window, score_scale, ties = config
+    _, _, _, u = attention_inputs(B, Hq, Hkv, S, 8, dtype=torch.float32, score_scale=score_scale, ties=ties)
+    sel = sel_mod.select(u, topk, window)
+    lo, hi, nsoft = sel_mod.soft_ranges(u, sel.tau, window)
+    mask = sel_mod.soft_mask(sel, u)  # (B, Hkv, S queries, S keys)
+    i = torch.arange(S).view(1, 1, S, 1)
+    assert torch.equal(mask, (i >= lo.unsqueeze(2)) & (i < hi.unsqueeze(2)))
+    assert torch.equal(nsoft, mask.sum(-1))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=_id)
+def test_per_key_sums_and_tau_term_give_the_reference_score_gradient(config):
+    """du = (sum over rows of gamma at soft selected keys) - tau_term(per-row sums): exactly the
+    split the kernel and _cuda.backward make, rebuilt from the dense reference's pieces."""
+    B, Hq, Hkv, S, topk, window, score_scale, ties = config
+    q, k, v, u = attention_inputs(B, Hq, Hkv, S, 8, dtype=torch.float64, score_scale=score_scale, ties=ties)
+    scale = 8**-0.5
+    sel = sel_mod.select(u, topk, window)
+    out, lse = ref.attention_dense(q, k, v, u, topk, window, scale, sel)
+    grad = torch.randn_like(out)
+    want = ref.backward_dense(grad, q, k, v, u, out, lse, sel, scale)[3]
+
+    kx, vx = ref._expand_heads(k, Hq), ref._expand_heads(v, Hq)
+    g = ref._expand_heads(sel_mod.gates(sel, u), Hq)
+    e = torch.where(g > 0, torch.exp(scale * q @ kx.transpose(-1, -2) - lse.unsqueeze(-1)), torch.zeros_like(g))
+    gamma = e * (grad @ vx.transpose(-1, -2) - (grad * out).sum(-1, keepdim=True))
+    active = ref._expand_heads(sel_mod.soft_mask(sel, u) & sel_mod.selected_mask(sel), Hq)
+    gamma = torch.where(active, gamma, torch.zeros_like(gamma))
+    per_key = ref._sum_groups(gamma.sum(-2), Hkv)
+    got = per_key - _cuda.tau_term(gamma.sum(-1), u, sel.tau, window, Hkv)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
+def test_list_places_sum_per_key_in_a_fixed_order():
+    gen = torch.Generator().manual_seed(3)
+    B, Hkv, S, n_blocks, cap = 2, 3, 50, 6, 9
+    count = torch.randint(0, cap + 1, (B, Hkv, n_blocks), generator=gen, dtype=torch.int32)
+    keys = torch.randint(0, S, (B, Hkv, n_blocks, cap), generator=gen, dtype=torch.int32)
+    part = torch.randn(B * Hkv, n_blocks, cap, generator=gen)
+    valid = torch.arange(cap) < count.unsqueeze(-1)
+    part.view(B, Hkv, n_blocks, cap)[~valid] = 0.0  # the kernel leaves unused places at zero
+    keys[~valid] = -7  # and never writes the list beyond count
+    want = torch.zeros(B, Hkv, S)
+    for b in range(B):
+        for h in range(Hkv):
+            for blk in range(n_blocks):
+                for p in range(int(count[b, h, blk])):
+                    want[b, h, keys[b, h, blk, p]] += part[b * Hkv + h, blk, p]
+    torch.testing.assert_close(_cuda._sum_list_places(part, keys, count, S), want)
+
+
+def test_fixed_point_scales_bound_every_sum():
+    gen = torch.Generator().manual_seed(5)
+    B, Hq, Hkv, S, D = 1, 4, 2, 64, 16
+    q = torch.randn(B, Hq, S, D, generator=gen).bfloat16()
+    v = torch.randn(B, Hkv, S, D, generator=gen).bfloat16()
+    grad = (torch.randn(B, Hq, S, D, generator=gen) * 1e-3).bfloat16()
+    scales = _cuda._fixed_point_scales(grad, q, v, Hq // Hkv, S)
+    assert scales.dtype == torch.float64 and scales.shape == (2,)
+    # powers of two, and the bounds they encode are at least the crude bounds of any sum
+    assert torch.equal(torch.exp2(torch.log2(scales).round()), scales)
+    rows = Hq // Hkv * S
+    crude_v = rows * grad.float().abs().max().double()
+    assert float(crude_v * scales[1]) <= 2.0**62
+    grad[0, 0, 0, 0] = float("inf")
+    assert torch.isnan(_cuda._fixed_point_scales(grad, q, v, Hq // Hkv, S)).all()
