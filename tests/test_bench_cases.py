@@ -27,7 +27,9 @@ def test_presets_are_the_design_cases():
     assert CASES["cpu-smoke"].device == CASES["cpu-smoke-decode"].device == "cpu"
     assert CASES["cpu-smoke"].kind == "prefill" and CASES["cpu-smoke-decode"].kind == "decode"
     assert len({c.seed for c in CASES.values()}) == len(CASES)
-    assert set(cases.DEFAULT_CASES["cuda"]) == {"seed", "long-16k", "long-32k", "long-64k", "long-128k"}
+    assert set(cases.DEFAULT_CASES["cuda"]) == {"seed", "long-16k", "long-32k", "long-64k", "long-128k",
+                                                "train-seed", "train-16k", "train-64k"}
+    assert set(cases.DEFAULT_CASES["cpu"]) == {"cpu-smoke", "train-cpu-smoke"}
 
 
 def test_cases_are_frozen_and_validated():
@@ -36,7 +38,7 @@ def test_cases_are_frozen_and_validated():
     with pytest.raises(ValueError, match="multiple of kv_heads"):
         Case("x", "prefill", 1, 6, 4, 16, 8, "float32", 2, 1, "cpu", 0)
     with pytest.raises(ValueError, match="kind"):
-        Case("x", "train", 1, 4, 4, 16, 8, "float32", 2, 1, "cpu", 0)
+        Case("x", "backward", 1, 4, 4, 16, 8, "float32", 2, 1, "cpu", 0)
     assert CASES["long-16k"].torch_dtype == torch.bfloat16 and CASES["seed"].scale == 128**-0.5
 
 

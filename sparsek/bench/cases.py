@@ -4,6 +4,10 @@ A case fixes every field explicitly (DESIGN section 4): no defaults hide in adap
 drawn on the case's device from ``case.seed``, so the CLI, asv, pytest-benchmark and the Nsight
 worker all time the same tensors on the same kind of device.
 
+Three kinds: ``prefill`` (the forward over a whole sequence), ``decode`` (one new token against a
+context) and ``train`` (one training step of attention at a prefill shape: forward + backward
+with a fixed upstream gradient, drawn once with the inputs).
+
 Scores imitate what a trained scorer produces: a slow drift along the sequence (some regions
 matter more than others) plus per-token noise, scaled so that neighbouring scores differ by
 O(1). That keeps the SparseK threshold's soft band (keys with 0 < u - tau < 1) populated, as it
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-KINDS = ("prefill", "decode")
+KINDS = ("prefill", "decode", "train")
 DEVICES = ("cuda", "cpu")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
@@ -37,11 +41,11 @@ class UnknownName(KeyError, ValueError):
 @dataclass(frozen=True)
 class Case:
     name: str
-    kind: str  # "prefill" | "decode"
+    kind: str  # "prefill" | "decode" | "train"
     batch: int
     q_heads: int
     kv_heads: int
-    seq_len: int  # prefill: sequence length; decode: context length before the new token
+    seq_len: int  # prefill, train: sequence length; decode: context length before the new token
     head_dim: int
     dtype: str  # "float16" | "bfloat16" | "float32" | "float64"
     topk: int
@@ -90,7 +94,8 @@ class Case:
         q_rows = 1 if self.kind == "decode" else self.seq_len
         q = self.batch * self.q_heads * q_rows * self.head_dim * elem
         new_kv = 2 * self.batch * self.kv_heads * self.head_dim * elem if self.kind == "decode" else 0
-        return kv + scores + q + new_kv
+        grad_out = q if self.kind == "train" else 0  # the fixed upstream gradient, shaped like the output
+        return kv + scores + q + new_kv + grad_out
 
     def describe(self) -> str:
         hq = f"Hq{self.q_heads}" if self.q_heads == self.kv_heads else f"Hq{self.q_heads} Hkv{self.kv_heads}"
@@ -110,11 +115,16 @@ def _decode(name, batch, q_heads, kv_heads, context, head_dim, dtype, topk, wind
     return Case(name, "decode", batch, q_heads, kv_heads, context, head_dim, dtype, topk, window, device, _seed(name))
 
 
+def _train(name: str, forward: Case) -> Case:
+    """One training step at a prefill case's shape (its own seed, so its own inputs)."""
+    return dataclasses.replace(forward, name=name, kind="train", seed=_seed(name))
+
+
 _LONG = {"16k": 16384, "32k": 32768, "64k": 65536, "128k": 131072}
 _DECODE_CONTEXTS = {"4k": 4096, "32k": 32768, "128k": 131072}
 _DECODE_BATCHES = (1, 16, 64)
 
-CASES: dict[str, Case] = {
+_FORWARD: dict[str, Case] = {
     c.name: c
     for c in (
         # The original brief's configuration.
@@ -133,10 +143,16 @@ CASES: dict[str, Case] = {
     )
 }
 
+# Training-step cases and the prefill case whose shape each one takes.
+TRAIN_SHAPES = {"train-seed": "seed", "train-16k": "long-16k", "train-64k": "long-64k",
+                "train-cpu-smoke": "cpu-smoke"}
+
+CASES: dict[str, Case] = {**_FORWARD, **{name: _train(name, _FORWARD[shape]) for name, shape in TRAIN_SHAPES.items()}}
+
 # What `sparsek-bench run --default` (and `make bench`) runs on each kind of machine.
 DEFAULT_CASES = {
-    "cuda": ("seed", "long-16k", "long-32k", "long-64k", "long-128k"),
-    "cpu": ("cpu-smoke",),
+    "cuda": ("seed", "long-16k", "long-32k", "long-64k", "long-128k", "train-seed", "train-16k", "train-64k"),
+    "cpu": ("cpu-smoke", "train-cpu-smoke"),
 }
 
 
@@ -157,6 +173,8 @@ class Inputs:
     """Tensors of one case.
 
     prefill: q (B, Hq, S, D), k and v (B, Hkv, S, D), scores (B, Hkv, S) float32.
+    train:   the prefill tensors plus grad_out (B, Hq, S, D), the fixed upstream gradient of the
+             attention output (random, never zeros: a zero gradient would let a backward skip work).
     decode:  q (B, Hq, 1, D) is the new token's query; k, v (B, Hkv, S, D) and scores (B, Hkv, S)
              are the context; k_new, v_new (B, Hkv, 1, D) and score_new (B, Hkv, 1) the new token.
     """
@@ -168,6 +186,7 @@ class Inputs:
     k_new: torch.Tensor | None = None
     v_new: torch.Tensor | None = None
     score_new: torch.Tensor | None = None
+    grad_out: torch.Tensor | None = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: t for name, t in vars(self).items() if t is not None}
@@ -200,9 +219,11 @@ def make_inputs(case: Case, device=None) -> Inputs:
 
     k = randn(B, Hkv, S, D)
     v = randn(B, Hkv, S, D)
-    if case.kind == "prefill":
+    if case.kind in ("prefill", "train"):
         q = randn(B, Hq, S, D)
-        return Inputs(q=q, k=k, v=v, scores=realistic_scores(B, Hkv, S, g, dev))
+        scores = realistic_scores(B, Hkv, S, g, dev)
+        grad_out = randn(B, Hq, S, D) if case.kind == "train" else None
+        return Inputs(q=q, k=k, v=v, scores=scores, grad_out=grad_out)
     scores = realistic_scores(B, Hkv, S + 1, g, dev)
     return Inputs(
         q=randn(B, Hq, 1, D),

@@ -14,6 +14,12 @@ work counted for it (and, in impls/base.py, the reference it is checked against)
 of the pattern; "dense-equivalent" rates count the dense causal (or full-context decode) work
 the pattern replaces, which is what a user compares against but exceeds the hardware peak
 whenever sparsity pays off. Decode bytes are the K/V bytes the pattern reads.
+
+A training step (``train`` cases: forward + backward) is counted by the usual convention
+(FlashAttention's): the backward is five matmuls per attended pair instead of the forward's
+two (QK^T recomputed, dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q), so backward = 2.5x
+forward and step = 3.5x forward = 14·B·Hq·D per attended pair. Elementwise work (softmax,
+SparseK's gates and score gradient) is not counted, as in the forward.
 """
 
 from __future__ import annotations
@@ -70,8 +76,21 @@ def attended_pairs(case: Case, pattern: str) -> int:
     raise ValueError(f"unknown pattern {pattern!r}; expected one of {PATTERNS}")
 
 
+# FLOPs per attended (query, key) pair, per query head and head-dim element (module docstring).
+FORWARD_FLOPS_PER_PAIR = 4  # QK^T and PV
+BACKWARD_FLOPS_PER_PAIR = 10  # 2.5x the forward: five matmuls instead of two
+STEP_FLOPS_PER_PAIR = FORWARD_FLOPS_PER_PAIR + BACKWARD_FLOPS_PER_PAIR  # 3.5x the forward
+STEP_FLOP_CONVENTION = "step = forward 4·D + backward 10·D (2.5x the forward) per attended pair and query head"
+
+
+def flops_per_pair(case: Case) -> int:
+    """FLOPs per attended pair, head and head-dim element of the case's measured work."""
+    return STEP_FLOPS_PER_PAIR if case.kind == "train" else FORWARD_FLOPS_PER_PAIR
+
+
 def flops(case: Case, pattern: str) -> int:
-    return 4 * case.batch * case.q_heads * case.head_dim * attended_pairs(case, pattern)
+    """FLOPs of the case's measured work: the forward, or the training step for train cases."""
+    return flops_per_pair(case) * case.batch * case.q_heads * case.head_dim * attended_pairs(case, pattern)
 
 
 def dense_equivalent_flops(case: Case) -> int:
@@ -119,30 +138,60 @@ def derive(case: Case, pattern: str, seconds: float, peaks: dict | None) -> dict
         out["pct_peak_gbps"] = 100.0 * out["gbps"] / peak_gbps
         if out["gbps"] > peak_gbps:
             out["implausible"].append(f"{out['gbps']:.0f} GB/s exceeds the measured copy peak {peak_gbps:.0f}")
+    if case.kind == "train":
+        out["ms_per_step"] = seconds * 1e3
+        out["flop_convention"] = STEP_FLOP_CONVENTION
     return out
 
 
-def error_stats(out: torch.Tensor, ref: torch.Tensor, dtype: str) -> dict:
+def error_stats(out: torch.Tensor, ref: torch.Tensor, dtype: str, atol_scale: float = 1.0) -> dict:
     """max abs error, max error relative to the reference's largest magnitude, and the verdict.
 
     out and ref have the same shape (e.g. (B, Hq, R, D) for R checked rows); ref is float32 or
     float64. ``max_rel`` is max|out - ref| / max|ref|, a scale-free figure that does not blow up
-    on entries that happen to be near zero.
+    on entries that happen to be near zero. ``atol_scale`` multiplies the dtype's atol (see
+    grad_error_stats).
     """
     tol = TOLERANCES[dtype]
+    atol = tol["atol"] * atol_scale
     o = out.to(ref.dtype)
     diff = (o - ref).abs()
     finite = bool(torch.isfinite(o).all())
     max_abs = float(diff.max()) if diff.numel() else 0.0
     scale = float(ref.abs().max()) if ref.numel() else 0.0
-    passed = finite and bool(torch.all(diff <= tol["atol"] + tol["rtol"] * ref.abs()))
+    passed = finite and bool(torch.all(diff <= atol + tol["rtol"] * ref.abs()))
     return {
         "max_abs": max_abs if finite else math.inf,
         "max_rel": (max_abs / scale if scale > 0 else max_abs) if finite else math.inf,
-        "atol": tol["atol"],
+        "atol": atol,
         "rtol": tol["rtol"],
         "passed": passed,
         "finite": finite,
+    }
+
+
+def grad_error_stats(grads: dict[str, torch.Tensor], refs: dict[str, torch.Tensor], dtype: str) -> dict:
+    """error_stats per gradient (name -> same-shaped tensors), and the verdict over all of them.
+
+    A gradient is a sum over many queries or keys and has no natural O(1) scale (it scales with
+    the upstream gradient), so the dtype's atol is multiplied by max(1, max|ref|) of that
+    gradient: never looser than the forward's check on O(1) values, and scale-free beyond.
+    Top-level max_abs / max_rel / passed / finite summarise the worst gradient, so readers of
+    forward records (tiers, asv, report) read a training record the same way.
+    """
+    per = {}
+    for name, got in grads.items():
+        ref = refs[name]
+        scale = float(ref.abs().max()) if ref.numel() else 0.0
+        per[name] = error_stats(got, ref, dtype, atol_scale=max(1.0, scale))
+    return {
+        "max_abs": max((e["max_abs"] for e in per.values()), default=0.0),
+        "max_rel": max((e["max_rel"] for e in per.values()), default=0.0),
+        "atol": TOLERANCES[dtype]["atol"],
+        "rtol": TOLERANCES[dtype]["rtol"],
+        "passed": all(e["passed"] for e in per.values()),
+        "finite": all(e["finite"] for e in per.values()),
+        "grads": per,
     }
 
 

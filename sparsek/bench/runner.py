@@ -2,7 +2,9 @@
 
 Per record: availability (skipped with the reason), prepare (not timed), one call whose output
 is checked against the reference on chosen rows (peak memory measured around it), then the
-timed loop with NVML clock sampling. Any exception, out-of-memory or timeout becomes a record
+timed loop with NVML clock sampling. For train cases the call is one training step and the
+check compares its gradients with reference gradients on a bounded subset
+(impls/grad_reference.py). Any exception, out-of-memory or timeout becomes a record
 with that status and the run goes on; a checkpoint beside the results file is rewritten
 atomically after every record, so even a run killed mid-way leaves every finished record on disk
 (marked partial), and the results file itself is written once, at the end (results.write_final).
@@ -38,6 +40,7 @@ from . import device as device_mod
 from . import metrics, results as results_mod, tiers as tiers_mod, timing
 from .cases import CASES, DEFAULT_CASES, Case, get_case, make_inputs
 from .impls import Impl, get_impl, impls_for
+from .impls import grad_reference
 from .impls.base import check_rows, first_line
 
 RUNS_DIR = Path("benchmarks/runs")
@@ -117,7 +120,7 @@ def _cleanup(cuda: bool):
 
 
 def _base_record(case: Case, impl: Impl) -> dict:
-    return {"case": case.name, "impl": impl.id, "family": impl.family, "kind": impl.kind, "pattern": impl.pattern,
+    return {"case": case.name, "impl": impl.id, "family": impl.family, "kind": case.kind, "pattern": impl.pattern,
             "description": impl.description, "case_spec": asdict(case), "status": None, "reason": None, "notes": []}
 
 
@@ -129,16 +132,49 @@ class CaseContext:
         self.inputs = inputs
         self.rows = check_rows(case, rows)
         self._refs: dict[str, torch.Tensor] = {}
+        self._grad_refs: dict[str, tuple[grad_reference.GradSubset, dict]] = {}
 
     def reference(self, impl: Impl) -> torch.Tensor:
         if impl.pattern not in self._refs:
             self._refs[impl.pattern] = impl.reference_rows(self.case, self.inputs, self.rows)
         return self._refs[impl.pattern]
 
+    def grad_reference(self, impl: Impl) -> tuple[grad_reference.GradSubset, dict]:
+        """(subset, reference gradients there) of a train case, once per pattern."""
+        if impl.pattern not in self._grad_refs:
+            subset = grad_reference.grad_subset(self.case, impl.pattern)
+            refs = grad_reference.reference_grads(self.case, self.inputs, impl.pattern, subset)
+            self._grad_refs[impl.pattern] = (subset, refs)
+        return self._grad_refs[impl.pattern]
 
-def check_output(ctx: CaseContext, impl: Impl, out: torch.Tensor, compare_with: dict) -> dict:
-    """Error of ``out`` at the checked rows against the reference (and any extra outputs)."""
+
+def check_grads(ctx: CaseContext, impl: Impl, grads: dict) -> dict:
+    """Error of a training step's gradients (name -> tensor, inputs' layouts) against the
+    reference gradients of the impl's pattern on the case's bounded subset."""
     case = ctx.case
+    if not isinstance(grads, dict):
+        raise ValueError(f"{impl.id} returned {type(grads).__name__} from a training step, expected a dict of gradients")
+    subset = grad_reference.grad_subset(case, impl.pattern)
+    got = grad_reference.take(case, grads, subset)  # validates names and shapes first
+    against = f"{impl.pattern} reference gradients"
+    try:
+        subset, refs = ctx.grad_reference(impl)
+    except Exception as exc:
+        if _is_oom(exc):
+            _cleanup(case.device == "cuda")
+        return {"against": against, "subset": subset.describe(), "passed": None,
+                "error": f"the reference failed: {first_line(exc)}"}
+    err = metrics.grad_error_stats(got, refs, case.dtype)
+    err.update(against=against, subset=subset.describe(), not_compared=[n for n in refs if n not in got])
+    return err
+
+
+def check_output(ctx: CaseContext, impl: Impl, out, compare_with: dict) -> dict:
+    """Error of ``out`` at the checked rows against the reference (and any extra outputs); for
+    a train case ``out`` is the step's gradients (check_grads)."""
+    case = ctx.case
+    if case.kind == "train":
+        return check_grads(ctx, impl, out)
     rows_dim = 1 if case.kind == "decode" else case.seq_len
     expected = (case.batch, case.q_heads, rows_dim, case.head_dim)
     if tuple(out.shape) != expected:
@@ -197,6 +233,11 @@ def run_one(ctx: CaseContext, impl: Impl, options: RunOptions, *, peaks: dict | 
                 record["memory"] = {"peak_bytes": state_bytes + call_bytes, "prepared_bytes": state_bytes,
                                     "call_bytes": call_bytes,
                                     "note": "beyond the inputs: prepared state + one call's workspace and output"}
+                if case.kind == "train":
+                    record["memory"].update(
+                        inputs_bytes=case.input_bytes(), step_peak_bytes=case.input_bytes() + state_bytes + call_bytes,
+                        note="peak_bytes: beyond the inputs (prepared state + one step's saved activations, workspace "
+                             "and gradients); step_peak_bytes: the same plus the inputs (q, k, v, scores, grad_out)")
             record["error"] = check_output(ctx, impl, out, prepared.compare_with)
             out = None
             with sampler if sampler is not None else contextlib.nullcontext():

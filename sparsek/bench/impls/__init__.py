@@ -1,6 +1,7 @@
 """THE registry of implementations: every front end (CLI, asv, pytest-benchmark, Nsight) looks
 ids up here. Each adapter module exports ``IMPLS``, a tuple of ``base.Impl``; the order below is
-the order of tables.
+the order of tables. An id names one implementation across kinds: ``sdpa-cudnn`` runs prefill
+cases and, with its backward, train cases (``Impl.kinds``).
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ def get_impl(id: str) -> Impl:
 
 
 def impls_for(case: Case) -> list[Impl]:
-    """Every implementation of the case's kind, available or not (unavailable ones are listed
-    as skipped with their reason, never dropped)."""
-    return [impl for impl in IMPLS.values() if impl.kind == case.kind]
+    """Every implementation that runs the case's kind (train: those with a backward), available
+    or not (unavailable ones are listed as skipped with their reason, never dropped)."""
+    return [impl for impl in IMPLS.values() if case.kind in impl.kinds]
 
 
 __all__ = ["IMPLS", "Impl", "Prepared", "Unavailable", "get_impl", "impls_for"]

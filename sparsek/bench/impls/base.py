@@ -5,6 +5,11 @@ An adapter (TritonBench style) declares ``available(case)`` -> None or a reason 
 changes, block masks, compilation, selection for a baseline) happens there, and ``Prepared.fn``
 is a zero-argument callable that does only the timed work.
 
+An adapter of a forward kind (prefill, decode) that has a backward also runs ``train`` cases
+(``train=True``): ``prepare`` hands those to ``_prepare_train``, which describes the step with
+``train.TrainStep`` (impls/train.py); subclasses write ``_available`` and ``_prepare`` (and
+``_prepare_train``), never the dispatch.
+
 The reference an output is checked against follows from the adapter's ``pattern`` (see
 metrics.py): dense causal attention, the sliding window of K+W keys, SparseK, or their decode
 forms. References are computed in float32 (float64 for float64 cases) for chosen query rows
@@ -21,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..cases import Case, Inputs
-from ..metrics import PATTERNS
+from ..metrics import PATTERNS, PREFILL_PATTERNS
 
 # Rows checked per case when the sequence is too long to check them all.
 CHECK_ROWS = 32
@@ -33,32 +38,41 @@ CHECK_ALL_ROWS_UP_TO = 512
 class Prepared:
     """The timed work of one implementation on one case.
 
-    fn: zero arguments, only the measured work; returns the output.
+    fn: zero arguments, only the measured work; returns the output (train: the gradients).
     output_fn: the output in SDPA layout, (B, Hq, S, D) for prefill or (B, Hq, 1, D) for decode
-        (default: fn itself); adapters whose kernels use another layout convert here.
+        (default: fn itself); adapters whose kernels use another layout convert here. For train
+        cases a dict of gradients by input name ("q", "k", "v", and "scores" where the
+        implementation has one) in the inputs' layouts.
     compare_with: further outputs of the same layout to compare against besides the reference
         (e.g. flex-sparsek against sparsek's own op), name -> tensor.
     notes: facts a reader of the results needs (a layout change, which op xFormers chose).
     """
 
-    fn: Callable[[], Tensor]
-    output_fn: Callable[[], Tensor] | None = None
+    fn: Callable[[], object]
+    output_fn: Callable[[], object] | None = None
     compare_with: dict[str, Tensor] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
-    def output(self) -> Tensor:
+    def output(self):
         return (self.output_fn or self.fn)()
 
 
 class Impl:
-    """One implementation: id, family, kind ("prefill"/"decode"), pattern (metrics.PATTERNS)."""
+    """One implementation: id, family, kind ("prefill"/"decode"), pattern (metrics.PATTERNS).
 
-    def __init__(self, id: str, *, family: str, kind: str, pattern: str, description: str = ""):
+    ``train=True``: it also runs training steps (kind "train") of its pattern; ``kinds`` lists
+    every case kind it runs.
+    """
+
+    def __init__(self, id: str, *, family: str, kind: str, pattern: str, description: str = "", train: bool = False):
         if pattern not in PATTERNS:
             raise ValueError(f"Impl {id!r}: pattern={pattern!r}, expected one of {PATTERNS}")
+        if train and pattern not in PREFILL_PATTERNS:
+            raise ValueError(f"Impl {id!r}: train=True needs a prefill pattern {PREFILL_PATTERNS}, got {pattern!r}")
         self.id = id
         self.family = family
         self.kind = kind
+        self.kinds = (kind, "train") if train else (kind,)
         self.pattern = pattern
         self.description = description
 
@@ -67,7 +81,9 @@ class Impl:
 
     def available(self, case: Case) -> str | None:
         """None when this implementation can run ``case``, else the reason it cannot."""
-        if case.kind != self.kind:
+        if case.kind not in self.kinds:
+            if case.kind == "train":
+                return f"{self.id} has no backward here, so it runs no training step ({case.name} is a train case)"
             return f"{self.id} is a {self.kind} implementation and {case.name} is a {case.kind} case"
         return self._available(case)
 
@@ -75,6 +91,16 @@ class Impl:
         return None
 
     def prepare(self, case: Case, inputs: Inputs) -> Prepared:
+        if case.kind not in self.kinds:
+            raise ValueError(f"{self.id}: case {case.name!r} is a {case.kind} case; this implementation runs {self.kinds}")
+        if case.kind == "train":
+            return self._prepare_train(case, inputs)
+        return self._prepare(case, inputs)
+
+    def _prepare(self, case: Case, inputs: Inputs) -> Prepared:
+        raise NotImplementedError
+
+    def _prepare_train(self, case: Case, inputs: Inputs) -> Prepared:
         raise NotImplementedError
 
     def reference_rows(self, case: Case, inputs: Inputs, rows: Tensor) -> Tensor:
@@ -92,7 +118,7 @@ class Unavailable(Impl):
     def _available(self, case):
         return self.reason
 
-    def prepare(self, case, inputs):
+    def _prepare(self, case, inputs):
         raise RuntimeError(f"{self.id}: {self.reason}")
 
 

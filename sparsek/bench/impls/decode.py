@@ -116,7 +116,7 @@ class SparseKDecode(Impl):
         reason = cached_probe((self.id, case.dtype, case.head_dim, case.group), probe)
         return f"sparsek's decode kernels cannot run this case: {reason}" if reason else None
 
-    def prepare(self, case: Case, inputs: Inputs) -> Prepared:
+    def _prepare(self, case: Case, inputs: Inputs) -> Prepared:
         from sparsek import SparseKCache
 
         cache = SparseKCache.from_prefill(inputs.k, inputs.v, inputs.scores, topk=case.topk, window=case.window,
@@ -194,7 +194,7 @@ class SdpaDecode(Impl):
         backend, refusals = self._backend(case)
         return None if backend else f"no SDPA backend runs this decode call ({refusals})"
 
-    def prepare(self, case: Case, inputs: Inputs) -> Prepared:
+    def _prepare(self, case: Case, inputs: Inputs) -> Prepared:
         backend, refusals = self._backend(case)
         k, v = full_cache(inputs)
         q, scale, gqa = inputs.q, case.scale, case.group > 1
@@ -272,7 +272,7 @@ class VllmPaged(Impl):
         reason = cached_probe((self.id, case.dtype, case.head_dim, case.group), probe)
         return f"vLLM's paged decode refuses this case: {reason}" if reason else None
 
-    def prepare(self, case: Case, inputs: Inputs) -> Prepared:
+    def _prepare(self, case: Case, inputs: Inputs) -> Prepared:
         fn, version = self._build(case, inputs, page_table(case, VLLM_BLOCK, inputs.q.device))
         return Prepared(fn=fn, output_fn=lambda: fn().unsqueeze(2),
                         notes=[f"vllm_flash_attn.flash_attn_varlen_func, fa_version {version or 'default'}, "
@@ -350,7 +350,7 @@ class XFormersSplitKPaged(Impl):
         reason = cached_probe((self.id, case.dtype, case.head_dim, case.group), probe)
         return f"xFormers' paged split-K decode refuses this case: {reason}" if reason else None
 
-    def prepare(self, case: Case, inputs: Inputs) -> Prepared:
+    def _prepare(self, case: Case, inputs: Inputs) -> Prepared:
         fn, output = self._build(case, inputs, page_table(case, XFORMERS_PAGE, inputs.q.device))
         return Prepared(fn=fn, output_fn=output,
                         notes=[f"fmha.triton_splitk.FwOp, page size {XFORMERS_PAGE}, block table of seeded random pages",
@@ -413,7 +413,7 @@ class FlexPaged(Impl):
             return f"this torch has no FlexAttention: {first_line(exc)}"
         return free_memory_reason(case, paged_bytes(case, FLEX_PAGE), "the paged cache")
 
-    def prepare(self, case: Case, inputs: Inputs) -> Prepared:
+    def _prepare(self, case: Case, inputs: Inputs) -> Prepared:
         from .dense import compiled_flex
 
         k_pool, v_pool, table, logical = flex_paged_layout(case, inputs)

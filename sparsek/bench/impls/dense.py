@@ -5,9 +5,13 @@ Also home of the two adapter kinds the structured and SparseK baselines reuse: `
 (compiled FlexAttention over a block mask built directly from the pattern) and ``XFormersImpl``
 (``memory_efficient_attention_forward`` with a chosen operator and bias).
 
-Availability is decided by a tiny real call with the case's dtype, head dim and GQA group: an
-installed library whose kernels refuse to run (xFormers built for another torch/CUDA prints
-"xFormers wasn't build with CUDA support") is reported with its own message.
+Availability is decided by a tiny real call with the case's dtype, head dim and GQA group (a
+forward and a backward for train cases): an installed library whose kernels refuse to run
+(xFormers built for another torch/CUDA prints "xFormers wasn't build with CUDA support") is
+reported with its own message.
+
+Every adapter here has a backward, so each also runs training steps (``_prepare_train``, see
+impls/train.py) with the same layout and GQA handling as its forward.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from ..cases import Case, Inputs
+from . import train
 from .base import Impl, Prepared, cached_probe, call_reason, cuda_reason, first_line, free_memory_reason
+from .train import TrainStep, leaf
 
 # ---------------------------------------------------------------------------------------------
 # SDPA
@@ -29,11 +35,13 @@ class SdpaImpl(Impl):
 
     GQA goes through ``enable_gqa=True``. A backend that rejects ``enable_gqa`` still runs GQA
     the way users run it on such a backend: k and v repeated to Hq heads, in ``prepare`` (not
-    timed); the record's notes say so.
+    timed) for the forward, inside the timed step for training (the gradients must reach the
+    Hkv heads, through the repeat's backward); the record's notes say so.
     """
 
     def __init__(self, id: str, backend: str, description: str):
-        super().__init__(id, family="dense", kind="prefill", pattern="dense-causal", description=description)
+        super().__init__(id, family="dense", kind="prefill", pattern="dense-causal", description=description,
+                         train=True)
         self.backend_name = backend
 
     @property
@@ -49,17 +57,25 @@ class SdpaImpl(Impl):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
 
     def _mode(self, case: Case) -> tuple[str | None, str | None]:
-        """('native' | 'expand' | None, reason or note), probed once per dtype/head dim/GQA."""
+        """('native' | 'expand' | None, reason or note), probed once per dtype/head dim/GQA and
+        kind (a train probe runs the backward too)."""
+        train_step = case.kind == "train"
 
         def probe(expand: bool):
             dev, dt, D, G = case.device, case.torch_dtype, case.head_dim, case.group
-            q = torch.randn(1, 2 * G, 256, D, device=dev, dtype=dt)
-            k = torch.randn(1, 2, 256, D, device=dev, dtype=dt)
-            if expand:
-                k = k.repeat_interleave(G, 1)
-            return call_reason(lambda: self._call(q, k, k, D**-0.5, G > 1 and not expand))
+            q = torch.randn(1, 2 * G, 256, D, device=dev, dtype=dt, requires_grad=train_step)
+            k = torch.randn(1, 2, 256, D, device=dev, dtype=dt, requires_grad=train_step)
 
-        key = (self.id, case.device, case.dtype, case.head_dim, case.group > 1)
+            def call():
+                with torch.enable_grad():
+                    kv = k.repeat_interleave(G, 1) if expand else k
+                    out = self._call(q, kv, kv, D**-0.5, G > 1 and not expand)
+                    if train_step:
+                        torch.autograd.grad(out, (q, k), torch.ones_like(out))
+
+            return call_reason(call)
+
+        key = (self.id, case.device, case.dtype, case.head_dim, case.group > 1, train_step)
         native = cached_probe(key + ("native",), lambda: probe(False))
         if native is None:
             return "native", None
@@ -67,7 +83,9 @@ class SdpaImpl(Impl):
             return None, native
         expanded = cached_probe(key + ("expand",), lambda: probe(True))
         if expanded is None:
-            return "expand", f"kv heads repeated to Hq={case.q_heads} in prepare (not timed): {native}"
+            where = ("inside the step (timed: training on this backend pays for the copy and for summing the "
+                     "repeated heads' gradients)" if train_step else "in prepare (not timed)")
+            return "expand", f"kv heads repeated to Hq={case.q_heads} {where}: {native}"
         return None, native
 
     def _available(self, case: Case) -> str | None:
@@ -75,8 +93,10 @@ class SdpaImpl(Impl):
             return "CUDA is not available on this machine"
         if self.backend_name == "MATH":
             elem = 4  # the math backend materialises scores and probabilities, in float32 at worst
-            need = 2 * case.batch * case.q_heads * case.seq_len**2 * elem
-            reason = free_memory_reason(case, need, "the math backend's two S x S matrices")
+            # a training step also keeps both for the backward and makes their gradients
+            matrices, what = (4, "four") if case.kind == "train" else (2, "two")
+            need = matrices * case.batch * case.q_heads * case.seq_len**2 * elem
+            reason = free_memory_reason(case, need, f"the math backend's {what} S x S matrices")
             if reason:
                 return reason
         mode, reason = self._mode(case)
@@ -86,7 +106,7 @@ class SdpaImpl(Impl):
             return f"SDPA backend {self.backend_name} refuses this case: {reason}"
         return None
 
-    def prepare(self, case: Case, inputs: Inputs) -> Prepared:
+    def _prepare(self, case: Case, inputs: Inputs) -> Prepared:
         mode, note = self._mode(case)
         q, k, v = inputs.q, inputs.k, inputs.v
         gqa = case.group > 1
@@ -97,6 +117,22 @@ class SdpaImpl(Impl):
             notes.append(note)
         scale = case.scale
         return Prepared(fn=lambda: self._call(q, k, v, scale, gqa), notes=notes)
+
+    def _prepare_train(self, case: Case, inputs: Inputs) -> Prepared:
+        mode, note = self._mode(case)
+        scale, G = case.scale, case.group
+        if mode == "expand":
+            def forward(q, k, v):
+                return self._call(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), scale, False)
+        else:
+            gqa = G > 1
+
+            def forward(q, k, v):
+                return self._call(q, k, v, scale, gqa)
+
+        leaves = {"q": leaf(inputs.q), "k": leaf(inputs.k), "v": leaf(inputs.v)}
+        return train.prepared(TrainStep(leaves=leaves, forward=forward, grad_out=inputs.grad_out,
+                                        notes=[note] if mode == "expand" else []))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,10 +201,17 @@ def block_mask_from_tables(any_blocks, full_blocks, mask_mod, seq_len: int, bloc
 
 
 class FlexImpl(Impl):
-    """Compiled FlexAttention; subclasses say which block mask and score_mod the pattern needs."""
+    """Compiled FlexAttention; subclasses say which block mask and score_mod the pattern needs.
+
+    Training steps differentiate the same compiled call (torch.compile builds its backward);
+    the block mask and score_mod are constants of the step.
+    """
+
+    # facts about a training step of this adapter (notes of its records)
+    train_notes: tuple[str, ...] = ()
 
     def __init__(self, id: str, *, family: str, pattern: str, description: str):
-        super().__init__(id, family=family, kind="prefill", pattern=pattern, description=description)
+        super().__init__(id, family=family, kind="prefill", pattern=pattern, description=description, train=True)
 
     def _available(self, case: Case) -> str | None:
         reason = cuda_reason(case, "FlexAttention (timed compiled, through Triton)")
@@ -186,7 +229,7 @@ class FlexImpl(Impl):
         """(block_mask, score_mod or None, notes, compare_with)."""
         raise NotImplementedError
 
-    def prepare(self, case: Case, inputs: Inputs) -> Prepared:
+    def _prepare(self, case: Case, inputs: Inputs) -> Prepared:
         block_mask, score_mod, notes, compare_with = self.build(case, inputs)
         flex = compiled_flex()
         q, k, v = inputs.q, inputs.k, inputs.v
@@ -196,6 +239,18 @@ class FlexImpl(Impl):
             return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa)
 
         return Prepared(fn=fn, notes=notes, compare_with=compare_with)
+
+    def _prepare_train(self, case: Case, inputs: Inputs) -> Prepared:
+        block_mask, score_mod, notes, _ = self.build(case, inputs)  # forward outputs to compare: not for a step
+        flex = compiled_flex()
+        scale, gqa = case.scale, case.group > 1
+
+        def forward(q, k, v):
+            return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+
+        leaves = {"q": leaf(inputs.q), "k": leaf(inputs.k), "v": leaf(inputs.v)}
+        return train.prepared(TrainStep(leaves=leaves, forward=forward, grad_out=inputs.grad_out,
+                                        notes=[*notes, *self.train_notes]))
 
 
 class FlexWindow(FlexImpl):
@@ -252,23 +307,27 @@ def xformers_refusal(exc: BaseException) -> str:
 class XFormersImpl(Impl):
     """``xformers.ops.memory_efficient_attention_forward`` with operator ``op`` (a module of
     xformers.ops.fmha, or None to let xFormers dispatch) and a causal or local-window bias.
+    Training steps call ``memory_efficient_attention`` with that module's (FwOp, BwOp).
 
     Layout: xFormers takes (B, S, H, D); GQA as 5-D (B, S, Hkv, G, D) with k and v expanded
-    along G with stride 0 (no copy). The layout change happens in prepare.
+    along G with stride 0 (no copy). The layout change happens in prepare; in a training step
+    the expand is inside the step (a view; its backward sums the group's gradients into Hkv).
     """
 
     def __init__(self, id: str, *, op: str | None, bias: str, family: str, pattern: str, description: str):
-        super().__init__(id, family=family, kind="prefill", pattern=pattern, description=description)
+        super().__init__(id, family=family, kind="prefill", pattern=pattern, description=description, train=True)
         self.op_name = op
         self.bias_kind = bias  # "causal" | "local"
 
-    def _modules(self):
+    def _modules(self, train_step: bool = False):
+        """(xformers.ops, fmha, op): op is FwOp, or (FwOp, BwOp) for a training step, or None."""
         import xformers.ops as xops
         from xformers.ops import fmha
 
         op = None
         if self.op_name is not None:
-            op = getattr(fmha, self.op_name).FwOp
+            module = getattr(fmha, self.op_name)
+            op = (module.FwOp, module.BwOp) if train_step else module.FwOp
         return xops, fmha, op
 
     def _bias(self, fmha, case: Case):
@@ -281,10 +340,15 @@ class XFormersImpl(Impl):
     def layout(case: Case, q, k, v):
         """q (B, Hq, S, D), k, v (B, Hkv, S, D) -> xFormers' (B, S, [Hkv, G,] D), stored in that
         order (as an xFormers model holds them), k and v broadcast over G without a copy."""
-        B, S, D = q.shape[0], q.shape[2], q.shape[3]
-        qs, ks, vs = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # (B, S, H, D)
+        return XFormersImpl.group(case, *(t.transpose(1, 2).contiguous() for t in (q, k, v)))
+
+    @staticmethod
+    def group(case: Case, qs, ks, vs):
+        """qs (B, S, Hq, D), ks, vs (B, S, Hkv, D) -> (B, S, Hkv, G, D) views for GQA (unchanged
+        for MHA); k and v broadcast over G with stride 0."""
         if case.group == 1:
             return qs, ks, vs
+        B, S, D = qs.shape[0], qs.shape[1], qs.shape[3]
         q5 = qs.view(B, S, case.kv_heads, case.group, D)
         k5 = ks.unsqueeze(3).expand(B, S, case.kv_heads, case.group, D)
         v5 = vs.unsqueeze(3).expand(B, S, case.kv_heads, case.group, D)
@@ -297,9 +361,11 @@ class XFormersImpl(Impl):
         return out.reshape(B, S, case.q_heads, D).transpose(1, 2)
 
     def probe(self, case: Case, device: str) -> str | None:
-        """Import xFormers and run the operator once on tiny inputs shaped like the case."""
+        """Import xFormers and run the operator once on tiny inputs shaped like the case (forward
+        and backward for a train case)."""
+        train_step = case.kind == "train"
         try:
-            xops, fmha, op = self._modules()
+            xops, fmha, op = self._modules(train_step)
         except ImportError as exc:
             return f"{XFORMERS_HINT}: {first_line(exc)}" if "xformers" in str(exc) else first_line(exc)
         except AttributeError as exc:
@@ -310,10 +376,18 @@ class XFormersImpl(Impl):
                      min(case.window, 16), device, 0)
         x = torch.randn(1, 2 * case.group, 256, case.head_dim, device=device, dtype=case.torch_dtype)
         kv = torch.randn(1, 2, 256, case.head_dim, device=device, dtype=case.torch_dtype)
-        q_, k_, v_ = self.layout(small, x, kv, kv)
         try:
-            xops.memory_efficient_attention_forward(q_, k_, v_, attn_bias=self._bias(fmha, small), scale=case.scale,
-                                                    op=op)
+            if train_step:
+                qs, ks = (leaf(t.transpose(1, 2).contiguous()) for t in (x, kv))
+                with torch.enable_grad():
+                    q_, k_, v_ = self.group(small, qs, ks, ks)
+                    out = xops.memory_efficient_attention(q_, k_, v_, attn_bias=self._bias(fmha, small),
+                                                          scale=case.scale, op=op)
+                    torch.autograd.grad(out, (qs, ks), torch.ones_like(out))
+            else:
+                q_, k_, v_ = self.layout(small, x, kv, kv)
+                xops.memory_efficient_attention_forward(q_, k_, v_, attn_bias=self._bias(fmha, small),
+                                                        scale=case.scale, op=op)
             if device == "cuda":
                 torch.cuda.synchronize()
         except Exception as exc:
@@ -324,9 +398,10 @@ class XFormersImpl(Impl):
         reason = cuda_reason(case, "xFormers' attention")
         if reason:
             return reason
-        return cached_probe((self.id, case.dtype, case.head_dim, case.group > 1), lambda: self.probe(case, "cuda"))
+        key = (self.id, case.dtype, case.head_dim, case.group > 1, case.kind == "train")
+        return cached_probe(key, lambda: self.probe(case, "cuda"))
 
-    def prepare(self, case: Case, inputs: Inputs) -> Prepared:
+    def _prepare(self, case: Case, inputs: Inputs) -> Prepared:
         xops, fmha, op = self._modules()
         q, k, v = self.layout(case, inputs.q, inputs.k, inputs.v)
         bias = self._bias(fmha, case)
@@ -337,6 +412,28 @@ class XFormersImpl(Impl):
 
         notes = [] if op is not None else ["operator chosen by xFormers' dispatcher"]
         return Prepared(fn=fn, output_fn=lambda: self.unlayout(case, fn()), notes=notes)
+
+    def _prepare_train(self, case: Case, inputs: Inputs) -> Prepared:
+        xops, fmha, op = self._modules(train_step=True)
+        bias = self._bias(fmha, case)
+        scale = case.scale
+        leaves = {name: leaf(getattr(inputs, name).transpose(1, 2).contiguous()) for name in ("q", "k", "v")}  # (B, S, H, D)
+        B, S, Hq, D = leaves["q"].shape
+        grad_out = inputs.grad_out.transpose(1, 2).contiguous()  # (B, S, Hq, D)
+        if case.group > 1:
+            grad_out = grad_out.view(B, S, case.kv_heads, case.group, D)
+
+        def forward(q, k, v):
+            q_, k_, v_ = self.group(case, q, k, v)
+            return xops.memory_efficient_attention(q_, k_, v_, attn_bias=bias, scale=scale, op=op)
+
+        notes = [] if op is not None else ["operator chosen by xFormers' dispatcher"]
+        if case.group > 1:
+            notes.append("GQA: k and v broadcast over the group inside the step (a view; its backward sums the "
+                         "group's gradients)")
+        to_sdpa = {name: (lambda g: g.transpose(1, 2)) for name in leaves}  # (B, S, H, D) -> (B, H, S, D)
+        return train.prepared(TrainStep(leaves=leaves, forward=forward, grad_out=grad_out, to_sdpa=to_sdpa,
+                                        notes=notes))
 
 
 # ---------------------------------------------------------------------------------------------

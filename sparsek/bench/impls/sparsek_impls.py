@@ -10,6 +10,12 @@ available, else the reference's), so the two can only differ in the attention ar
 output is checked against sparsek's reference and against the op's output of that same call.
 Pattern: key j is in query i's window when 0 <= i - j < W, and selected when j + W <= i < end[j];
 a selected key's logit gets log(clip(u_j - tau_i, 0, 1)).
+
+Training steps (train cases): ``sparsek`` differentiates the public op as a training user calls
+it (its registered autograd: ``sparsek::attention_bwd``), ``sparsek-ref`` the reference's
+analytic backward (``reference.SparseKFunction``); both give q, k, v and scores gradients.
+``flex-sparsek`` gives q, k and v gradients only: to FlexAttention the SparseK mask and gates are
+constants, so the scores get none.
 """
 
 from __future__ import annotations
@@ -20,13 +26,16 @@ import warnings
 import torch
 
 from ..cases import Case, Inputs
+from . import train
 from .base import Impl, Prepared, cached_probe, call_reason, cuda_reason
 from .dense import FLEX_BLOCK, FlexImpl, block_mask_from_tables, window_block_tables
+from .train import TrainStep, leaf
 
 # The reference on a GPU is a chain of small launches (a loop over candidate prefixes, a
 # bisection per chunk): minutes per call at the long cases. It is timed only on small cases.
 REF_MAX_KEYS_PER_CALL = 1 << 22  # B * Hkv * S
 REF_MAX_SEQ_CUDA = 4096
+REF_BLOCK = 64  # query block of the reference's blocked attention (its default)
 
 
 def _tiny(case: Case):
@@ -53,7 +62,7 @@ def cuda_path_reason(case: Case) -> str | None:
 class SparseKCuda(Impl):
     def __init__(self):
         super().__init__("sparsek", family="sparsek", kind="prefill", pattern="sparsek",
-                         description="sparsek.sparsek_attention, CUDA kernels")
+                         description="sparsek.sparsek_attention, CUDA kernels", train=True)
 
     def _available(self, case: Case) -> str | None:
         reason = cuda_path_reason(case)
@@ -68,29 +77,70 @@ class SparseKCuda(Impl):
                 return call_reason(lambda: torch.ops.sparsek.attention_fwd(q, k, v, u, 16, 8, case.scale))
 
         reason = cached_probe((self.id, case.dtype, case.head_dim, case.group), probe)
-        return f"sparsek's CUDA path failed a probe call: {reason}" if reason else None
+        if reason:
+            return f"sparsek's CUDA path failed a probe call: {reason}"
+        if case.kind == "train":
+            reason = cached_probe((self.id, case.dtype, case.head_dim, case.group, "train"), lambda: _probe_step(case))
+            return f"sparsek's training step failed a probe call: {reason}" if reason else None
+        return None
 
-    def prepare(self, case: Case, inputs: Inputs) -> Prepared:
+    def _prepare(self, case: Case, inputs: Inputs) -> Prepared:
         import sparsek
-        from sparsek import _cuda
 
         q, k, v, u = inputs.q, inputs.k, inputs.v, inputs.scores
-        reason = _cuda.unsupported_reason(q, k, v, u)
-        if reason:  # the op would time the reference instead: refuse
-            raise RuntimeError(f"sparsek's CUDA path cannot run these inputs: {reason}")
+        _refuse_reference(q, k, v, u)
         topk, window, scale = case.topk, case.window, case.scale
-        notes = []
-        if os.environ.get("SPARSEK_SKIP_FINITE_CHECK") != "1":
-            notes.append("includes the op's finite-scores check (one host sync per call; "
-                         "SPARSEK_SKIP_FINITE_CHECK=1 removes it)")
         return Prepared(fn=lambda: sparsek.sparsek_attention(q, k, v, u, topk=topk, window=window, scale=scale),
-                        notes=notes)
+                        notes=_finite_check_notes())
+
+    def _prepare_train(self, case: Case, inputs: Inputs) -> Prepared:
+        import sparsek
+
+        _refuse_reference(inputs.q, inputs.k, inputs.v, inputs.scores)
+        topk, window, scale = case.topk, case.window, case.scale
+
+        def forward(q, k, v, u):
+            return sparsek.sparsek_attention(q, k, v, u, topk=topk, window=window, scale=scale)
+
+        leaves = {"q": leaf(inputs.q), "k": leaf(inputs.k), "v": leaf(inputs.v), "scores": leaf(inputs.scores)}
+        notes = [*_finite_check_notes(),
+                 "backward: the op's registered autograd (sparsek::attention_bwd), as a training user calls it"]
+        return train.prepared(TrainStep(leaves=leaves, forward=forward, grad_out=inputs.grad_out, notes=notes))
+
+
+def _refuse_reference(q, k, v, u) -> None:
+    """The op would run (and be timed as) the reference where the kernels cannot: refuse."""
+    from sparsek import _cuda
+
+    reason = _cuda.unsupported_reason(q, k, v, u)
+    if reason:
+        raise RuntimeError(f"sparsek's CUDA path cannot run these inputs: {reason}")
+
+
+def _finite_check_notes() -> list[str]:
+    if os.environ.get("SPARSEK_SKIP_FINITE_CHECK") == "1":
+        return []
+    return ["includes the op's finite-scores check (one host sync per call; SPARSEK_SKIP_FINITE_CHECK=1 removes it)"]
+
+
+def _probe_step(case: Case) -> str | None:
+    """A tiny forward + backward through the public op: None when it runs."""
+    import sparsek
+
+    q, k, v, u = (leaf(t) for t in _tiny(case))
+
+    def step():
+        with torch.enable_grad():
+            out = sparsek.sparsek_attention(q, k, v, u, topk=16, window=8, scale=case.scale)
+            torch.autograd.grad(out, (q, k, v, u), torch.ones_like(out))
+
+    return call_reason(step)
 
 
 class SparseKReference(Impl):
     def __init__(self):
         super().__init__("sparsek-ref", family="sparsek", kind="prefill", pattern="sparsek",
-                         description="sparsek's PyTorch reference (selection + blocked attention)")
+                         description="sparsek's PyTorch reference (selection + blocked attention)", train=True)
 
     def _available(self, case: Case) -> str | None:
         keys = case.batch * case.kv_heads * case.seq_len
@@ -102,7 +152,7 @@ class SparseKReference(Impl):
             return "CUDA is not available on this machine"
         return None
 
-    def prepare(self, case: Case, inputs: Inputs) -> Prepared:
+    def _prepare(self, case: Case, inputs: Inputs) -> Prepared:
         from sparsek import reference, selection
 
         q, k, v, u = inputs.q, inputs.k, inputs.v, inputs.scores
@@ -110,9 +160,21 @@ class SparseKReference(Impl):
 
         def fn():
             sel = selection.select(u, topk, window)
-            return reference.attention_blocked(q, k, v, u, topk, window, scale, sel)[0]
+            return reference.attention_blocked(q, k, v, u, topk, window, scale, sel, REF_BLOCK)[0]
 
         return Prepared(fn=fn)
+
+    def _prepare_train(self, case: Case, inputs: Inputs) -> Prepared:
+        from sparsek import reference
+
+        topk, window, scale = case.topk, case.window, case.scale
+
+        def forward(q, k, v, u):
+            return reference.SparseKFunction.apply(q, k, v, u, topk, window, scale, REF_BLOCK)
+
+        leaves = {"q": leaf(inputs.q), "k": leaf(inputs.k), "v": leaf(inputs.v), "scores": leaf(inputs.scores)}
+        notes = ["reference.SparseKFunction: selection + blocked attention, then the analytic backward_blocked"]
+        return train.prepared(TrainStep(leaves=leaves, forward=forward, grad_out=inputs.grad_out, notes=notes))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,6 +237,9 @@ def sparsek_mods(case: Case, scores: torch.Tensor, tau: torch.Tensor, end: torch
 
 
 class FlexSparseK(FlexImpl):
+    train_notes = ("gradients for q, k and v only: the SparseK mask and gates are constants to FlexAttention, so "
+                   "the scores get no gradient (sparsek's step also computes d(scores))",)
+
     def __init__(self):
         super().__init__("flex-sparsek", family="structured", pattern="sparsek",
                          description="FlexAttention (compiled) with SparseK's exact mask and gates")
