@@ -81,9 +81,10 @@ def test_t3_prefers_vllm_then_the_fastest_full_context_decode():
 
 def test_a_tier_without_its_kind_of_case_says_so():
     rows = tiers.assess(doc(rec("seed", "sparsek", 10.0), rec("seed", "sdpa-cudnn", 13.0)))
-    assert [r["tier"] for r in rows] == ["T1", "T2", "T3"]
-    t3 = rows[-1]
+    assert [r["tier"] for r in rows] == ["T1", "T2", "T3", "T1-train", "T2-train"]
+    t3 = rows[2]
     assert t3["status"] == "not measurable" and t3["reason"] == "no decode case in this run"
+    assert rows[-1]["status"] == "not measurable" and rows[-1]["reason"] == "no train case in this run"
 
 
 def test_brief_targets_at_seed():

@@ -62,7 +62,7 @@ def test_history_is_ordered_by_commit_date(results_dir):
 def test_page_marks_pass_and_fail_and_links_commits(results_dir):
     machines = site.load_history(results_dir)
     page = site.render_page(machines, "https://github.com/o/r/commit/", {"a" * 40: "first"})
-    assert page.count('class="tier-graph"') == 3  # T1, T2, T3 on the one machine
+    assert page.count('class="tier-graph"') == 5  # T1, T2, T3, T1-train, T2-train on the one machine
     assert f'href="https://github.com/o/r/commit/{"a" * 40}"' in page
     assert '<td class="fail">0.9x fail</td>' in page and '<td class="pass">1.5x pass</td>' in page
     assert 'class="pass"' in page and 'class="fail"' in page  # the graph's markers too

@@ -1,4 +1,5 @@
-"""Plain-text report of a results document: header, one table per case, the TIER ASSESSMENT.
+"""Plain-text report of a results document: header, one table per case, the training steps beside
+the forwards of the same shape, the TIER ASSESSMENT.
 
 Only formatting lives here; every number comes from the results (timing, metrics, tiers).
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 from tabulate import tabulate
 
-from .cases import Case
+from .cases import TRAIN_SHAPES, Case
 
 
 def _num(value, fmt="{:,.1f}", missing="-"):
@@ -83,9 +84,85 @@ def _error_cell(err: dict | None) -> str:
     return cell
 
 
+def _grad_error_cell(err: dict | None) -> str:
+    """Max abs error per gradient (dq dk dv du) and the verdict over all of them."""
+    if not err:
+        return "-"
+    if err.get("passed") is None:
+        return "unchecked"
+    short = {"q": "dq", "k": "dk", "v": "dv", "scores": "du"}
+    parts = [f"{short.get(n, n)} {e['max_abs']:.1e}" if isinstance(e.get("max_abs"), float) else f"{short.get(n, n)} {e.get('max_abs')}"
+             for n, e in (err.get("grads") or {}).items()]
+    return " ".join(parts) + (" ok" if err["passed"] else " FAIL")
+
+
+def _subset_line(err: dict | None) -> str | None:
+    """Where the gradients were compared (grad_reference.GradSubset.describe)."""
+    sub = (err or {}).get("subset")
+    if not sub:
+        return None
+    keys = sub["dkv_keys"] if sub["dkv_keys"] == "all" else ", ".join(f"[{a}, {b})" for a, b in sub["dkv_keys"])
+    return (f"batch {sub['batch']}, kv head {sub['kv_head']} (query heads {sub['q_heads'][0]}-{sub['q_heads'][1] - 1}): "
+            f"dq at {sub['dq_rows']} rows, key gradients at {keys} keys")
+
+
+def train_case_table(records: list[dict]) -> str:
+    """One training-step case: ms per step, step TFLOP/s, gradient errors, memory."""
+    rows, below, subsets = [], [], {}
+    for r in records:
+        if r["status"] != "ok":
+            below.append(f"  - {r['impl']}: {r['status']}: {r.get('reason')}")
+            continue
+        t, m, mem = r["timing"], r.get("metrics", {}), r.get("memory") or {}
+        implausible = bool(m.get("implausible"))
+        rows.append([r["impl"], _num(t["median"] * 1e3, "{:,.3f}"), f"{t['iqr'] * 1e3:,.3f} ({t['rel_iqr']:.1%})",
+                     t["count"], _rate(m.get("tflops_effective")) + ("!" if implausible else ""),
+                     _rate(m.get("tflops_dense_equivalent")), _num(m.get("pct_peak_tflops"), "{:.0f}%"),
+                     _grad_error_cell(r.get("error")), _bytes(mem.get("peak_bytes")), _bytes(mem.get("step_peak_bytes"))])
+        for note in r.get("notes", []):
+            below.append(f"  * {r['impl']}: {note}")
+        for flag in m.get("implausible", []):
+            below.append(f"  ! {r['impl']}: implausible: {flag}")
+        line = _subset_line(r.get("error"))
+        if line:
+            subsets.setdefault(r.get("pattern"), line)
+    below += [f"  gradients of the {pattern} pattern checked on {line}" for pattern, line in subsets.items()]
+    convention = next((r["metrics"].get("flop_convention") for r in records if r.get("metrics")), None)
+    if convention:
+        below.append(f"  FLOPs: {convention}")
+    head = ["impl", "ms/step", "IQR ms", "n", "step TFLOP/s", "dense-eq TFLOP/s", "% peak", "grad max abs err",
+            "extra mem", "step mem"]
+    out = tabulate(rows, headers=head, tablefmt="simple", disable_numparse=True) if rows else "  (nothing ran)"
+    return out + ("\n" + "\n".join(below) if below else "")
+
+
+def train_vs_forward(doc: dict) -> str | None:
+    """Training step beside the forward of the same shape, per implementation, from one document
+    (None when no training step ran)."""
+    ok = {(r["case"], r["impl"]): r for r in doc.get("records", []) if r.get("status") == "ok" and r.get("timing")}
+    rows = []
+    for (case, impl), r in ok.items():
+        if r.get("kind") != "train":
+            continue
+        step = r["timing"]["median"]
+        fwd = ok.get((TRAIN_SHAPES.get(case), impl))
+        fwd_s = fwd["timing"]["median"] if fwd else None
+        rows.append([case, TRAIN_SHAPES.get(case) or "-", impl, _num(step * 1e3, "{:,.3f}"),
+                     _num(fwd_s * 1e3 if fwd_s else None, "{:,.3f}"),
+                     f"{step / fwd_s:.2f}x" if fwd_s else "-", _rate((r.get("metrics") or {}).get("tflops_effective"))])
+    if not rows:
+        return None
+    return "\n".join(["TRAINING STEP beside the FORWARD (same shape, same run; '-': the forward case was not run)",
+                      tabulate(rows, headers=["train case", "forward case", "impl", "step ms", "forward ms",
+                                              "step / forward", "step TFLOP/s"],
+                               tablefmt="simple", disable_numparse=True)])
+
+
 def case_table(records: list[dict]) -> str:
     """The table of one case's records plus the skipped/failed ones and notes underneath."""
     spec = records[0].get("case_spec")
+    if spec and spec.get("kind") == "train":
+        return train_case_table(records)
     decode = spec and spec.get("kind") == "decode"
     rows, below = [], []
     for r in records:
@@ -129,6 +206,9 @@ def format_report(doc: dict) -> str:
             for r in records:
                 extra = {k: v for k, v in r.items() if k not in ("case", "impl", "family", "kind", "notes", "traceback")}
                 parts.append(f"  {r['impl']}: " + ", ".join(f"{k}={v}" for k, v in extra.items()))
+    beside = train_vs_forward(doc)
+    if beside:
+        parts += ["", beside]
     return "\n".join(parts)
 
 

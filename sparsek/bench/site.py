@@ -40,6 +40,7 @@ from .tiers import TIERS
 TIER_BENCHMARKS = {
     "prefill": "bench_prefill.PrefillTiers.track_speedup",
     "decode": "bench_decode.DecodeTiers.track_speedup",
+    "train": "bench_train.TrainTiers.track_speedup",
 }
 ASV_SKIP_FILES = {"machine.json", "benchmarks.json"}
 PAGE_NAME = "tiers.html"

@@ -5,6 +5,9 @@
                                 (flex-window, xformers-local) or the identical pattern (flex-sparsek)
     T3 production decode        sparsek-decode vs vllm-paged when it ran, else the fastest
                                 full-context decode that ran (same batch and context)
+    T1-train, T2-train          T1's and T2's bars on one training step (forward + backward with
+                                a fixed upstream gradient) of the train-* cases; flex-sparsek's
+                                step computes no score gradient, so it is a lighter bar
 
 Per case: pass (speedup above the required 1.0x), fail, or not measurable (with the reason:
 sparsek did not run, or no baseline did). Only records whose output passed the error check can
@@ -24,7 +27,9 @@ from . import metrics
 from .cases import CASES, Case
 
 SDPA_PREFILL = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math")
-SDPA_FLOOR = {"prefill": SDPA_PREFILL, "decode": ("sdpa-decode",)}
+SDPA_FLOOR = {"prefill": SDPA_PREFILL, "decode": ("sdpa-decode",), "train": SDPA_PREFILL}
+# Peers with SparseK's key budget K + W, or its identical pattern (T2, T2-train).
+STRUCTURED_PEERS = ("flex-window", "xformers-local", "flex-sparsek")
 BRIEF_CASE = "seed"  # the brief's B16 H96 S4096 D128 configuration
 # T3's cases (the decode issue): 32k and 128k tokens of context at batch 1, 16 and 64.
 T3_CASES = tuple(f"decode-{ctx}-b{b}" for ctx in ("32k", "128k") for b in (1, 16, 64))
@@ -48,12 +53,16 @@ class Tier:
 TIERS = (
     Tier("T1", "beats dense", "prefill", "sparsek", SDPA_PREFILL,
          brief_us_per_head=3.820, brief_speedup_over_sdpa=1.0),
-    Tier("T2", "beats structured sparse", "prefill", "sparsek", ("flex-window", "xformers-local", "flex-sparsek"),
+    Tier("T2", "beats structured sparse", "prefill", "sparsek", STRUCTURED_PEERS,
          brief_us_per_head=3.0, brief_strict=True, brief_speedup_over_sdpa=1.27),
     Tier("T3", "production decode", "decode", "sparsek-decode",
          ("vllm-paged", "sdpa-decode", "xformers-splitk-paged", "flex-paged"), prefer="vllm-paged",
          brief_us_per_head=2.0, brief_strict=True, brief_speedup_over_sdpa=1.91),
+    Tier("T1-train", "beats dense (training step)", "train", "sparsek", SDPA_PREFILL),
+    Tier("T2-train", "beats structured sparse (training step)", "train", "sparsek", STRUCTURED_PEERS),
 )
+# Case kinds some tier judges; other records (learn-*) are not attention timings.
+TIER_KINDS = tuple(dict.fromkeys(t.kind for t in TIERS))
 
 
 def _usable(record: dict | None) -> str | None:
@@ -155,7 +164,7 @@ def assess(results: dict) -> list[dict]:
     by_case: dict[str, dict[str, dict]] = {}
     kinds: dict[str, str] = {}
     for r in results.get("records", []):
-        if r.get("kind") not in ("prefill", "decode"):
+        if r.get("kind") not in TIER_KINDS:
             continue  # learn-* and other non-attention records
         by_case.setdefault(r["case"], {})[r["impl"]] = r
         kinds[r["case"]] = r["kind"]
