@@ -35,14 +35,20 @@ from sparsek.bench.impls import IMPLS
 # gate refuses to compare across the change) instead of joining incomparable numbers.
 VERSION = "1"
 
-# Cases measured when SPARSEK_ASV_CASES is unset: the CLI's defaults for prefill; for decode the
-# batch-16 contexts (DESIGN section 5's anchors); on a CPU the smoke cases.
+
+def _cli_defaults(kind: str) -> dict[str, tuple[str, ...]]:
+    return {dev: tuple(n for n in names if CASES[n].kind == kind) for dev, names in _CLI_DEFAULTS.items()}
+
+
+# Cases measured when SPARSEK_ASV_CASES is unset: the CLI's defaults for prefill and train; for
+# decode the batch-16 contexts (DESIGN section 5's anchors); on a CPU the smoke cases.
 DEFAULT_CASES = {
-    "prefill": {"cuda": _CLI_DEFAULTS["cuda"], "cpu": _CLI_DEFAULTS["cpu"]},
+    "prefill": _cli_defaults("prefill"),
     "decode": {"cuda": ("decode-4k-b16", "decode-32k-b16", "decode-128k-b16"), "cpu": ("cpu-smoke-decode",)},
+    "train": _cli_defaults("train"),
 }
 # The patterns whose fastest implementation is "the best dense baseline" of a case.
-DENSE_PATTERNS = {"prefill": "dense-causal", "decode": "decode-full"}
+DENSE_PATTERNS = {"prefill": "dense-causal", "decode": "decode-full", "train": "dense-causal"}
 
 # bench_selection's selectors: not attention implementations, so not in the registry.
 SELECTION_IDS = ("reference", "cuda")
@@ -59,7 +65,8 @@ def case_names(kind: str) -> list[str]:
 
 
 def impl_ids(kind: str) -> list[str]:
-    return [impl.id for impl in IMPLS.values() if impl.kind == kind]
+    """Implementations that run cases of ``kind`` (train: those with a backward)."""
+    return [impl.id for impl in IMPLS.values() if kind in impl.kinds]
 
 
 def _env_list(var: str) -> list[str] | None:
@@ -86,7 +93,7 @@ def planned_cases(kind: str) -> list[str]:
 
 
 def planned_impls(kind: str) -> list[str]:
-    """Implementations of ``kind`` ("prefill", "decode" or "selection") this run measures."""
+    """Implementations of ``kind`` ("prefill", "decode", "train" or "selection") this run measures."""
     wanted = _env_list(ENV_IMPLS)
     if wanted is None:
         return list(SELECTION_IDS) if kind == "selection" else impl_ids(kind)
@@ -96,7 +103,7 @@ def planned_impls(kind: str) -> list[str]:
         raise ValueError(f"{ENV_IMPLS}: unknown implementation(s) {unknown}; valid ids: {', '.join(known)}")
     if kind == "selection":
         return [i for i in wanted if i in SELECTION_IDS]
-    return [i for i in wanted if i in IMPLS and IMPLS[i].kind == kind]
+    return [i for i in wanted if i in IMPLS and kind in IMPLS[i].kinds]
 
 
 def quick() -> bool:

@@ -6,11 +6,12 @@
         --benchmark-compare-fail=median:5%
 
 pyproject's addopts skip these tests (--benchmark-skip) unless --benchmark-only is given. On a
-GPU they run the GPU default cases (seed, long-*), elsewhere cpu-smoke and cpu-smoke-decode.
-Pedantic mode: the same prepared call every round, one call per round, warm-up rounds first; on
-CUDA each round ends in a synchronize, so pytest-benchmark's clock covers the device work, and
-extra_info also carries the CUDA-event timing of sparsek.bench.timing (L2 flushed) that the CLI
-and asv report. An output that fails its error check fails the test.
+GPU they run the GPU default cases (seed, long-*, train-seed, train-16k, train-64k), elsewhere
+cpu-smoke, train-cpu-smoke and cpu-smoke-decode. Pedantic mode: the same prepared call every
+round, one call per round, warm-up rounds first; on CUDA each round ends in a synchronize, so
+pytest-benchmark's clock covers the device work, and extra_info also carries the CUDA-event
+timing of sparsek.bench.timing (L2 flushed) that the CLI and asv report. An output (for train
+cases: the step's gradients) that fails its error check fails the test.
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ ROUNDS = {"cuda": {"rounds": 30, "warmup_rounds": 5}, "cpu": {"rounds": 10, "war
 PLAN = [(CASES[name], impl) for name in CASE_NAMES for impl in impls_for(CASES[name])]
 
 
-def _tier_roles(impl_id: str) -> list[str]:
-    """'T1:subject', 'T2:peer', ...: where this implementation stands in the tier rules."""
+def _tier_roles(impl_id: str, kind: str) -> list[str]:
+    """'T1:subject', 'T2:peer', ...: where this implementation stands in the tier rules of a kind."""
     roles = []
-    for tier in tiers.TIERS:
+    for tier in (t for t in tiers.TIERS if t.kind == kind):
         if impl_id == tier.subject:
             roles.append(f"{tier.name}:subject")
         elif impl_id in tier.peers:
@@ -88,9 +89,10 @@ def test_bench(benchmark, case, impl, card, contexts):
     benchmark.extra_info.update(
         card=card,
         case=case.name,
+        kind=case.kind,
         impl=impl.id,
         pattern=impl.pattern,
-        tiers=_tier_roles(impl.id),
+        tiers=_tier_roles(impl.id, case.kind),
         device_timer=device_timed.timer,
         device_median_s=device_timed.median,
         device_rel_iqr=device_timed.rel_iqr,
@@ -99,3 +101,6 @@ def test_bench(benchmark, case, impl, card, contexts):
         gbps=derived["gbps"],
         max_abs_error=error.get("max_abs"),
     )
+    if case.kind == "train":  # the worst gradient above; each one here, and how the step's FLOPs count
+        benchmark.extra_info.update(grad_max_abs_error={n: e["max_abs"] for n, e in error["grads"].items()},
+                                    grad_subset=error["subset"], flop_convention=derived["flop_convention"])
