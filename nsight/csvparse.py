@@ -8,6 +8,11 @@ every line that parses to exactly as many fields as the header is a row; everyth
 kept aside as noise (and the tool's messages are classified, so a caller can quote an
 ``==ERROR==`` when a run produced no data).
 
+Inputs can be large (ncu's raw page of a long run: tens of MB), so the input is read as a stream
+of lines (``iter_lines``) and ``scan`` turns it into events one line at a time, holding at most
+one quoted record's worth of lines. ``extract_tables`` collects the same events for callers that
+have the whole text.
+
 Imported by its siblings as a plain module: the scripts in nsight/ are run as files
 (``python nsight/ncu_to_json.py``), so they are not a package; a package named ``nsight``
 would also shadow NVIDIA's ``nsight-python``.
@@ -20,8 +25,9 @@ import io
 import math
 import re
 import sys
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 # ncu prints "==LEVEL== text"; INFO appears with --print-summary and friends.
 _TOOL_LINE = re.compile(r"^==(PROF|WARNING|ERROR|INFO)==\s?(.*)$")
@@ -49,12 +55,22 @@ class Extracted:
     noise: list[str]  # other lines that were not part of any table
 
 
-def read_text(path: str) -> str:
-    """The whole input: a file, or stdin for ``-``. Undecodable bytes never stop a conversion."""
+def iter_lines(path: str) -> Iterator[str]:
+    """The lines of a file, or of stdin for ``-``, without their ends, split exactly as
+    ``str.splitlines`` splits the whole text. Undecodable bytes never stop a conversion."""
     if path == "-":
-        return sys.stdin.read()
+        stream = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace", newline="")
+        yield from _split(stream)
+        return
     with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        return f.read()
+        yield from _split(f)
+
+
+def _split(stream) -> Iterator[str]:
+    # Reading with newline="" ends lines at \n, \r and \r\n; splitlines() on each also splits at
+    # the rarer boundaries (\f, \x1c, ...), so the lines are those of text.splitlines().
+    for chunk in stream:
+        yield from chunk.splitlines()
 
 
 def _parse_one(text: str) -> list[str] | None:
@@ -63,19 +79,58 @@ def _parse_one(text: str) -> list[str] | None:
     return records[0] if len(records) == 1 else None
 
 
-def _record_at(lines: list[str], i: int) -> tuple[list[str] | None, int]:
-    """Parse the record that starts at line i; returns (fields, number of lines used)."""
-    text, used = lines[i], 1
-    while text.count('"') % 2 == 1 and used < _MAX_JOINED_LINES and i + used < len(lines):
-        text += "\n" + lines[i + used]
-        used += 1
-    if text.count('"') % 2 == 1:
-        return None, 1
-    return _parse_one(text), used
-
-
 def same_width(header: list[str], fields: list[str]) -> bool:
     return len(fields) == len(header)
+
+
+# Events of ``scan``: (kind, value)
+MESSAGE = "message"  # {"level": "ERROR", "text": "..."}: a tool line
+HEADER = "header"  # Table (without rows): a header row starts a new table
+ROW = "row"  # list[str]: a row of the current table, padded to the header's width
+NOISE = "noise"  # str: a line that belongs to no table
+
+
+def scan(
+    lines: Iterable[str],
+    is_header: Callable[[list[str]], bool],
+    is_row: Callable[[list[str], list[str]], bool] = same_width,
+) -> Iterator[tuple[str, object]]:
+    """Events for every line, in input order: tool messages, table headers, rows, noise.
+
+    ``is_row(header, fields)`` accepts a record as a row of the current table; rows shorter
+    than the header are padded with empty fields (ncu's details page ends metric rows early).
+    """
+    numbered = enumerate(lines, start=1)
+    pending: deque[tuple[int, str]] = deque()  # lines a failed join read ahead, to be scanned again
+
+    def next_line():
+        return pending.popleft() if pending else next(numbered, None)
+
+    header: list[str] | None = None
+    while (item := next_line()) is not None:
+        number, line = item
+        tool = _TOOL_LINE.match(line)
+        if tool:
+            yield MESSAGE, {"level": tool.group(1), "text": tool.group(2).strip()}
+            continue
+        if not line.strip():
+            continue
+        text, joined = line, []
+        while text.count('"') % 2 == 1 and len(joined) + 1 < _MAX_JOINED_LINES:
+            more = next_line()
+            if more is None:
+                break
+            joined.append(more)
+            text += "\n" + more[1]
+        fields = None if text.count('"') % 2 == 1 else _parse_one(text)
+        if fields is not None and is_header(fields):
+            header = fields
+            yield HEADER, Table(header=fields, first_line=number)
+        elif fields is not None and header is not None and is_row(header, fields):
+            yield ROW, fields + [""] * (len(header) - len(fields))
+        else:
+            yield NOISE, line
+            pending.extendleft(reversed(joined))  # a failed join must not hide the lines it tried to join
 
 
 def extract_tables(
@@ -83,37 +138,18 @@ def extract_tables(
     is_header: Callable[[list[str]], bool],
     is_row: Callable[[list[str], list[str]], bool] = same_width,
 ) -> Extracted:
-    """Every table whose header satisfies ``is_header``, with the lines that were not rows.
-
-    ``is_row(header, fields)`` accepts a record as a row of the current table; rows shorter
-    than the header are padded with empty fields (ncu's details page ends metric rows early).
-    """
-    lines = text.splitlines()
-    tables: list[Table] = []
-    messages: list[dict] = []
-    noise: list[str] = []
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        tool = _TOOL_LINE.match(line)
-        if tool:
-            messages.append({"level": tool.group(1), "text": tool.group(2).strip()})
-            i += 1
-            continue
-        if not line.strip():
-            i += 1
-            continue
-        fields, used = _record_at(lines, i)
-        if fields is not None and is_header(fields):
-            tables.append(Table(header=fields, first_line=i + 1))
-        elif fields is not None and tables and is_row(tables[-1].header, fields):
-            width = len(tables[-1].header)
-            tables[-1].rows.append(fields + [""] * (width - len(fields)))
+    """Every table whose header satisfies ``is_header``, with the lines that were not rows."""
+    found = Extracted(tables=[], messages=[], noise=[])
+    for kind, value in scan(text.splitlines(), is_header, is_row):
+        if kind == MESSAGE:
+            found.messages.append(value)
+        elif kind == HEADER:
+            found.tables.append(value)
+        elif kind == ROW:
+            found.tables[-1].rows.append(value)
         else:
-            noise.append(line)
-            used = 1  # a failed join must not hide the lines it tried to join
-        i += used
-    return Extracted(tables=tables, messages=messages, noise=noise)
+            found.noise.append(value)
+    return found
 
 
 def parse_number(text: str) -> int | float | None:
@@ -121,7 +157,7 @@ def parse_number(text: str) -> int | float | None:
     s = text.strip()
     if not s:
         return None
-    if _GROUPED.match(s):
+    if "," in s and _GROUPED.match(s):
         s = s.replace(",", "")
     try:
         return int(s)

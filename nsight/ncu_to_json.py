@@ -16,16 +16,22 @@ Output:
 - ``ranges``: per innermost NVTX range (kernels grouped by their whole stack, so the same
   implementation under two cases stays two groups): kernel count, total duration, the
   duration-weighted mean of every percentage metric, and pass/fail against the targets.
+
+The input is converted as a stream: each kernel record is complete when its row (raw page) or
+its last row (details page: ncu writes one kernel's rows together) has been read, goes to a
+spool on disk and into the running per-range sums, so memory stays within a few kernels' rows
+however long the profile. Each kernel is one line of the output; the file is written atomically.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
+from typing import Iterable, Iterator
 
 import csvparse
+import jsonout
 
 # friendly name -> (raw-page metric, details-page metric name or None).
 # The raw names are the ones in the H200 fixtures (Nsight Compute 2025.3.1); the details names
@@ -191,51 +197,6 @@ def _put(kernel: dict, devices: dict, name: str, text: str, unit: str, section: 
     kernel["metrics"][name] = record
 
 
-def _raw_kernels(table: csvparse.Table, devices: dict) -> list[dict]:
-    header, rows = table.header, table.rows
-    units = [""] * len(header)
-    if rows and rows[0][0] == "":  # the units row that --print-units writes under the header
-        units, rows = rows[0], rows[1:]
-    nvtx_columns = (_column(header, "Push/Pop_Range"), _column(header, "Start/Stop_Range"))
-    skip = set(_IDENTITY) | {header[i] for i in nvtx_columns if i is not None}
-    kernels = []
-    for row in rows:
-        kernel = _kernel_identity(header, row)
-        for name, unit, text in zip(header, units, row):
-            if name not in skip:
-                _put(kernel, devices, name, text, unit)
-        kernels.append(kernel)
-    return kernels
-
-
-def _details_kernels(table: csvparse.Table, devices: dict) -> list[dict]:
-    header = table.header
-    col = {name: header.index(name) for name in _DETAILS if name in header}
-    kernels: dict[tuple, dict] = {}
-    for row in table.rows:
-        key = (row[0], row[header.index("Process ID")] if "Process ID" in header else "")
-        kernel = kernels.get(key)
-        if kernel is None:
-            kernel = kernels[key] = _kernel_identity(header, row)
-            kernel["rules"] = []
-
-        def get(name: str) -> str:
-            return row[col[name]] if name in col else ""
-
-        if get("Metric Name"):
-            _put(kernel, devices, get("Metric Name"), get("Metric Value"), get("Metric Unit"), get("Section Name"))
-        if get("Rule Name"):
-            kernel["rules"].append({
-                "section": get("Section Name"),
-                "name": get("Rule Name"),
-                "type": get("Rule Type"),
-                "description": get("Rule Description"),
-                "estimated_speedup_type": get("Estimated Speedup Type") or None,
-                "estimated_speedup_pct": csvparse.parse_number(get("Estimated Speedup")),
-            })
-    return list(kernels.values())
-
-
 def _add_friendly(kernel: dict, page: str) -> None:
     for friendly, (raw_name, details_name) in FRIENDLY_METRICS.items():
         source = raw_name if page == "raw" else details_name
@@ -248,14 +209,6 @@ def _add_friendly(kernel: dict, page: str) -> None:
         kernel["metrics"][friendly] = {"value": value, "unit": unit, "from": source}
 
 
-def _device_summary(devices: dict, kernels: list[dict]) -> None:
-    for index, device in devices.items():
-        attrs = device["attributes"]
-        device["name"] = attrs.get(_DEVICE_PREFIX + "display_name")
-        device["sm_count"] = attrs.get(_DEVICE_PREFIX + "multiprocessor_count")
-        device["cc"] = next((k["cc"] for k in kernels if str(k["device"]) == index), None)
-
-
 # ---------------------------------------------------------------------------------------------
 # Ranges and targets
 
@@ -263,106 +216,257 @@ def _label(entries: list[dict]) -> str:
     return " > ".join(e["range"] if e["domain"] is None else f"{e['domain']}:{e['range']}" for e in entries)
 
 
-def summarize(kernels: list[dict], targets: dict[str, float]) -> dict:
-    """Kernel count, total duration, duration-weighted means of the % metrics, target checks."""
-    durations = [k["metrics"].get("duration_ns", {}).get("value") for k in kernels]
-    total = sum(d for d in durations if d is not None)
-    # Weighting by duration makes the mean what the GPU did over the range's time; without a
-    # duration for every kernel (a details page without SpeedOfLight) the mean is unweighted.
-    weighted = bool(kernels) and all(d is not None for d in durations) and total > 0
-    weights = durations if weighted else [1.0] * len(kernels)
-    sums: dict[str, list[float]] = {}
-    for kernel, w in zip(kernels, weights):
+class RangeStats:
+    """Running sums over the kernels of one range: count, total duration, and the means of the
+    % metrics both duration-weighted and plain, for as long as every kernel has a duration."""
+
+    def __init__(self):
+        self.kernel_ids: list = []
+        self.total = 0
+        self.timed = 0  # kernels with a duration
+        self.weighted: dict[str, list[float]] = {}
+        self.equal: dict[str, list[float]] = {}
+
+    def add(self, kernel: dict) -> None:
+        self.kernel_ids.append(kernel["id"])
+        duration = kernel["metrics"].get("duration_ns", {}).get("value")
+        if duration is not None:
+            self.total += duration
+            self.timed += 1
+        all_timed = self.timed == len(self.kernel_ids)
         for name, metric in kernel["metrics"].items():
             if metric["unit"] == "%":
-                acc = sums.setdefault(name, [0.0, 0.0])
-                acc[0] += w * metric["value"]
-                acc[1] += w
-    means = {name: round(s / w, 4) for name, (s, w) in sorted(sums.items()) if w > 0}
-    checks = {}
-    for name, target in targets.items():
-        value = means.get(name)
-        checks[name] = {"target": target, "value": value, "pass": None if value is None else value > target}
-    verdicts = [c["pass"] for c in checks.values()]
-    overall = False if False in verdicts else (True if verdicts and None not in verdicts else None)
-    return {
-        "kernels": len(kernels),
-        "duration_ns": total if durations and any(d is not None for d in durations) else None,
-        "weighting": "duration" if weighted else "equal",
-        "means": means,
-        "targets": checks,
-        "pass": overall,
-    }
+                if all_timed:
+                    acc = self.weighted.setdefault(name, [0.0, 0.0])
+                    acc[0] += duration * metric["value"]
+                    acc[1] += duration
+                acc = self.equal.setdefault(name, [0.0, 0.0])
+                acc[0] += 1.0 * metric["value"]
+                acc[1] += 1.0
+
+    def summary(self, targets: dict[str, float]) -> dict:
+        """Kernel count, total duration, duration-weighted means of the % metrics, target checks."""
+        n = len(self.kernel_ids)
+        # Weighting by duration makes the mean what the GPU did over the range's time; without a
+        # duration for every kernel (a details page without SpeedOfLight) the mean is unweighted.
+        weighted = n > 0 and self.timed == n and self.total > 0
+        sums = self.weighted if weighted else self.equal
+        means = {name: round(s / w, 4) for name, (s, w) in sorted(sums.items()) if w > 0}
+        checks = {}
+        for name, target in targets.items():
+            value = means.get(name)
+            checks[name] = {"target": target, "value": value, "pass": None if value is None else value > target}
+        verdicts = [c["pass"] for c in checks.values()]
+        overall = False if False in verdicts else (True if verdicts and None not in verdicts else None)
+        return {
+            "kernels": n,
+            "duration_ns": self.total if self.timed else None,
+            "weighting": "duration" if weighted else "equal",
+            "means": means,
+            "targets": checks,
+            "pass": overall,
+        }
 
 
-def group_ranges(kernels: list[dict], targets: dict[str, float]) -> list[dict]:
-    """One record per innermost range, in order of first appearance."""
-    groups: dict[tuple, list[dict]] = {}
+def summarize(kernels: Iterable[dict], targets: dict[str, float]) -> dict:
+    """RangeStats.summary over any set of kernel records (sparsek.bench.profile groups its own)."""
+    stats = RangeStats()
     for kernel in kernels:
+        stats.add(kernel)
+    return stats.summary(targets)
+
+
+class RangeGroups:
+    """One RangeStats per innermost NVTX range, in order of first appearance."""
+
+    def __init__(self):
+        self.groups: dict[tuple, RangeStats] = {}
+
+    def add(self, kernel: dict) -> None:
         if kernel["nvtx_stack"]:
             key = ("push_pop", tuple((e["domain"], e["range"]) for e in kernel["nvtx_stack"]))
         elif kernel["nvtx_start_end"]:
             key = ("start_end", tuple((e["domain"], e["range"]) for e in kernel["nvtx_start_end"]))
         else:
             key = ("none", ())
-        groups.setdefault(key, []).append(kernel)
-    records = []
-    for (kind, path), members in groups.items():
-        entries = [{"domain": d, "range": r} for d, r in path]
-        inner = entries[-1] if entries else {"domain": None, "range": None}
-        records.append({
-            "label": _label(entries) if entries else "(no NVTX range)",
-            "kind": kind,
-            "domain": inner["domain"],
-            "range": inner["range"],
-            "stack": entries,
-            "kernel_ids": [k["id"] for k in members],
-            **summarize(members, targets),
-        })
-    return records
+        self.groups.setdefault(key, RangeStats()).add(kernel)
+
+    def records(self, targets: dict[str, float]) -> list[dict]:
+        records = []
+        for (kind, path), stats in self.groups.items():
+            entries = [{"domain": d, "range": r} for d, r in path]
+            inner = entries[-1] if entries else {"domain": None, "range": None}
+            records.append({
+                "label": _label(entries) if entries else "(no NVTX range)",
+                "kind": kind,
+                "domain": inner["domain"],
+                "range": inner["range"],
+                "stack": entries,
+                "kernel_ids": stats.kernel_ids,
+                **stats.summary(targets),
+            })
+        return records
 
 
 # ---------------------------------------------------------------------------------------------
+# Conversion
+
+class Conversion:
+    """One ncu output, read as a stream: ``kernels(lines)`` yields each kernel record as soon as
+    it is complete; afterwards ``document(kernels)`` is the JSON document around them."""
+
+    def __init__(self, targets: dict[str, float] | None = None, source: str = "<input>"):
+        self.targets = DEFAULT_TARGETS if targets is None else targets
+        self.source = source
+        self.messages: list[dict] = []
+        self.devices: dict = {}
+        self.pages: set[str] = set()
+        self.tables = 0
+        self.count = 0
+        self.ranges = RangeGroups()
+        self._cc: dict[str, str] = {}  # device index -> CC of its first kernel
+
+    def kernels(self, lines: Iterable[str]) -> Iterator[dict]:
+        table = None
+        for kind, value in csvparse.scan(lines, _is_header, _is_row):
+            if kind == csvparse.MESSAGE:
+                self.messages.append(value)
+            elif kind == csvparse.HEADER:
+                if table is not None:
+                    yield from self._done(table.finish())
+                table = (_DetailsTable if "Metric Name" in value.header and "Metric Value" in value.header
+                         else _RawTable)(value.header, self.devices)
+                self.pages.add(table.page)
+                self.tables += 1
+            elif kind == csvparse.ROW:
+                yield from self._done(table.add(value))
+        if table is not None:
+            yield from self._done(table.finish())
+
+    def _done(self, kernels: list[dict]) -> Iterator[dict]:
+        for kernel in kernels:
+            _add_friendly(kernel, "details" if "rules" in kernel else "raw")
+            self.count += 1
+            self.ranges.add(kernel)
+            self._cc.setdefault(str(kernel["device"]), kernel["cc"])
+            yield kernel
+
+    def document(self, kernels) -> dict:
+        """The document with ``kernels`` (a list, or a jsonout.Spool) in place; raises
+        NoKernelsError when the input held no kernel."""
+        if not self.count:
+            raise NoKernelsError(self._why_empty())
+        for index, device in self.devices.items():
+            attrs = device["attributes"]
+            device["name"] = attrs.get(_DEVICE_PREFIX + "display_name")
+            device["sm_count"] = attrs.get(_DEVICE_PREFIX + "multiprocessor_count")
+            device["cc"] = self._cc.get(index)
+        return {
+            "source": {"tool": "ncu", "path": self.source, "page": "+".join(sorted(self.pages))},
+            "messages": self.messages,
+            "targets": self.targets,
+            "devices": self.devices,
+            "kernels": kernels,
+            "ranges": self.ranges.records(self.targets),
+        }
+
+    def _why_empty(self) -> str:
+        said = [m["text"] for m in self.messages if m["level"] in ("ERROR", "WARNING") or "No kernels" in m["text"]]
+        if self.tables:
+            why = "the ncu CSV header is there but no kernel rows follow it"
+        else:
+            why = 'no ncu CSV table (a header starting "ID","Process ID") was found; is this ncu --csv output?'
+        if any("No kernels were profiled" in m["text"] for m in self.messages):
+            why += ("; ncu profiled no kernel: check that the --nvtx-include filters name ranges the "
+                    "application pushes (push/pop ranges end in '/': \"domain@range/\") and that --nvtx was given")
+        if said:
+            why += "\nncu said:\n  " + "\n  ".join(said)
+        return f"{self.source}: no profiled kernels: {why}"
+
+
+class _RawTable:
+    """The raw page: one row per kernel, the units row (--print-units) first."""
+
+    page = "raw"
+
+    def __init__(self, header: list[str], devices: dict):
+        self.header, self.devices = header, devices
+        self.units: list[str] | None = None
+        nvtx_columns = (_column(header, "Push/Pop_Range"), _column(header, "Start/Stop_Range"))
+        skip = set(_IDENTITY) | {header[i] for i in nvtx_columns if i is not None}
+        self.metric_columns = [i for i, name in enumerate(header) if name not in skip]
+
+    def add(self, row: list[str]) -> list[dict]:
+        if self.units is None:
+            self.units = [""] * len(self.header)
+            if row[0] == "":  # the units row that --print-units writes under the header
+                self.units = row
+                return []
+        kernel = _kernel_identity(self.header, row)
+        for i in self.metric_columns:
+            _put(kernel, self.devices, self.header[i], row[i], self.units[i])
+        return [kernel]
+
+    def finish(self) -> list[dict]:
+        return []
+
+
+class _DetailsTable:
+    """The details page: one row per kernel and metric (or rule), each kernel's rows together."""
+
+    page = "details"
+
+    def __init__(self, header: list[str], devices: dict):
+        self.header, self.devices = header, devices
+        self.col = {name: header.index(name) for name in _DETAILS if name in header}
+        self.pid = header.index("Process ID") if "Process ID" in header else None
+        self.kernel: dict | None = None
+        self.key: tuple | None = None
+
+    def add(self, row: list[str]) -> list[dict]:
+        done = []
+        key = (row[0], row[self.pid] if self.pid is not None else "")
+        if key != self.key:
+            done = self.finish()
+            self.kernel, self.key = _kernel_identity(self.header, row), key
+            self.kernel["rules"] = []
+
+        def get(name: str) -> str:
+            return row[self.col[name]] if name in self.col else ""
+
+        kernel = self.kernel
+        if get("Metric Name"):
+            _put(kernel, self.devices, get("Metric Name"), get("Metric Value"), get("Metric Unit"), get("Section Name"))
+        if get("Rule Name"):
+            kernel["rules"].append({
+                "section": get("Section Name"),
+                "name": get("Rule Name"),
+                "type": get("Rule Type"),
+                "description": get("Rule Description"),
+                "estimated_speedup_type": get("Estimated Speedup Type") or None,
+                "estimated_speedup_pct": csvparse.parse_number(get("Estimated Speedup")),
+            })
+        return done
+
+    def finish(self) -> list[dict]:
+        kernel, self.kernel, self.key = self.kernel, None, None
+        return [kernel] if kernel is not None else []
+
 
 def convert(text: str, *, targets: dict[str, float] | None = None, source: str = "<input>") -> dict:
     """The JSON document for one ncu CSV output; raises NoKernelsError when it has no kernel."""
-    targets = DEFAULT_TARGETS if targets is None else targets
-    found = csvparse.extract_tables(text, _is_header, _is_row)
-    devices: dict = {}
-    kernels: list[dict] = []
-    pages = set()
-    for table in found.tables:
-        page = "details" if "Metric Name" in table.header and "Metric Value" in table.header else "raw"
-        pages.add(page)
-        new = _details_kernels(table, devices) if page == "details" else _raw_kernels(table, devices)
-        for kernel in new:
-            _add_friendly(kernel, page)
-        kernels += new
-    if not kernels:
-        raise NoKernelsError(_why_empty(found, source))
-    _device_summary(devices, kernels)
-    return {
-        "source": {"tool": "ncu", "path": source, "page": "+".join(sorted(pages))},
-        "messages": found.messages,
-        "targets": targets,
-        "devices": devices,
-        "kernels": kernels,
-        "ranges": group_ranges(kernels, targets),
-    }
+    conversion = Conversion(targets, source)
+    kernels = list(conversion.kernels(text.splitlines()))
+    return conversion.document(kernels)
 
 
-def _why_empty(found: csvparse.Extracted, source: str) -> str:
-    said = [m["text"] for m in found.messages if m["level"] in ("ERROR", "WARNING") or "No kernels" in m["text"]]
-    if found.tables:
-        why = "the ncu CSV header is there but no kernel rows follow it"
-    else:
-        why = 'no ncu CSV table (a header starting "ID","Process ID") was found; is this ncu --csv output?'
-    if any("No kernels were profiled" in m["text"] for m in found.messages):
-        why += ("; ncu profiled no kernel: check that the --nvtx-include filters name ranges the "
-                "application pushes (push/pop ranges end in '/': \"domain@range/\") and that --nvtx was given")
-    if said:
-        why += "\nncu said:\n  " + "\n  ".join(said)
-    return f"{source}: no profiled kernels: {why}"
+def convert_file(path: str, output: str, *, targets: dict[str, float] | None = None) -> None:
+    """Convert the file ``path`` ("-": stdin) to ``output`` ("-": stdout) as a stream."""
+    conversion = Conversion(targets, path)
+    with jsonout.Spool() as kernels:
+        for kernel in conversion.kernels(csvparse.iter_lines(path)):
+            kernels.add(kernel)
+        jsonout.write_document(conversion.document(kernels), output)
 
 
 def parse_target(text: str) -> tuple[str, float | None]:
@@ -387,15 +491,6 @@ def targets_from(pairs: list[tuple[str, float | None]]) -> dict[str, float]:
     return targets
 
 
-def write_json(doc: dict, output: str) -> None:
-    text = json.dumps(doc, indent=1) + "\n"
-    if output == "-":
-        sys.stdout.write(text)
-    else:
-        with open(output, "w", encoding="utf-8") as f:
-            f.write(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ncu_to_json.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("input", help="ncu --csv output: a --log-file or captured stdout; '-' for stdin")
@@ -405,11 +500,10 @@ def main(argv: list[str] | None = None) -> int:
                         f"defaults: {', '.join(f'{k}>{v:g}' for k, v in DEFAULT_TARGETS.items())}")
     args = parser.parse_args(argv)
     try:
-        doc = convert(csvparse.read_text(args.input), targets=targets_from(args.target), source=args.input)
+        convert_file(args.input, args.output, targets=targets_from(args.target))
     except (OSError, NoKernelsError) as exc:
         print(f"ncu_to_json: error: {exc}", file=sys.stderr)
         return 1
-    write_json(doc, args.output)
     return 0
 
 

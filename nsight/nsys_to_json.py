@@ -14,16 +14,22 @@ lines (``-`` reads stdin). Reports are recognised by their header, not by file n
 
 Times are converted to nanoseconds from the unit in the header (``--timeunit`` changes it).
 Exit status 1 when no input holds a row of either report.
+
+Inputs are converted as streams: each row becomes a record that goes straight to a spool on disk
+(nsight/jsonout.py), so memory does not grow with the report; each record is one line of the
+output, which is written atomically.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import re
 import sys
+from typing import Iterable
 
 import csvparse
+import jsonout
 
 _UNIT = re.compile(r"^(?P<base>.*?)\s*\((?P<unit>[^)]*)\)$")
 _TO_NS = {"ns": 1, "us": 1e3, "ms": 1e6, "s": 1e9}
@@ -36,12 +42,15 @@ class NoRowsError(ValueError):
     """No cuda_gpu_kern_sum or nvtx_sum row in the input."""
 
 
+@functools.lru_cache(maxsize=1024)  # called for every cell of every row, with a table's few header cells
 def _base(cell: str) -> tuple[str, str | None]:
     m = _UNIT.match(cell.strip())
     return (m.group("base"), m.group("unit")) if m else (cell.strip(), None)
 
 
 def _report(header: list[str]) -> str | None:
+    if not any(h.strip() == "Instances" for h in header):
+        return None  # every row is asked: most are data rows, rejected here cheaply
     bases = {_base(h)[0] for h in header}
     if not {"Total Time", "Instances"} <= bases:
         return None
@@ -90,33 +99,70 @@ def _row(header: list[str], fields: list[str], domains: tuple[str, ...]) -> dict
     return record
 
 
+class Conversion:
+    """Several nsys stats outputs, read as streams: ``records(source, lines)`` yields
+    ("kernels" | "ranges", record) for every report row; ``document`` wraps them afterwards."""
+
+    def __init__(self, domains: tuple[str, ...] = ("sparsek",)):
+        self.domains = domains
+        self.sources: list[str] = []
+        self.reports: set[str] = set()
+        self.messages: list[str] = []
+        self.count = 0
+
+    def records(self, source: str, lines: Iterable[str]):
+        self.sources.append(source)
+        header, target = None, None
+        for kind, value in csvparse.scan(lines, lambda fields: _report(fields) is not None):
+            if kind == csvparse.MESSAGE:
+                self.messages.append(value["text"])
+            elif kind == csvparse.NOISE:
+                # nsys explains a skipped report in plain lines ("SKIPPED: ... does not contain ...").
+                if "SKIPPED" in value or "ERROR" in value.upper():
+                    self.messages.append(value.strip())
+            elif kind == csvparse.HEADER:
+                header = value.header
+                report = _report(header)
+                self.reports.add(report)
+                target = "ranges" if report == "nvtx_sum" else "kernels"
+            else:
+                self.count += 1
+                yield target, {**_row(header, value, self.domains), "source": source}
+
+    def document(self, kernels, ranges) -> dict:
+        """The document with ``kernels`` and ``ranges`` (lists, or jsonout.Spools) in place;
+        raises NoRowsError when no input held a report row."""
+        if not self.count:
+            said = ("\nnsys said:\n  " + "\n  ".join(self.messages)) if self.messages else ""
+            raise NoRowsError(f"{', '.join(self.sources)}: no cuda_gpu_kern_sum or nvtx_sum rows found "
+                              f"(expected nsys stats --format csv output){said}")
+        return {
+            "source": {"tool": "nsys", "paths": self.sources, "reports": sorted(self.reports)},
+            "messages": self.messages,
+            "kernels": kernels,
+            "ranges": ranges,
+        }
+
+
 def convert(texts: list[tuple[str, str]], *, domains: tuple[str, ...] = ("sparsek",)) -> dict:
     """``texts``: (source name, content) pairs. Raises NoRowsError when no report row is found."""
-    kernels: list[dict] = []
-    ranges: list[dict] = []
-    reports: set[str] = set()
-    messages: list[str] = []
+    conversion = Conversion(domains)
+    out: dict[str, list[dict]] = {"kernels": [], "ranges": []}
     for source, text in texts:
-        found = csvparse.extract_tables(text, lambda fields: _report(fields) is not None)
-        messages += [m["text"] for m in found.messages]
-        # nsys explains a skipped report in plain lines ("SKIPPED: ... does not contain ...").
-        messages += [line.strip() for line in found.noise if "SKIPPED" in line or "ERROR" in line.upper()]
-        for table in found.tables:
-            kind = _report(table.header)
-            reports.add(kind)
-            target = ranges if kind == "nvtx_sum" else kernels
-            target += [{**_row(table.header, fields, domains), "source": source} for fields in table.rows]
-    if not kernels and not ranges:
-        said = ("\nnsys said:\n  " + "\n  ".join(messages)) if messages else ""
-        names = ", ".join(s for s, _ in texts)
-        raise NoRowsError(f"{names}: no cuda_gpu_kern_sum or nvtx_sum rows found "
-                          f"(expected nsys stats --format csv output){said}")
-    return {
-        "source": {"tool": "nsys", "paths": [s for s, _ in texts], "reports": sorted(reports)},
-        "messages": messages,
-        "kernels": kernels,
-        "ranges": ranges,
-    }
+        for target, record in conversion.records(source, text.splitlines()):
+            out[target].append(record)
+    return conversion.document(out["kernels"], out["ranges"])
+
+
+def convert_files(paths: list[str], output: str, *, domains: tuple[str, ...] = ("sparsek",)) -> None:
+    """Convert the files ``paths`` ("-": stdin) to ``output`` ("-": stdout) as streams."""
+    conversion = Conversion(domains)
+    with jsonout.Spool() as kernels, jsonout.Spool() as ranges:
+        spools = {"kernels": kernels, "ranges": ranges}
+        for path in paths:
+            for target, record in conversion.records(path, csvparse.iter_lines(path)):
+                spools[target].add(record)
+        jsonout.write_document(conversion.document(kernels, ranges), output)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,16 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     domains = tuple(args.domain or ("sparsek",))
     try:
-        doc = convert([(path, csvparse.read_text(path)) for path in args.inputs], domains=domains)
+        convert_files(args.inputs, args.output, domains=domains)
     except (OSError, NoRowsError) as exc:
         print(f"nsys_to_json: error: {exc}", file=sys.stderr)
         return 1
-    text = json.dumps(doc, indent=1) + "\n"
-    if args.output == "-":
-        sys.stdout.write(text)
-    else:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(text)
     return 0
 
 

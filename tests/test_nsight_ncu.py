@@ -283,3 +283,47 @@ def test_no_kernels_is_an_error(tmp_path, text, says):
     assert proc.returncode == 1
     assert "no profiled kernels" in proc.stderr and says in proc.stderr
     assert proc.stdout == ""
+
+
+# --- streaming and the output file -------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["raw_logfile.csv", "raw_stdout_mixed.txt", "details.csv",
+                                  "raw_stdout_single_kernel.txt"])
+def test_the_streamed_file_is_the_document_of_convert(name, tmp_path):
+    """The command streams its input and spools the kernels; the document is the same."""
+    out = tmp_path / "out.json"
+    proc = run_cli(str(FIXTURES / name), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    expected = ncu_to_json.convert((FIXTURES / name).read_text(), source=str(FIXTURES / name))
+    assert json.loads(out.read_text()) == json.loads(json.dumps(expected))
+
+
+def test_details_rows_of_one_kernel_make_one_record_however_they_are_fed():
+    lines = (FIXTURES / "details.csv").read_text().splitlines()
+    conversion = ncu_to_json.Conversion()
+    kernels = list(conversion.kernels(iter(lines)))  # a one-way stream, as from a file
+    assert len(kernels) == 1 and kernels[0]["rules"]
+
+
+def test_output_is_atomic_with_the_usual_mode(tmp_path):
+    out = tmp_path / "doc.json"
+    out.write_text('{"previous": true}\n')
+    empty = tmp_path / "empty.csv"
+    empty.write_text("==WARNING== No kernels were profiled.\n")
+    assert run_cli(str(empty), "-o", str(out)).returncode == 1
+    assert out.read_text() == '{"previous": true}\n'  # a failed conversion leaves the old file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["doc.json", "empty.csv"]
+    proc = subprocess.run(f"umask 022 && {sys.executable} {REPO / 'nsight' / 'ncu_to_json.py'} "
+                          f"{FIXTURES / 'raw_logfile.csv'} -o {out}", shell=True, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(out.read_text())["kernels"]) == 10
+    assert out.stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["doc.json", "empty.csv"]
+
+
+def test_iter_lines_splits_like_splitlines(tmp_path):
+    text = 'a\r\nb\rc\n\nd\x0ce\x1cf\u2028g\r\n"h\r\ni"\n\xff'
+    path = tmp_path / "t.csv"
+    path.write_bytes(text.encode("utf-8")[:-2] + b"\xff")  # and a byte that is not UTF-8
+    assert list(csvparse.iter_lines(str(path))) == path.read_bytes().decode("utf-8", "replace").splitlines()

@@ -124,3 +124,25 @@ def test_cli_empty_report_is_an_error(tmp_path):
     assert proc.returncode == 1
     assert "no cuda_gpu_kern_sum or nvtx_sum rows" in proc.stderr
     assert "SKIPPED: /tmp/p.sqlite does not contain CUDA kernel data." in proc.stderr
+
+
+def test_the_streamed_file_is_the_document_of_convert(tmp_path):
+    stdout = "Processing [p.sqlite] with [cuda_gpu_kern_sum.py]...\n\n" + KERN_SUM + "\n" + \
+             "Processing [p.sqlite] with [nvtx_sum.py]...\nSKIPPED: nothing here\n\n" + NVTX_SUM
+    (tmp_path / "stats.txt").write_text(stdout)
+    (tmp_path / "k.csv").write_text(KERN_SUM)
+    out = tmp_path / "out.json"
+    proc = run_cli(str(tmp_path / "stats.txt"), str(tmp_path / "k.csv"), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    expected = nsys_to_json.convert([(str(tmp_path / "stats.txt"), stdout), (str(tmp_path / "k.csv"), KERN_SUM)])
+    assert json.loads(out.read_text()) == expected
+    assert len(expected["kernels"]) == 4 and len(expected["ranges"]) == 4
+    assert expected["messages"] == ["SKIPPED: nothing here"]
+
+
+def test_an_empty_report_list_is_written_as_an_empty_array(tmp_path):
+    (tmp_path / "k.csv").write_text(KERN_SUM)
+    out = tmp_path / "out.json"
+    assert run_cli(str(tmp_path / "k.csv"), "-o", str(out)).returncode == 0
+    assert json.loads(out.read_text())["ranges"] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.csv", "out.json"]
