@@ -7,10 +7,14 @@ cd "$(dirname "$0")/.."
 NVCC=${NVCC:-nvcc}
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
+# The macros torch.utils.cpp_extension passes to nvcc: they remove the implicit half/bfloat16
+# conversions and operators, so a kernel that compiles here also builds as the extension.
+TORCH_FLAGS=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
+  -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr --use_fast_math)
 status=0
 for cu in csrc/*.cu; do
   echo "== $cu"
-  if ! "$NVCC" -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Xptxas -v -Icsrc \
+  if ! "$NVCC" -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Xptxas -v -Icsrc "${TORCH_FLAGS[@]}" \
       -c "$cu" -o "$out/$(basename "$cu").o" 2>"$out/log"; then
     cat "$out/log"
     status=1

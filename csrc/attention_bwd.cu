@@ -464,7 +464,7 @@ __global__ void __launch_bounds__(256) bwd_dot_kernel(const BwdDotParams p) {
     const Elem* x = reinterpret_cast<const Elem*>(&a);
     const Elem* y = reinterpret_cast<const Elem*>(&c);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) acc = fmaf(static_cast<float>(x[e]), static_cast<float>(y[e]), acc);
+    for (int e = 0; e < 8; ++e) acc = fmaf(to_float(x[e]), to_float(y[e]), acc);
   }
 #pragma unroll
   for (int o = kPerRow / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(kFull, acc, o);

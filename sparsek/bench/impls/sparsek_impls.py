@@ -251,7 +251,7 @@ class FlexSparseK(FlexImpl):
         reason = _cuda.unsupported_reason(q, k, v, u)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # the fallback is named in the notes below
-            out, _, tau, end = torch.ops.sparsek.attention_fwd(q, k, v, u, case.topk, case.window, case.scale)
+            out, _, tau, end, _, _ = torch.ops.sparsek.attention_fwd(q, k, v, u, case.topk, case.window, case.scale)
         source = "sparsek's CUDA selection" if reason is None else f"sparsek's reference selection ({reason})"
         mask_mod, score_mod = sparsek_mods(case, u, tau, end)
         any_, full = sparsek_block_tables(end, case.window, case.group)
