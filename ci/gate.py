@@ -51,7 +51,16 @@ from sparsek.bench.compare import (  # noqa: E402
     has_regression,
     to_markdown,
 )
-from sparsek.bench.results import write_json_atomic  # noqa: E402
+from sparsek.bench.results import (  # noqa: E402
+    ResultsFileError,
+    check_results,
+    failures_by_key,
+    is_partial,
+    partial_note,
+    refuse_partial,
+    samples_by_key,
+    write_json_atomic,
+)
 
 EXIT_PASS = 0
 EXIT_FAIL = 1  # a regression, or a broken head
@@ -314,17 +323,6 @@ def _asv_units(result_file: Path) -> dict[str, str] | None:
 
 
 def _load_sparsek_bench(files, *, allow_partial: bool) -> tuple[Samples, dict]:
-    # Imported here: asv-only use of the gate must not depend on the harness.
-    from sparsek.bench.results import (
-        ResultsFileError,
-        check_results,
-        failures_by_key,
-        is_partial,
-        partial_note,
-        refuse_partial,
-        samples_by_key,
-    )
-
     samples: Samples = {}
     failed: dict[str, str] = {}
     notes = []

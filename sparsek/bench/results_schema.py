@@ -204,7 +204,8 @@ class SchemaError(ValueError):
 
 
 def validate(doc, schema: dict = SCHEMA):
-    """Check ``doc`` against ``schema``; returns it with encoded non-finite numbers as floats.
+    """Check ``doc`` against ``schema``; returns it with encoded non-finite numbers as floats
+    (decoded in place: ``doc`` is the parsed file, owned by the caller).
 
     Raises SchemaError at the first problem, e.g. ``records[3]: missing 'case': expected a non-empty string``.
     """
@@ -239,7 +240,6 @@ class _Validator:
             return "any value"
         text = " or ".join(_TYPE_WORDS[t] for t in (types if isinstance(types, list) else [types]))
         return text.replace("a string", "a non-empty string") if schema.get("minLength") else text
-
 
     def admits_type(self, schema: dict, value) -> bool:
         types = self.resolve(schema).get("type")
