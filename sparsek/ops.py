@@ -152,12 +152,7 @@ def sparsek_attention(
 
 def sparsek_selection(scores: Tensor, *, topk: int, window: int = 0) -> sel_mod.Selection:
     """The selection alone (tau, |F|, end) for scores (B, H, S), by the reference."""
-    from ._validate import check_int
+    from ._validate import check_selection_args
 
-    if not isinstance(scores, Tensor) or scores.dim() != 3:
-        shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
-        raise ValueError(f"sparsek_selection: scores must be a 3-D tensor (B, H, S), got {shape}")
-    check_int("sparsek_selection", "topk", topk, 1)
-    check_int("sparsek_selection", "window", window, 0)
-    check_finite_scores("sparsek_selection", scores)
+    check_selection_args("sparsek_selection", scores, topk, window)
     return sel_mod.select(scores, topk, window)
