@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .. import _cuda
 from ..ops import sparsek_attention
 from .cases import get_case, make_inputs
-from .metrics import flops
+from .metrics import BACKWARD_FLOPS_PER_PAIR, FORWARD_FLOPS_PER_PAIR, STEP_FLOPS_PER_PAIR, flops
 
 
 def _bench(fn, ms=200):
@@ -75,9 +75,9 @@ def probe_case(name: str, peaks: dict) -> list[dict]:
     return rows
 
 
-# A training step's FLOPs over the forward's: the backward does five matrix products (S and dP
-# recomputed, dV, dK, dQ) where the forward does two.
-BACKWARD_OVER_FORWARD = 2.5
+# The backward's and the step's FLOPs over the forward's, from the suite's one convention.
+BACKWARD_OVER_FORWARD = BACKWARD_FLOPS_PER_PAIR / FORWARD_FLOPS_PER_PAIR
+STEP_OVER_FORWARD = STEP_FLOPS_PER_PAIR / FORWARD_FLOPS_PER_PAIR
 
 
 def probe_train(name: str, peaks: dict) -> list[dict]:
@@ -126,7 +126,7 @@ def probe_train(name: str, peaks: dict) -> list[dict]:
     step()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    add("sparsek step (fwd + bwd)", _bench(step), (1 + BACKWARD_OVER_FORWARD) * work, peak_extra_mib=peak / 2**20)
+    add("sparsek step (fwd + bwd)", _bench(step), STEP_OVER_FORWARD * work, peak_extra_mib=peak / 2**20)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     dq_leaves = [t.detach().requires_grad_() for t in (q, k, v)]
@@ -138,9 +138,24 @@ def probe_train(name: str, peaks: dict) -> list[dict]:
 
         try:
             dense_step()
-            add(impl, _bench(dense_step), (1 + BACKWARD_OVER_FORWARD) * dense)
+            add(impl, _bench(dense_step), STEP_OVER_FORWARD * dense)
         except RuntimeError as exc:
             rows.append({"case": name, "impl": impl, "error": str(exc).splitlines()[0]})
+    # The same-budget structured peer's step, through the suite's own adapter.
+    from .cases import TRAIN_SHAPES
+    from .impls import get_impl
+
+    train_name = {shape: train for train, shape in TRAIN_SHAPES.items()}.get(name)
+    if train_name is not None:
+        train_case = get_case(train_name)
+        impl = get_impl("flex-window")
+        reason = impl.available(train_case)
+        if reason is None:
+            prepared = impl.prepare(train_case, make_inputs(train_case))
+            prepared.fn()
+            add("flex-window step", _bench(prepared.fn), flops(train_case, "window"))  # a train case counts the step
+        else:
+            rows.append({"case": name, "impl": "flex-window step", "error": reason})
     return rows
 
 
