@@ -32,6 +32,7 @@
 
 #include "ptx.h"
 #include "sparsek_params.h"
+#include "tile_plan.h"
 
 namespace sparsek {
 namespace {
@@ -209,23 +210,11 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
   const float* scores = p.scores + (size_t)bh * S;
   const int* ends = p.end + (size_t)bh * S;
 
-  // ---- tile plan (as the forward): window tiles over [w0, i1), then the block's key list ----
-  const int w0 = W > 0 ? max(0, i0 - W + 1) : i1;
-  const int n_win = (i1 - w0 + kTileN - 1) / kTileN;
-  const int count = p.block_count[(size_t)bh * p.n_blocks + blk];
-  const int* list = p.block_keys + ((size_t)bh * p.n_blocks + blk) * p.cap;
-  const int n_tiles = n_win + (count + kTileN - 1) / kTileN;
+  const TilePlan<kTileN> plan(p.block_keys, p.block_count, bh, blk, p.n_blocks, p.cap, i0, i1, W);
+  const int w0 = plan.w0, n_win = plan.n_win, count = plan.count, n_tiles = plan.n_tiles;
 
   const int my_row = tid / T::kLoadersPerRow, my_part = tid % T::kLoadersPerRow;
-  auto tile_key = [&](int t) -> int {  // key index of my_row in tile t, -1 for padding
-    if (t >= n_tiles) return -1;
-    if (t < n_win) {
-      const int j = w0 + t * kTileN + my_row;
-      return j < i1 ? j : -1;
-    }
-    const int idx = (t - n_win) * kTileN + my_row;
-    return idx < count ? __ldg(list + idx) : -1;
-  };
+  auto tile_key = [&](int t) { return plan.key(t, my_row); };
   const uint32_t k_addr = smem_addr(sK), v_addr = smem_addr(sV);
   auto load_tile = [&](int t, int stage, int j) {
     const bool ok = j >= 0;

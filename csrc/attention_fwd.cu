@@ -24,6 +24,7 @@
 
 #include "ptx.h"
 #include "sparsek_params.h"
+#include "tile_plan.h"
 
 namespace sparsek {
 namespace {
@@ -178,12 +179,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnPa
   const float* scores = p.scores + (size_t)bh * S;
   const int* ends = p.end + (size_t)bh * S;
 
-  // ---- tile plan: window tiles over [w0, i1), then the block's list of selected keys ----
-  const int w0 = W > 0 ? max(0, i0 - W + 1) : i1;
-  const int n_win = (i1 - w0 + kTileN - 1) / kTileN;
-  const int count = p.block_count[(size_t)bh * p.n_blocks + blk];
-  const int* list = p.block_keys + ((size_t)bh * p.n_blocks + blk) * p.cap;
-  const int n_tiles = n_win + (count + kTileN - 1) / kTileN;
+  const TilePlan<kTileN> plan(p.block_keys, p.block_count, bh, blk, p.n_blocks, p.cap, i0, i1, W);
+  const int w0 = plan.w0, n_win = plan.n_win, count = plan.count, n_tiles = plan.n_tiles;
 
   // Loader role: kLoadersPerRow consecutive threads copy key row r of every tile, each the same
   // kChunksPerThread consecutive 16-byte pieces; their swizzled places in a tile never change.
@@ -193,15 +190,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnPa
   uint32_t piece_off[T::kChunksPerThread];  // byte offset of my piece c within a tile
 #pragma unroll
   for (int c = 0; c < T::kChunksPerThread; ++c) piece_off[c] = 2 * sw128<kTileN>(my_row, my_part * T::kChunksPerThread + c);
-  auto tile_key = [&](int t) -> int {  // key index of my_row in tile t, -1 for padding
-    if (t >= n_tiles) return -1;
-    if (t < n_win) {
-      const int j = w0 + t * kTileN + my_row;
-      return j < i1 ? j : -1;
-    }
-    const int idx = (t - n_win) * kTileN + my_row;
-    return idx < count ? __ldg(list + idx) : -1;
-  };
+  auto tile_key = [&](int t) { return plan.key(t, my_row); };
   auto load_tile = [&](int t, int stage, int j) {
     const bool ok = j >= 0;
     const int64_t jj = ok ? j : 0;
