@@ -1,6 +1,7 @@
 """``sparsek-bench``: run the suite, assess tiers, compare two runs, print the environment, profile.
 
     sparsek-bench run --default                     # make bench: the default cases of this machine
+    sparsek-bench run --default --save              # a GPU run to commit: into benchmarks/runs/
     sparsek-bench run --case seed --impl sparsek,sdpa-cudnn --warm --json out.json
     sparsek-bench tiers --results benchmarks/runs/X.json --explain
     sparsek-bench report --results part1.json --results part2.json --json merged.json
@@ -95,9 +96,13 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                       help="flush L2 before every sample (default)")
     mode.add_argument("--warm", dest="cold", action="store_false", help="no L2 flush between samples")
     p.add_argument("--cuda-graph", action="store_true", help="time CUDA-graph replays of each call")
-    p.add_argument("--json", metavar="PATH", type=output_path,
-                   help="results file (default: benchmarks/runs/<date>-<gpu>-<commit>.json); written at the end, "
-                        "with a checkpoint in PATH.partial while the run goes on")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", metavar="PATH", type=output_path,
+                     help="results file (default: benchmarks/local/<date>-<device>-<commit>.json, ignored by git); "
+                          "written at the end, with a checkpoint in PATH.partial while the run goes on")
+    out.add_argument("--save", action="store_true",
+                     help="write the results file into benchmarks/runs/ instead, the committed GPU runs "
+                          "(benchmarks/runs/README.md)")
     p.add_argument("--timeout", type=non_negative_float, default=300.0, metavar="S",
                    help="per case x implementation: prepare + check + timing (default 300; 0 = none)")
     p.add_argument("--max-time", type=positive_float, metavar="S", help="time cap of one timed loop")
@@ -122,7 +127,7 @@ def _do_run(args, argv):
                                 timeout_s=args.timeout, timing=overrides)
     progress = None if args.no_progress else runner.stderr_progress
     return runner.run(cases, _split(args.impl) or None, options=options, json_path=args.json,
-                      progress=progress, argv=argv)
+                      progress=progress, argv=argv, folder=runner.RUNS_DIR if args.save else runner.LOCAL_DIR)
 
 
 def cmd_run(args, argv) -> int:
@@ -147,7 +152,7 @@ def cmd_tiers(args, argv) -> int:
     if doc is not None:
         print(report.format_tiers(tiers.assess(doc)))
     if args.explain:
-        peaks = None  # the brief's targets are GPU figures: only a GPU peak is a fair yardstick
+        peaks = None  # the original targets are GPU figures (docs/tiers.md): only a GPU peak is a fair yardstick
         if doc is not None:
             peaks = (doc["run"].get("peaks") or {}).get("cuda")
         else:
@@ -237,16 +242,51 @@ def cmd_env(args, argv) -> int:
     return EXIT_OK
 
 
+def registry_epilog() -> str:
+    """The cases and implementations `run` accepts, from the one registry (cases.py, impls/)."""
+    import textwrap
+
+    from .cases import CASES, DEFAULT_CASES
+    from .impls import IMPLS
+
+    cases = [f"  {name:<18} {case.describe()}" for name, case in CASES.items()]
+    cases += [f"  --default on a {'GPU' if dev == 'cuda' else 'CPU'}: {', '.join(names)}" for dev, names in DEFAULT_CASES.items()]
+    try:
+        from sparsek.learn.bench import CASES as LEARN_CASES
+    except ImportError:
+        LEARN_CASES = {}
+    if LEARN_CASES:
+        cases.append(f"  {', '.join(LEARN_CASES)}: learnability (python -m sparsek.learn --help)")
+    impls = [f"  {impl.id:<22} {'/'.join(impl.kinds):<15} {textwrap.shorten(impl.description, 58, placeholder=' ...')}"
+             for impl in IMPLS.values()]
+    return "\n".join(["cases (--case NAME):", *cases, "",
+                      "implementations (--impl ID; the case kinds each runs; default: all of the case's kind):",
+                      *impls])
+
+
+class _Parser(argparse.ArgumentParser):
+    """An epilog may be a function, called only when the help is printed: the registry imports
+    torch, which the other commands must not pay for."""
+
+    def format_help(self) -> str:
+        if callable(self.epilog):
+            self.epilog = self.epilog()
+        return super().format_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsek-bench", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="run cases x implementations; print the report and the tier assessment")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("run", help="run cases x implementations; print the report and the tier assessment",
+                       epilog=registry_epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_run_args(p)
-    p = sub.add_parser("tiers", help="tier assessment from a results file or a fresh run")
+    p = sub.add_parser("tiers", help="tier assessment from a results file or a fresh run",
+                       epilog=registry_epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", metavar="FILE", action="append",
                    help="a results JSON (repeatable: runs of one GPU are merged); otherwise run the given cases")
     p.add_argument("--explain", action="store_true",
-                   help="what the brief's absolute us/head targets imply in TFLOP/s, next to the measured peak")
+                   help="what the original absolute us/head targets (docs/tiers.md) imply in TFLOP/s, next to "
+                        "the measured peak")
     _add_run_args(p)
     p = sub.add_parser("report", help="print the report and tiers of results files (merging runs of one GPU)")
     p.add_argument("--results", metavar="FILE", action="append", required=True, help="a results JSON (repeatable)")

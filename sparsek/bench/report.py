@@ -1,14 +1,29 @@
 """Plain-text report of a results document: header, one table per case, the training steps beside
-the forwards of the same shape, the TIER ASSESSMENT.
+the forwards of the same shape, the reasons and notes said once, the TIER ASSESSMENT.
 
-Only formatting lives here; every number comes from the results (timing, metrics, tiers).
+Only formatting lives here; every number comes from the results (timing, metrics, tiers). Under
+each table, an implementation that did not run and a note get one short line: the first sentence
+of the reason, without the exception text a library appended (the results file keeps it whole).
+A line that repeats, across cases or implementations, is said once in NOT RUN or NOTES at the end.
 """
 
 from __future__ import annotations
 
+import re
+import textwrap
+from dataclasses import dataclass
+
 from tabulate import tabulate
 
-from .cases import TRAIN_SHAPES, Case
+from .cases import CASES, TRAIN_SHAPES, Case
+
+# Lines of prose (reasons, notes) wrap at this width; only the tables may be wider.
+WIDTH = 100
+# A reason's first sentence is cut to this many characters.
+REASON_LIMIT = 120
+# Where a library's exception text starts inside a reason: "(RuntimeError: ...", ": ValueError: ...".
+_EXCEPTION = re.compile(r"[:(]\s*(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception|Warning)\b")
+_EXCEPTION_NAME = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception|Warning)$")
 
 
 def _num(value, fmt="{:,.1f}", missing="-"):
@@ -37,6 +52,120 @@ def _bytes(n) -> str:
     return f"{n} B"
 
 
+def first_sentence(text: str) -> str:
+    """Up to the first ". " or "; " outside parentheses."""
+    depth = 0
+    for i, ch in enumerate(text):
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth = max(0, depth - 1)
+        elif depth == 0 and i + 1 < len(text) and text[i + 1] == " " and (ch == ";" or (ch == "." and i > 0)):
+            return text[:i + 1] if ch == "." else text[:i]
+    return text
+
+
+def short_reason(text, limit: int = REASON_LIMIT) -> str:
+    """One line of a reason: the text before any library exception text appended to it (unless
+    the reason is that exception), its first sentence, at most ``limit`` characters."""
+    text = " ".join(str(text or "no reason recorded").split())
+    m = _EXCEPTION.search(text)
+    if m and m.start() > 0 and not _EXCEPTION_NAME.match(text[:m.start()].strip()):
+        text = text[:m.start()].rstrip(" :(")
+    text = first_sentence(text)
+    return text if len(text) <= limit else textwrap.shorten(text, limit, placeholder=" ...")
+
+
+def _wrap(text: str, indent: str = "  ") -> list[str]:
+    return textwrap.wrap(text, WIDTH, initial_indent=indent, subsequent_indent=indent + "    ",
+                         break_long_words=False, break_on_hyphens=False) or [indent]
+
+
+def _this_case(text: str, case: str) -> str:
+    """The case's own name in a reason, as "this case", so the same reason reads the same everywhere."""
+    return re.sub(rf"(?<![\w-]){re.escape(case)}(?![\w-])", "this case", text)
+
+
+@dataclass(frozen=True)
+class Remark:
+    """One line under a case table: an implementation that did not run, or a note."""
+
+    mark: str  # "-": did not run, "*": a note, "!": an implausible figure
+    text: str  # "skipped: <first sentence>" or the note
+
+
+def remarks(record: dict) -> list[Remark]:
+    case = record.get("case") or ""
+    if record.get("status") != "ok":
+        return [Remark("-", f"{record.get('status')}: {short_reason(_this_case(str(record.get('reason')), case))}")]
+    out = [Remark("*", short_reason(_this_case(note, case))) for note in record.get("notes", [])]
+    out += [Remark("!", f"implausible: {short_reason(flag)}") for flag in (record.get("metrics") or {}).get("implausible", [])]
+    return out
+
+
+class Folded:
+    """Remarks that repeat (across cases or implementations), said once at the end of the report."""
+
+    def __init__(self, records: list[dict]):
+        self.where: dict[Remark, dict[str, list[str]]] = {}  # remark -> impl -> cases
+        for r in records:
+            if not r.get("case_spec"):
+                continue
+            for remark in remarks(r):
+                cases = self.where.setdefault(remark, {}).setdefault(r["impl"], [])
+                if r["case"] not in cases:
+                    cases.append(r["case"])
+
+    def folds(self, remark: Remark) -> bool:
+        impls = self.where.get(remark, {})
+        return len(impls) > 1 or any(len(cases) > 1 for cases in impls.values())
+
+    def section(self, mark: str, title: str) -> list[str]:
+        lines = []
+        for remark, impls in self.where.items():
+            if remark.mark != mark or not self.folds(remark):
+                continue
+            cases = list(dict.fromkeys(c for cs in impls.values() for c in cs))
+            lines += _wrap(f"{', '.join(impls)}: {remark.text} [{', '.join(cases)}]")
+        return [title, *lines] if lines else []
+
+
+def below_table(records: list[dict], folded: Folded | None) -> list[str]:
+    """The lines under one case's table: each remark once, folded ones named only."""
+    lines, not_run, noted = [], [], []
+    for r in records:
+        for remark in remarks(r):
+            if folded is not None and folded.folds(remark):
+                (not_run if remark.mark == "-" else noted).append(r["impl"])
+            else:
+                lines += _wrap(f"{remark.mark} {r['impl']}: {remark.text}")
+    if not_run:
+        lines += _wrap(f"- not run, reasons under NOT RUN: {', '.join(dict.fromkeys(not_run))}")
+    if noted:
+        lines += _wrap(f"* notes under NOTES: {', '.join(dict.fromkeys(noted))}")
+    return lines
+
+
+def _timers(doc: dict) -> str:
+    """The clocks the records were really timed with, per device."""
+    used: dict[str, list[str]] = {}
+    for r in doc.get("records", []):
+        t = r.get("timing")
+        if not t:
+            continue
+        device = (r.get("case_spec") or {}).get("device") or "?"
+        mode = t.get("mode") or ""
+        what = f"{t.get('timer')}, " + ("cold (L2 flushed before every sample)" if mode.startswith("cold") else
+                                         "no cache flush" if device == "cpu" else "warm (no L2 flush)")
+        what += ", CUDA graph replay" if mode.endswith("+graph") else ""
+        if what not in used.setdefault(device, []):
+            used[device].append(what)
+    if not used:
+        return "nothing timed"
+    return "; ".join(f"{'CPU' if dev == 'cpu' else 'GPU' if dev == 'cuda' else dev} cases: {' / '.join(w)}"
+                     for dev, w in used.items())
+
+
 def header(doc: dict) -> str:
     run = doc.get("run", {})
     dev = run.get("device", {})
@@ -48,14 +177,14 @@ def header(doc: dict) -> str:
         parts.append(f"driver {dev['driver']}, CUDA driver {dev.get('cuda_driver')}, sm_{(dev.get('compute_capability') or '?').replace('.', '')}")
     lines = [f"sparsek-bench | {' | '.join(parts)}",
              f"torch {sw.get('torch')} (CUDA {sw.get('cuda_runtime')}), triton {sw.get('triton')}, "
-             f"xformers {sw.get('xformers')}, vllm {sw.get('vllm')} | commit {commit} | started {run.get('started')}"]
-    opts = run.get("options", {})
+             f"xformers {sw.get('xformers')}, vllm {sw.get('vllm')}",
+             f"commit {commit} | started {run.get('started')}"]
     timing = run.get("timing", {})
-    cold = "cold (L2 flushed before every CUDA sample)" if opts.get("cold") else "warm (no L2 flush)"
-    lines.append(f"timing: CUDA events, {cold}; CPU cases: host timer"
-                 f"{', CUDA graph replay' if opts.get('cuda_graph') else ''}; stop at IQR/median <= "
-                 f"{timing.get('target_rel_iqr', 0):.0%} after {timing.get('min_samples')} samples, or "
-                 f"{timing.get('max_samples')} samples, or {timing.get('max_time_s')} s")
+    lines.append(f"timing: {_timers(doc)}")
+    lines.append(f"stopping: IQR/median <= {timing.get('target_rel_iqr', 0):.0%} after {timing.get('min_samples')} "
+                 f"samples, or {timing.get('max_samples')} samples, or {timing.get('max_time_s')} s per case x impl")
+    if _cpu_only(doc):
+        lines.append("CPU only: a pipeline check of the suite (docs/tiers.md), not a performance measurement")
     for dev_type, peak in (run.get("peaks") or {}).items():
         if "error" in peak:
             lines.append(f"peaks ({dev_type}): not measured: {peak['error']}")
@@ -106,12 +235,11 @@ def _subset_line(err: dict | None) -> str | None:
             f"dq at {sub['dq_rows']} rows, key gradients at {keys} keys")
 
 
-def train_case_table(records: list[dict]) -> str:
+def train_case_table(records: list[dict], folded: Folded | None = None) -> str:
     """One training-step case: ms per step, step TFLOP/s, gradient errors, memory."""
-    rows, below, subsets = [], [], {}
+    rows, below, subsets = [], below_table(records, folded), {}
     for r in records:
         if r["status"] != "ok":
-            below.append(f"  - {r['impl']}: {r['status']}: {r.get('reason')}")
             continue
         t, m, mem = r["timing"], r.get("metrics", {}), r.get("memory") or {}
         implausible = bool(m.get("implausible"))
@@ -119,17 +247,14 @@ def train_case_table(records: list[dict]) -> str:
                      t["count"], _rate(m.get("tflops_effective")) + ("!" if implausible else ""),
                      _rate(m.get("tflops_dense_equivalent")), _num(m.get("pct_peak_tflops"), "{:.0f}%"),
                      _grad_error_cell(r.get("error")), _bytes(mem.get("peak_bytes")), _bytes(mem.get("step_peak_bytes"))])
-        for note in r.get("notes", []):
-            below.append(f"  * {r['impl']}: {note}")
-        for flag in m.get("implausible", []):
-            below.append(f"  ! {r['impl']}: implausible: {flag}")
         line = _subset_line(r.get("error"))
         if line:
             subsets.setdefault(r.get("pattern"), line)
-    below += [f"  gradients of the {pattern} pattern checked on {line}" for pattern, line in subsets.items()]
+    for pattern, line in subsets.items():
+        below += _wrap(f"gradients of the {pattern} pattern checked on {line}")
     convention = next((r["metrics"].get("flop_convention") for r in records if r.get("metrics")), None)
     if convention:
-        below.append(f"  FLOPs: {convention}")
+        below += _wrap(f"FLOPs: {convention}")
     head = ["impl", "ms/step", "IQR ms", "n", "step TFLOP/s", "dense-eq TFLOP/s", "% peak", "grad max abs err",
             "extra mem", "step mem"]
     out = tabulate(rows, headers=head, tablefmt="simple", disable_numparse=True) if rows else "  (nothing ran)"
@@ -158,16 +283,16 @@ def train_vs_forward(doc: dict) -> str | None:
                                tablefmt="simple", disable_numparse=True)])
 
 
-def case_table(records: list[dict]) -> str:
-    """The table of one case's records plus the skipped/failed ones and notes underneath."""
+def case_table(records: list[dict], folded: Folded | None = None) -> str:
+    """The table of one case's records plus the skipped/failed ones and notes underneath (those
+    in ``folded`` only by name)."""
     spec = records[0].get("case_spec")
     if spec and spec.get("kind") == "train":
-        return train_case_table(records)
+        return train_case_table(records, folded)
     decode = spec and spec.get("kind") == "decode"
-    rows, below = [], []
+    rows, below = [], below_table(records, folded)
     for r in records:
         if r["status"] != "ok":
-            below.append(f"  - {r['impl']}: {r['status']}: {r.get('reason')}")
             continue
         t, m = r["timing"], r.get("metrics", {})
         implausible = bool(m.get("implausible"))
@@ -179,10 +304,6 @@ def case_table(records: list[dict]) -> str:
         pct = m.get("pct_peak_gbps") if decode else m.get("pct_peak_tflops")
         row += [_num(pct, "{:.0f}%"), _error_cell(r.get("error")), _bytes((r.get("memory") or {}).get("peak_bytes"))]
         rows.append(row)
-        for note in r.get("notes", []):
-            below.append(f"  * {r['impl']}: {note}")
-        for flag in m.get("implausible", []):
-            below.append(f"  ! {r['impl']}: implausible: {flag}")
     head = ["impl", "us/iter", "IQR us", "n", "us/head", "TFLOP/s", "dense-eq TFLOP/s"]
     if decode:
         head.append("GB/s")
@@ -195,13 +316,14 @@ def format_report(doc: dict) -> str:
     by_case: dict[str, list[dict]] = {}
     for r in doc.get("records", []):
         by_case.setdefault(r["case"], []).append(r)
+    folded = Folded(doc.get("records", []))
     parts = [header(doc)]
     for name, records in by_case.items():
         spec = records[0].get("case_spec")
         title = Case(**spec).describe() if spec else records[0].get("kind", "")
         parts.append(f"\n== {name}: {title} ==")
         if spec:
-            parts.append(case_table(records))
+            parts.append(case_table(records, folded))
         else:  # learn-* records: whatever the learn module reported
             for r in records:
                 extra = {k: v for k, v in r.items() if k not in ("case", "impl", "family", "kind", "notes", "traceback")}
@@ -209,38 +331,78 @@ def format_report(doc: dict) -> str:
     beside = train_vs_forward(doc)
     if beside:
         parts += ["", beside]
+    for mark, title in (("-", "NOT RUN (each reason once, [the cases]; the results file has every reason in full)"),
+                        ("*", "NOTES (each once, [the cases])")):
+        section = folded.section(mark, title)
+        if section:
+            parts += ["", *section]
     return "\n".join(parts)
 
 
+# Record statuses of an implementation that produced no timing (results_schema.py).
+NOT_RUN_STATUSES = ("skipped", "failed", "oom", "timeout")
+
+
+def _cpu_only(doc: dict) -> bool:
+    devices = {(r.get("case_spec") or {}).get("device") for r in doc.get("records", []) if r.get("case_spec")}
+    return devices == {"cpu"}
+
+
 def format_tiers(rows: list[dict]) -> str:
-    table, reasons, brief = [], [], []
+    table, reasons, brief = [], {}, []
+    pipeline_check = False
     for r in rows:
         speedup = f"{r['speedup']:.2f}x" if r.get("speedup") else "-"
+        result = r["status"].upper()
+        if r.get("pipeline_check"):
+            pipeline_check = True
+            result += " (pipeline check)"
+        subject = r.get("subject")
         table.append([
-            r["tier"], r.get("case") or "-", _num(r.get("subject_us")),
+            r["tier"], r.get("case") or "-",
+            _num(r.get("subject_us")) + (f" ({subject})" if subject and subject != "sparsek" and r.get("subject_us") else ""),
             f"{_num(r.get('sdpa_floor_us'))} ({r['sdpa_floor']})" if r.get("sdpa_floor") else "-",
             f"{_num(r.get('baseline_us'))} ({r['baseline']})" if r.get("baseline") else "-",
-            speedup, _num(r.get("us_per_head"), "{:,.3f}"), r["status"].upper(),
+            speedup, _num(r.get("us_per_head"), "{:,.3f}"), result,
         ])
-        if r["status"] == "not measurable":
-            reasons.append(f"  {r['tier']} {r.get('case') or ''}: {r['reason']}")
-        for impl, why in (r.get("excluded") or {}).items():
-            if r["status"] != "not measurable" and why != "not run":
-                reasons.append(f"  {r['tier']} {r.get('case')}: bar excludes {impl}: {why}")
+        # One line per reason, the cases it holds for listed at its end. Implementations that did
+        # not run are only named: the report above says why.
+        case = r.get("case") or ""
+        excluded = r.get("excluded") or {}
+        not_run = [i for i, why in excluded.items() if why.split(":")[0] in NOT_RUN_STATUSES]
+        if r["status"] == "not measurable" and r.get("baseline") is None and excluded and r.get("subject_us"):
+            key = f"{r['tier']}: none of the bar's implementations ran ({', '.join(excluded)})"
+            reasons.setdefault(key, []).append(case)
+        elif r["status"] == "not measurable":
+            key = f"{r['tier']}: {short_reason(_this_case(r.get('reason') or '', case))}"
+            reasons.setdefault(key, []).append(case)
+        elif not_run:
+            reasons.setdefault(f"{r['tier']}: bar chosen among those that ran (not run: {', '.join(not_run)})", []).append(case)
+        for impl, why in excluded.items():
+            if r["status"] != "not measurable" and why != "not run" and impl not in not_run:
+                key = f"{r['tier']}: the bar leaves out {impl}: {short_reason(_this_case(why, case))}"
+                reasons.setdefault(key, []).append(case)
         b = r.get("brief")
         if b:
             met = {True: "met", False: "not met", None: "not measurable"}
             op = "<" if b["strict"] else "<="
             sp = f"{b['speedup_over_sdpa']:.2f}x" if b.get("speedup_over_sdpa") else "-"
-            brief.append(f"  {r['tier']} at {r['case']}: us/head {op} {b['target_us_per_head']}: {met[b['met']]}; "
-                         f"speedup over the SDPA floor {sp} vs the brief's {b['speedup_target']}x: {met[b['speedup_met']]}")
-    out = ["TIER ASSESSMENT (ratios measured in this run, on this device; pass = faster than the bar)",
+            brief += _wrap(f"{r['tier']} at {r['case']}: us/head {op} {b['target_us_per_head']}: {met[b['met']]}; "
+                           f"speedup over the SDPA floor {sp} vs {b['speedup_target']}x: {met[b['speedup_met']]}")
+    out = ["TIER ASSESSMENT (docs/tiers.md; ratios from this run on this device; pass = faster than the bar)",
            tabulate(table, headers=["tier", "case", "sparsek us/iter", "SDPA floor us/iter", "bar us/iter",
                                     "speedup", "sparsek us/head", "result"], tablefmt="simple", disable_numparse=True)]
+    if pipeline_check:
+        out += [""] + _wrap("pipeline check: on a CPU case the op runs its PyTorch reference, timed as sparsek-ref; "
+                            "these rows show that the suite works end to end, not how fast SparseK is", indent="")
     if reasons:
-        out += ["", *reasons]
+        out.append("")
+        for key, cases in reasons.items():
+            where = [c for c in cases if c]
+            out += _wrap(key + (f" [{', '.join(where)}]" if where else ""))
     if brief:
-        out += ["", "The original brief's absolute targets (configuration; see `sparsek-bench tiers --explain`):", *brief]
+        out += ["", "Original absolute targets (docs/tiers.md; why they cannot be met: sparsek-bench tiers --explain):",
+                *brief]
     return "\n".join(out)
 
 
@@ -251,22 +413,23 @@ def format_explain(rows: list[dict]) -> str:
         x = (lambda v: f"{v:,.1f}x" if v is not None else "no GPU peak measured")
         table.append([r["tier"], r["target"], f"{r['us_per_iter']:,.2f}", f"{r['sparsek_tflops']:,.0f}",
                       x(r.get("sparsek_x_peak")), f"{peak:,.0f}" if peak else "-"])
-    out = ["The brief's absolute targets at its configuration (seed: B16 H96 S4096 D128 fp16, topk 512, window 256)",
-           tabulate(table, headers=["tier", "brief target", "= us/iter", "SparseK work at that time (TFLOP/s)",
+    out = [*_wrap("The original absolute targets (docs/tiers.md) at their configuration (seed: B16 H96 S4096 D128 "
+                  "fp16, topk 512, window 256)", indent=""),
+           tabulate(table, headers=["tier", "target", "= us/iter", "SparseK work at that time (TFLOP/s)",
                                     "x measured peak", "measured bf16 matmul peak (TFLOP/s)"],
                     tablefmt="simple", disable_numparse=True)]
     for r in rows:
         if "sdpa_causal_tflops" in r:
             x = (lambda v: f"{v:,.1f}x the measured peak" if v is not None else "(no GPU peak measured)")
-            out.append(f"T1's figure is the brief's dense SDPA time ({r['us_per_iter']:,.2f} us): dense causal attention "
-                       f"in that time is {r['sdpa_causal_tflops']:,.0f} TFLOP/s {x(r['sdpa_causal_x_peak'])}; counting "
-                       f"the full S x S matrix, {r['sdpa_full_matrix_tflops']:,.0f} TFLOP/s "
-                       f"{x(r['sdpa_full_matrix_x_peak'])}.")
+            out += _wrap(f"T1's figure is the original dense SDPA time ({r['us_per_iter']:,.2f} us): dense causal "
+                         f"attention in that time is {r['sdpa_causal_tflops']:,.0f} TFLOP/s "
+                         f"{x(r['sdpa_causal_x_peak'])}; counting the full S x S matrix, "
+                         f"{r['sdpa_full_matrix_tflops']:,.0f} TFLOP/s {x(r['sdpa_full_matrix_x_peak'])}.", indent="")
     multiples = [v for r in rows for k, v in r.items() if k.endswith("x_peak") and v is not None]
     if multiples:
-        out.append(f"These rates are {min(multiples):,.1f}x to {max(multiples):,.1f}x the matmul peak measured in the "
-                   "same run, so the tiers are judged by speedups measured side by side instead.")
+        out += _wrap(f"These rates are {min(multiples):,.1f}x to {max(multiples):,.1f}x the matmul peak measured in "
+                     "the same run, so the tiers are judged by speedups measured side by side instead.", indent="")
     else:
-        out.append("Give a GPU results file (or run on a GPU) to set these next to a measured matmul peak; the tiers "
-                   "are judged by speedups measured side by side, not by these figures.")
+        out += _wrap("Give a GPU results file (or run on a GPU) to set these next to a measured matmul peak; the "
+                     "tiers are judged by speedups measured side by side, not by these figures.", indent="")
     return "\n".join(out)

@@ -43,6 +43,9 @@ from .impls import Impl, get_impl, impls_for
 from .impls import grad_reference
 from .impls.base import check_rows, first_line
 
+# Where a run's results go when no file is named: LOCAL_DIR (ignored by git) unless the caller
+# saves into RUNS_DIR, the committed GPU runs (benchmarks/runs/README.md).
+LOCAL_DIR = Path("benchmarks/local")
 RUNS_DIR = Path("benchmarks/runs")
 LEARN_PREFIX = "learn-"
 
@@ -316,9 +319,9 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", (text or "unknown").lower()).strip("-") or "unknown"
 
 
-def default_json_path(fingerprint: dict, started: _dt.datetime) -> Path:
+def default_json_path(fingerprint: dict, started: _dt.datetime, folder: Path = LOCAL_DIR) -> Path:
     commit = (fingerprint.get("git") or {}).get("commit") or "nocommit"
-    return RUNS_DIR / f"{started:%Y%m%dT%H%M%SZ}-{_slug(fingerprint.get('name'))}-{commit[:7]}.json"
+    return Path(folder) / f"{started:%Y%m%dT%H%M%SZ}-{_slug(fingerprint.get('name'))}-{commit[:7]}.json"
 
 
 def _planned(case_names, ids) -> list[tuple[str, list[Impl]]]:
@@ -344,12 +347,16 @@ def _summary_line(record: dict) -> str:
         check = {True: "ok", False: "ERROR CHECK FAILED", None: "unchecked"}[err.get("passed")]
         return (f"{t['median'] * 1e6:,.1f} us (IQR {t['rel_iqr']:.1%}, n={t['count']}, {t['stop_reason']}), "
                 f"output {check}")
-    return f"{record['status']}: {record.get('reason')}"
+    from .report import short_reason  # the reason's first sentence; the record keeps it whole
+
+    return f"{record['status']}: {short_reason(record.get('reason'))}"
 
 
 def run(case_names: list[str], impl_ids: list[str] | None = None, *, options: RunOptions | None = None,
-        json_path=None, progress: Callable[[str], None] | None = None, argv: list[str] | None = None) -> dict:
-    """Run the plan; returns the results document (also written to ``json_path``)."""
+        json_path=None, progress: Callable[[str], None] | None = None, argv: list[str] | None = None,
+        folder: Path = LOCAL_DIR) -> dict:
+    """Run the plan; returns the results document (also written to ``json_path``, else to a file
+    named after the run in ``folder``)."""
     options = options or RunOptions()
     case_names, ids = resolve(case_names, impl_ids)
     cuda = torch.cuda.is_available()
@@ -357,7 +364,7 @@ def run(case_names: list[str], impl_ids: list[str] | None = None, *, options: Ru
     device_index = torch.cuda.current_device() if cuda else 0
     started = _dt.datetime.now(_dt.timezone.utc)
     fp = device_mod.fingerprint(device_index) if (cuda and wants_cuda) else device_mod.fingerprint()
-    path = Path(json_path) if json_path else default_json_path(fp, started)
+    path = Path(json_path) if json_path else default_json_path(fp, started, folder)
     run_meta = {"started": started.isoformat(timespec="seconds"), "finished": None, "argv": argv,
                 "options": asdict(options), "timing": options.timing_kwargs(), "device": fp, "peaks": {},
                 "nvtx": _nvtx.available(), "cases": {n: asdict(CASES[n]) for n in case_names if n in CASES},

@@ -1,4 +1,4 @@
-"""Tiers T1/T2/T3 (DESIGN section 4): SparseK against the right bar, measured in the same run.
+"""Tiers T1/T2/T3 (docs/tiers.md): SparseK against the right bar, measured in the same run.
 
     T1 beats dense              sparsek vs the fastest dense causal SDPA backend that ran
     T2 beats structured sparse  sparsek vs the fastest peer with the same key budget K + W
@@ -13,10 +13,14 @@ Per case: pass (speedup above the required 1.0x), fail, or not measurable (with 
 sparsek did not run, or no baseline did). Only records whose output passed the error check can
 set or clear a bar; the ones excluded are listed.
 
-The original brief's absolute targets (us/head at B16 H96 S4096 D128, and speedups over SDPA) are
-kept as configuration and reported beside the measured verdict, and ``explain`` shows what they
-would mean in FLOP/s: they are physically impossible on any GPU we know, which is why the tier
-verdicts use ratios.
+On a CPU case the op runs its PyTorch reference (sparsek/ops.py), which ``sparsek-ref`` times, so
+that is the subject there and the row is marked ``pipeline_check``: it shows that the suite works
+end to end on a machine without a GPU, not how fast SparseK is.
+
+The project's original absolute targets (us/head at B16 H96 S4096 D128, and speedups over SDPA;
+docs/tiers.md) are kept as configuration and reported beside the measured verdict, and
+``explain`` shows what they would mean in FLOP/s: they are physically impossible on any GPU we
+know, which is why the tier verdicts use ratios.
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ SDPA_PREFILL = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math")
 SDPA_FLOOR = {"prefill": SDPA_PREFILL, "decode": ("sdpa-decode",), "train": SDPA_PREFILL}
 # Peers with SparseK's key budget K + W, or its identical pattern (T2, T2-train).
 STRUCTURED_PEERS = ("flex-window", "xformers-local", "flex-sparsek")
-BRIEF_CASE = "seed"  # the brief's B16 H96 S4096 D128 configuration
-# T3's cases (the decode issue): 32k and 128k tokens of context at batch 1, 16 and 64.
+BRIEF_CASE = "seed"  # the original targets' B16 H96 S4096 D128 configuration (docs/tiers.md)
+# T3's cases (docs/tiers.md): 32k and 128k tokens of context at batch 1, 16 and 64.
 T3_CASES = tuple(f"decode-{ctx}-b{b}" for ctx in ("32k", "128k") for b in (1, 16, 64))
 
 
@@ -44,7 +48,7 @@ class Tier:
     peers: tuple[str, ...]  # implementations that can set the bar
     prefer: str | None = None  # sets the bar whenever it ran (T3: vLLM is the production bar)
     required_speedup: float = 1.0  # pass when bar / subject is above this
-    # the brief's configuration targets, at BRIEF_CASE
+    # the original absolute targets (docs/tiers.md), at BRIEF_CASE
     brief_us_per_head: float | None = None
     brief_strict: bool = False  # "<" instead of "<="
     brief_speedup_over_sdpa: float | None = None
@@ -63,6 +67,8 @@ TIERS = (
 )
 # Case kinds some tier judges; other records (learn-*) are not attention timings.
 TIER_KINDS = tuple(dict.fromkeys(t.kind for t in TIERS))
+# The subject on a CPU case: what the op itself runs there (its reference).
+CPU_SUBJECT = {"sparsek": "sparsek-ref"}
 
 
 def _usable(record: dict | None) -> str | None:
@@ -98,15 +104,17 @@ def _case_of(records: dict[str, dict], name: str) -> Case | None:
 
 def assess_case(tier: Tier, case_name: str, records: dict[str, dict]) -> dict:
     case = _case_of(records, case_name)
-    row = {"tier": tier.name, "title": tier.title, "case": case_name, "subject": tier.subject, "status": None,
+    cpu = case is not None and case.device == "cpu"
+    subject_id = CPU_SUBJECT.get(tier.subject, tier.subject) if cpu else tier.subject
+    row = {"tier": tier.name, "title": tier.title, "case": case_name, "subject": subject_id, "status": None,
            "reason": None, "subject_us": None, "baseline": None, "baseline_us": None, "speedup": None,
            "required_speedup": tier.required_speedup, "us_per_head": None, "sdpa_floor": None,
-           "sdpa_floor_us": None, "excluded": {}, "brief": None}
+           "sdpa_floor_us": None, "excluded": {}, "brief": None, "pipeline_check": cpu}
     floor, _ = _fastest(records, SDPA_FLOOR[tier.kind])
     if floor:
         row["sdpa_floor"], row["sdpa_floor_us"] = floor, _median(records[floor]) * 1e6
 
-    subject = records.get(tier.subject)
+    subject = records.get(subject_id)
     why = _usable(subject)
     if subject is not None and why is None:
         row["subject_us"] = _median(subject) * 1e6
@@ -122,7 +130,7 @@ def assess_case(tier: Tier, case_name: str, records: dict[str, dict]) -> dict:
         row["baseline"], row["baseline_us"] = bar, _median(records[bar]) * 1e6
 
     if why is not None:
-        row["status"], row["reason"] = "not measurable", f"{tier.subject} {why}"
+        row["status"], row["reason"] = "not measurable", f"{subject_id} {why}"
     elif bar is None:
         row["status"] = "not measurable"
         row["reason"] = "no baseline ran: " + "; ".join(f"{i} {w}" for i, w in excluded.items())
@@ -181,10 +189,10 @@ def assess(results: dict) -> list[dict]:
 
 
 def explain(peaks: dict | None) -> list[dict]:
-    """What the brief's absolute targets imply at its configuration (BRIEF_CASE).
+    """What the original absolute targets (docs/tiers.md) imply at their configuration (BRIEF_CASE).
 
     us/head x Hq = us/iter. For every tier: SparseK's attended FLOPs done in that time. T1's
-    target is the brief's dense SDPA figure (366.72 us = 3.820 us/head x 96), so T1 also shows
+    target is the original dense SDPA figure (366.72 us = 3.820 us/head x 96), so T1 also shows
     what that figure means for dense causal attention, counted causally and as the full S x S
     matrix (the count under which it means 36 PFLOP/s).
     """

@@ -315,14 +315,40 @@ def run(cfg: LearnConfig, *, log=print) -> dict:
     }
 
 
+# What each variant of model.VARIANTS is (model.py says how it is built), for --help.
+VARIANT_HELP = {
+    "sparsek": "SparseK attention with a learned scorer",
+    "window": "a sliding window of the last K + W keys",
+    "dense": "full causal attention (the ceiling)",
+    "sparsek-frozen": "SparseK whose scorer keeps its random initial weights",
+}
+
+
+def _describe(cfg: LearnConfig) -> str:
+    task, budgets = cfg.task, sorted(k + cfg.window for k in cfg.topks)
+    return (f"{task.seq_len} tokens, {task.num_facts} facts, K + W of {budgets[0]} to {budgets[-1]} keys, "
+            f"{cfg.steps} steps x batch {cfg.batch_size}, seeds {', '.join(map(str, cfg.seeds))}")
+
+
+def _epilog(cases: dict) -> str:
+    lines = ["cases (--case):", *(f"  {name:<12} {_describe(cfg)}" for name, cfg in cases.items()), "",
+             "variants (--variants):",
+             *(f"  {v:<15} {VARIANT_HELP.get(v, '')}" for v in VARIANTS), "",
+             "The learned-scorer results and what they mean: docs/learn.md."]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     from .bench import CASES, case_config
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--case", default="learn-quick", choices=sorted(CASES))
+    parser = argparse.ArgumentParser(prog="python -m sparsek.learn", description=__doc__.split("\n\n")[0],
+                                     epilog=_epilog(CASES), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", default="learn-quick", choices=list(CASES), metavar="CASE",
+                        help=f"one of {', '.join(CASES)} (below; default learn-quick)")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the case's seeds")
     parser.add_argument("--steps", type=int, help="override the case's step budget")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="override the case's variants")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, metavar="VARIANT",
+                        help=f"override the case's variants: {', '.join(VARIANTS)} (below)")
     parser.add_argument("--topks", type=int, nargs="+", help="override the case's topk values")
     parser.add_argument("--scorer-lr-mult", type=float, help="override the scorers' learning-rate multiplier")
     parser.add_argument("--scorer-init-scale", type=float, help="override the scale of the scorers' initial weights")
