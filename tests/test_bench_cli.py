@@ -86,24 +86,8 @@ def _results_file(path, samples, *, broken=(), finished=True):
     return str(path)
 
 
-def _compare_module(monkeypatch):
-    """The real statistics module; a stub with the same interface only until it exists."""
-    try:
-        from sparsek.bench import compare  # noqa: F401
-        return
-    except ImportError:
-        pass
-    stub = types.ModuleType("sparsek.bench.compare")
-    stub.compare_samples = lambda base, head, threshold, alpha: [
-        {"key": k, "regression": sorted(head[k])[len(head[k]) // 2] > (1 + threshold) * sorted(base[k])[len(base[k]) // 2]}
-        for k in base if k in head]
-    stub.to_markdown = lambda rows: "\n".join(f"| {r['key']} | {r['regression']} |" for r in rows) + "\n"
-    stub.has_regression = lambda rows: any(r["regression"] for r in rows)
-    monkeypatch.setitem(sys.modules, "sparsek.bench.compare", stub)
-
-
-def test_compare_exits_1_on_a_regression(tmp_path, monkeypatch, capsys):
-    _compare_module(monkeypatch)
+def test_compare_exits_1_on_a_regression(tmp_path, capsys):
+    """The CLI over the real statistics (sparsek.bench.compare), end to end."""
     base = [1e-3 * (1 + 0.001 * i) for i in range(20)]
     slow = [s * 1.3 for s in base]
     a = _results_file(tmp_path / "a.json", {"sdpa-cudnn": base, "sparsek": base})
@@ -111,7 +95,8 @@ def test_compare_exits_1_on_a_regression(tmp_path, monkeypatch, capsys):
     assert cli.main(["compare", a, a]) == 0
     assert cli.main(["compare", a, b]) == 1
     out = capsys.readouterr().out
-    assert "seed/sparsek" in out and "seed/sdpa-cudnn" in out
+    assert "| seed/sparsek |" in out and "| 1.300x |" in out and "**regression** |" in out
+    assert "| seed/sdpa-cudnn |" in out and "| unchanged |" in out
     assert cli.main(["compare", a, str(tmp_path / "missing.json")]) == 2
 
 

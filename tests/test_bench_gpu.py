@@ -17,6 +17,13 @@ pytestmark = pytest.mark.gpu
 
 CASE = Case("gpu-small", "prefill", 2, 8, 2, 1024, 128, "bfloat16", 128, 64, "cuda", 5)
 PREFILL = [i for i in IMPLS.values() if i.kind == "prefill"]
+# The adapters of this project's CUDA kernels: on sm_90 (H100/H200) they must run, so an unavailable
+# one there is a broken build that fails the test, not a skip.
+OUR_KERNELS = ("sparsek",)
+
+
+def kernels_expected() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +36,8 @@ def test_adapter_matches_its_reference(impl, inputs):
     reason = impl.available(CASE)
     if reason:
         assert isinstance(reason, str) and reason
+        if impl.id in OUR_KERNELS and kernels_expected():
+            pytest.fail(f"{impl.id} must run on sm_90: {reason}")
         pytest.skip(f"{impl.id}: {reason}")
     with torch.no_grad():
         prepared = impl.prepare(CASE, inputs)
@@ -50,6 +59,8 @@ def test_a_quick_cuda_run(tmp_path, monkeypatch):
     assert doc["run"]["peaks"]["cuda"]["matmul"]["tflops"] > 10
     ok = [r for r in doc["records"] if r["status"] == "ok"]
     assert ok, [(r["impl"], r["reason"]) for r in doc["records"]]
+    if kernels_expected():  # the run must have timed our kernels, not only the baselines
+        assert "sparsek" in {r["impl"] for r in ok}, [(r["impl"], r["status"], r["reason"]) for r in doc["records"]]
     for r in ok:
         assert r["timing"]["timer"] == "cuda events" and r["timing"]["mode"] == "cold"
         assert r["error"]["passed"] and r["memory"]["peak_bytes"] >= 0

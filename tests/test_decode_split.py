@@ -49,6 +49,10 @@ def test_summary_skips_the_first_steps_and_takes_medians():
     assert decode_split.summarize_overlap([]) == {}
 
 
-def test_cli_refuses_a_prefill_case():
-    with pytest.raises(SystemExit):
+def test_cli_refuses_a_prefill_case(capsys):
+    # Exit status 2 alone would not tell: on a CPU a valid decode case exits 2 too (no CUDA device).
+    with pytest.raises(SystemExit) as exc:
         decode_split.main(["--case", "seed"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--case must be a CUDA decode case" in err and "got 'seed'" in err and "decode-32k-b16" in err
