@@ -62,7 +62,8 @@ def test_history_is_ordered_by_commit_date(results_dir):
 def test_page_marks_pass_and_fail_and_links_commits(results_dir):
     machines = site.load_history(results_dir)
     page = site.render_page(machines, "https://github.com/o/r/commit/", {"a" * 40: "first"})
-    assert page.count('class="tier-graph"') == 5  # T1, T2, T3, T1-train, T2-train on the one machine
+    assert page.count('class="tier-graph"') == 3  # T1, T2, T3: the tiers with results on the one machine
+    assert "No results here for T1-train, T2-train." in page
     assert f'href="https://github.com/o/r/commit/{"a" * 40}"' in page
     assert '<td class="fail">0.9x fail</td>' in page and '<td class="pass">1.5x pass</td>' in page
     assert 'class="pass"' in page and 'class="fail"' in page  # the graph's markers too
@@ -90,7 +91,8 @@ def test_page_is_offline_and_says_when_empty(tmp_path):
     (empty / "m" / "machine.json").write_text('{"gpu": "cpu"}')
     page = site.render_page(site.load_history(empty), None, {})
     assert site.remote_resources(page) == []
-    assert "no measurable T1 result" in page
+    assert "No tier results yet." in page and 'class="tier-graph"' not in page
+    assert "Not drawn, no tier result: <code>m</code>" in page  # named, not drawn as empty graphs
 
 
 def _asv_index(text_extra: str = "") -> str:

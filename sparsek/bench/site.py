@@ -1,15 +1,20 @@
-"""The tier-history page: each tier's speedup against commits, per card, from asv's results.
+"""The tier-history page: each tier's speedup against commits, per card, from asv's results and
+from the results files of ``sparsek-bench run --save``.
 
-    python -m sparsek.bench.site [--results DIR] [--conf asv.conf.json] [--out FILE] [--repo DIR]
-                                 [--offline VENDOR_DIR]
+    python -m sparsek.bench.site [--results DIR] [--runs DIR] [--conf asv.conf.json] [--out FILE]
+                                 [--repo DIR] [--offline VENDOR_DIR]
 
 Reads the asv result files (api version 2) of every machine under ``--results`` (default: the
-config's results_dir), takes the tier benchmarks (``PrefillTiers`` / ``DecodeTiers``
-``track_speedup``: bar / sparsek, measured in one run on one GPU) and writes one static page
-(default: ``tiers.html`` in the config's html_dir, beside asv's index.html). Per card (the
-machine record's ``gpu`` key) and machine: one inline-SVG graph per tier, a line per case,
-commits in commit-date order, each point marked pass (above the tier's required speedup) or fail
-and linked to its commit (``show_commit_url``), and the same numbers as a table.
+config's results_dir), takes the tier benchmarks (``PrefillTiers`` / ``DecodeTiers`` /
+``TrainTiers`` ``track_speedup``: bar / sparsek, measured in one run on one GPU), and the tier
+rows of every results file under ``--runs`` (default: benchmarks/runs of ``--repo``; these hold
+the cases asv does not run on every commit, the decode cases of T3 among them, assessed with
+today's tier rules), and writes one static page (default: ``tiers.html`` in the config's
+html_dir, beside asv's index.html). Per card (the machine record's ``gpu`` key, the results
+file's device) and history: one inline-SVG graph per tier that has results, a line per case,
+commits in date order, each point marked pass (above the tier's required speedup) or fail and
+linked to its commit (``show_commit_url``), and the same numbers as a table. A history without
+any tier result (a CPU machine whose runs timed no tier) is named, not drawn.
 
 Offline: the tier page has no script and nothing from elsewhere; ``--offline ci/site-vendor``
 also copies the libraries asv's index.html takes from CDNs into the site and points index.html
@@ -78,10 +83,20 @@ class MachineHistory:
     name: str
     info: dict  # machine.json: gpu, gpu_driver, cuda, clock_policy + asv's keys
     points: list[Point] = field(default_factory=list)
+    source: str = "asv"  # or "runs": sparsek-bench results files
 
     @property
     def card(self) -> str:
         return str(self.info.get("gpu") or "unknown card")
+
+    @property
+    def cpu(self) -> bool:
+        """A CPU machine: its tiers are a pipeline check (sparsek/bench/tiers.py), not a history."""
+        return self.card.lower() == "cpu" or bool(self.info.get("pipeline_check"))
+
+    def tiers_with_results(self) -> list:
+        have = {t for p in self.points for (t, _), v in p.speedups.items() if v > 0}
+        return [t for t in TIERS if t.name in have]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,6 +144,59 @@ def load_history(results_dir: Path) -> list[MachineHistory]:
         history.points = sorted(by_commit.values(), key=lambda p: (p.date, p.commit))
         machines.append(history)
     return machines
+
+
+_RUN_NAME_COMMIT = re.compile(r"-([0-9a-f]{7,40})\.json$")
+
+
+def _run_point(path: Path, doc: dict) -> tuple[str, Point, bool] | None:
+    """(card, point, pipeline check) of one results file; None when no tier has a speedup."""
+    from .tiers import assess
+
+    run = doc.get("run") or {}
+    device = run.get("device") or {}
+    rows = [r for r in assess(doc) if r.get("case") and r.get("speedup")]
+    if not rows:
+        return None
+    # Files written where git was not reachable name their commit only in the file name.
+    named = _RUN_NAME_COMMIT.search(path.name)
+    commit = str((device.get("git") or {}).get("commit") or (named.group(1) if named else ""))
+    try:
+        started = _dt.datetime.fromisoformat(str(run.get("started")))
+        date = int(started.timestamp() * 1000)
+    except ValueError:
+        date = 0
+    point = Point(commit, date, {(r["tier"], r["case"]): float(r["speedup"]) for r in rows})
+    return str(device.get("name") or "unknown card"), point, any(r.get("pipeline_check") for r in rows)
+
+
+def load_runs(runs_dir: Path) -> list[MachineHistory]:
+    """One history per card from sparsek-bench results files, points in run order; a file that
+    does not validate is reported on stderr and left out."""
+    from .results import load_results
+
+    by_card: dict[str, MachineHistory] = {}
+    for path in sorted(Path(runs_dir).glob("*.json")):
+        try:
+            found = _run_point(path, load_results(path))
+        except (ValueError, OSError) as exc:
+            print(f"site: {path}: left out: {exc}", file=sys.stderr)
+            continue
+        if found is None:
+            continue
+        card, point, pipeline_check = found
+        slug = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
+        history = by_card.setdefault(card, MachineHistory(f"runs-{slug}", {"gpu": card}, source="runs"))
+        history.info["pipeline_check"] = history.info.get("pipeline_check") or pipeline_check
+        same = next((p for p in history.points if p.commit == point.commit and point.commit), None)
+        if same is not None:  # several files of one commit: the later run wins per (tier, case)
+            same.speedups.update(point.speedups)
+            same.date = max(same.date, point.date)
+        else:
+            history.points.append(point)
+    for history in by_card.values():
+        history.points.sort(key=lambda p: (p.date, p.commit))
+    return list(by_card.values())
 
 
 def commit_subjects(repo: Path | None, commits) -> dict[str, str]:
@@ -277,6 +345,37 @@ td.pass { color: #006d2c; } td.fail { color: #b30000; font-weight: 600; } td.na 
 """
 
 
+def _machine_section(m: MachineHistory, commit_url: str | None, subjects: dict[str, str], colours: dict[str, str],
+                     asv_index: str) -> str:
+    """One history: a graph and a table per tier with results, the other tiers named."""
+    info = m.info
+    meta = ", ".join(f"{k} {info[k]}" for k in ("gpu_driver", "cuda", "clock_policy") if info.get(k))
+    if m.source == "runs":
+        title = f"results files of <code>sparsek-bench run --save</code> (benchmarks/runs/)"
+        meta = "tiers assessed from each file's records with today's rules" + (f"; {meta}" if meta else "")
+    else:
+        title = f"asv machine <code>{_e(m.name)}</code>"
+        meta = _e(meta)
+    parts = [f'<section class="machine" data-machine="{_e(m.name)}"><h3>{title}</h3>'
+             f'<p class="meta">{meta}; {len(m.points)} commit(s)</p>']
+    if m.cpu:
+        parts.append('<p class="meta">CPU: a pipeline check (the op\'s PyTorch reference against PyTorch\'s CPU '
+                     "kernels), not a performance history.</p>")
+    shown = m.tiers_with_results()
+    for tier in shown:
+        heading = f"{_e(tier.name)} {_e(tier.title)}"
+        if m.source == "asv":
+            link = f"{asv_index}#{TIER_BENCHMARKS[tier.kind]}?machine={quote(m.name)}"
+            heading += f' <small>(<a href="{_e(link)}">asv graph</a>)</small>'
+        parts += [f"<h4>{heading}</h4>", render_graph(tier, m, commit_url, colours),
+                  render_table(tier, m, commit_url, subjects)]
+    missing = [t.name for t in TIERS if t not in shown]
+    if missing:
+        parts.append(f'<p class="meta">No results here for {_e(", ".join(missing))}.</p>')
+    parts.append("</section>")
+    return "".join(parts)
+
+
 def render_page(machines: list[MachineHistory], commit_url: str | None, subjects: dict[str, str],
                 asv_index: str = "index.html") -> str:
     cases_seen = []
@@ -286,30 +385,26 @@ def render_page(machines: list[MachineHistory], commit_url: str | None, subjects
                 if case not in cases_seen:
                     cases_seen.append(case)
     colours = {c: PALETTE[i % len(PALETTE)] for i, c in enumerate(cases_seen)}
+    tier_list = "; ".join(f"{t.name} {t.title}" for t in TIERS)
     body = [f"<h1>SparseK tiers against commits</h1>"
             f'<p class="meta">Speedup of sparsek over each tier\'s bar (bar time / sparsek time), both measured in '
-            f"the same run on the same GPU (DESIGN section 4): T1 the fastest dense SDPA backend, T2 the fastest "
-            f"structured-sparse peer with the same key budget, T3 production decode. A point above the dashed line "
+            f"the same run on the same GPU: {_e(tier_list)}. What each bar is, and why these ratios replace "
+            f"absolute targets: <code>docs/tiers.md</code> in the repository. A point above the dashed line "
             f'passes. Every benchmark: <a href="{_e(asv_index)}">asv graphs</a>.</p>']
-    if not machines:
-        body.append("<p>No asv results yet.</p>")
+    drawn = [m for m in machines if m.tiers_with_results()]
+    if not drawn:
+        body.append("<p>No tier results yet.</p>")
     by_card: dict[str, list[MachineHistory]] = {}
-    for m in machines:
+    for m in drawn:
         by_card.setdefault(m.card, []).append(m)
     for card, group in sorted(by_card.items()):
         body.append(f'<h2 class="card">{_e(card)}</h2>')
         for m in group:
-            info = m.info
-            meta = ", ".join(f"{k} {info[k]}" for k in ("gpu_driver", "cuda", "clock_policy") if info.get(k))
-            body.append(f'<section class="machine" data-machine="{_e(m.name)}"><h3>machine <code>{_e(m.name)}</code></h3>'
-                        f'<p class="meta">{_e(meta)}; {len(m.points)} commit(s)</p>')
-            for tier in TIERS:
-                bench = TIER_BENCHMARKS[tier.kind]
-                link = f"{asv_index}#{bench}?machine={quote(m.name)}"
-                body.append(f'<h4>{_e(tier.name)} {_e(tier.title)} <small>(<a href="{_e(link)}">asv graph</a>)</small></h4>')
-                body.append(render_graph(tier, m, commit_url, colours))
-                body.append(render_table(tier, m, commit_url, subjects))
-            body.append("</section>")
+            body.append(_machine_section(m, commit_url, subjects, colours, asv_index))
+    empty = [m for m in machines if not m.tiers_with_results()]
+    if empty:
+        names = ", ".join(f"<code>{_e(m.name)}</code> ({_e(m.card)}, {len(m.points)} commit(s))" for m in empty)
+        body.append(f'<p class="meta empty-machines">Not drawn, no tier result: {names}.</p>')
     return ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
             f'<link rel="icon" href="swallow.ico">'  # asv's icon, beside this page
@@ -373,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sparsek.bench.site", description=__doc__.split("\n\n")[0])
     parser.add_argument("--conf", type=Path, default=Path("asv.conf.json"), help="asv config (default asv.conf.json)")
     parser.add_argument("--results", type=Path, help="asv results_dir (default: the config's)")
+    parser.add_argument("--runs", type=Path,
+                        help="sparsek-bench results files (default: benchmarks/runs of --repo, when it exists)")
     parser.add_argument("--out", type=Path, help=f"page to write (default: {PAGE_NAME} in the config's html_dir)")
     parser.add_argument("--repo", type=Path, default=Path("."), help="git repository for commit subjects")
     parser.add_argument("--offline", type=Path, metavar="VENDOR_DIR",
@@ -385,6 +482,11 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(results).is_dir():
         parser.error(f"--results {results}: not a directory")
     machines = load_history(Path(results))
+    runs = args.runs or args.repo / "benchmarks" / "runs"
+    if args.runs is not None and not runs.is_dir():
+        parser.error(f"--runs {runs}: not a directory")
+    if runs.is_dir():
+        machines += load_runs(runs)
     subjects = commit_subjects(args.repo, {p.commit for m in machines for p in m.points})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render_page(machines, conf.get("show_commit_url"), subjects), encoding="utf-8")
