@@ -41,7 +41,7 @@ def _cli_defaults(kind: str) -> dict[str, tuple[str, ...]]:
 
 
 # Cases measured when SPARSEK_ASV_CASES is unset: the CLI's defaults for prefill and train; for
-# decode the batch-16 contexts (DESIGN section 5's anchors); on a CPU the smoke cases.
+# decode the batch-16 contexts (T3's, docs/tiers.md); on a CPU the smoke cases.
 DEFAULT_CASES = {
     "prefill": _cli_defaults("prefill"),
     "decode": {"cuda": ("decode-4k-b16", "decode-32k-b16", "decode-128k-b16"), "cpu": ("cpu-smoke-decode",)},

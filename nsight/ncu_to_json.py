@@ -73,7 +73,8 @@ DEFAULT_METRICS: tuple[str, ...] = tuple(
     )
 )
 
-# The brief's targets: a range passes a target when its duration-weighted mean is above it.
+# The original utilisation targets (nsight/README.md, docs/tiers.md): a range passes a target
+# when its duration-weighted mean is above it.
 DEFAULT_TARGETS: dict[str, float] = {
     "sm_throughput_pct": 85.0,
     "warps_active_pct": 90.0,

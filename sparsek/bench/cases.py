@@ -1,6 +1,6 @@
 """Named benchmark cases (shapes) and their seeded inputs: the one list every front end uses.
 
-A case fixes every field explicitly (DESIGN section 4): no defaults hide in adapters. Inputs are
+A case fixes every field explicitly (docs/tiers.md): no defaults hide in adapters. Inputs are
 drawn on the case's device from ``case.seed``, so the CLI, asv, pytest-benchmark and the Nsight
 worker all time the same tensors on the same kind of device.
 
@@ -127,7 +127,7 @@ _DECODE_BATCHES = (1, 16, 64)
 _FORWARD: dict[str, Case] = {
     c.name: c
     for c in (
-        # The original brief's configuration.
+        # The configuration of the original absolute targets (docs/tiers.md).
         _prefill("seed", 16, 96, 96, 4096, 128, "float16", topk=512, window=256),
         # Long context, Llama-style GQA.
         *(_prefill(f"long-{tag}", 1, 32, 8, s, 128, "bfloat16", topk=2048, window=512) for tag, s in _LONG.items()),

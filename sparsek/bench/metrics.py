@@ -34,8 +34,8 @@ PATTERNS = ("dense-causal", "sparsek", "window", "decode-full", "decode-sparsek"
 PREFILL_PATTERNS = ("dense-causal", "sparsek", "window")
 
 # Error tolerance per dtype (torch.allclose semantics: |out - ref| <= atol + rtol·|ref|), against
-# a float32 reference. float16 is the brief's "max diff < 2e-3"; bfloat16 keeps 8 mantissa bits,
-# 8x fewer than float16, so about 2x its rounding of O(1) outputs.
+# a float32 reference. float16 is the original "max diff < 2e-3" (docs/tiers.md); bfloat16 keeps
+# 8 mantissa bits, 8x fewer than float16, so about 2x its rounding of O(1) outputs.
 TOLERANCES = {
     "float16": {"atol": 2e-3, "rtol": 2e-3},
     "bfloat16": {"atol": 1.6e-2, "rtol": 1.6e-2},
@@ -43,7 +43,7 @@ TOLERANCES = {
     "float64": {"atol": 1e-9, "rtol": 1e-9},
 }
 
-# Peak probes (DESIGN section 4): one bf16 matmul and one device-to-device copy on the same GPU in
+# Peak probes (docs/tiers.md): one bf16 matmul and one device-to-device copy on the same GPU in
 # the same run. On the CPU smaller probes in float32 (bf16 matmul is not a CPU fast path).
 PEAK_PROBES = {
     "cuda": {"matmul_n": 8192, "matmul_dtype": "bfloat16", "copy_bytes": 2 << 30},
@@ -109,7 +109,8 @@ def kv_bytes(case: Case, pattern: str) -> int | None:
 def derive(case: Case, pattern: str, seconds: float, peaks: dict | None) -> dict:
     """us/iter, us/head, TFLOP/s (effective, dense-equivalent), GB/s, % of peak, implausible flags.
 
-    us/head divides by the query heads only (the brief's convention: 366.72 us / 96 heads = 3.820).
+    us/head divides by the query heads only (the original targets' convention, docs/tiers.md:
+    366.72 us / 96 heads = 3.820).
     """
     eff = flops(case, pattern)
     dense = dense_equivalent_flops(case)

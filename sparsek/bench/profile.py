@@ -36,7 +36,7 @@ NSIGHT = REPO / "nsight"
 WORKER = NSIGHT / "profile_worker.py"
 DOMAIN = "sparsek"
 
-# make bench-profile: the brief's configuration and the first long-context case, with sparsek,
+# make bench-profile: the seed configuration (docs/tiers.md) and the first long-context case, with sparsek,
 # the two fastest dense SDPA backends and the structured-sparse peer of the same key budget.
 # Longer contexts run the same kernels over more tiles, so they add replay time (ncu replays
 # every kernel once per metric pass) rather than information; --case adds them.

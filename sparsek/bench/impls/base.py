@@ -109,7 +109,7 @@ class Impl:
 
 
 class Unavailable(Impl):
-    """A registered id that cannot run in this build, with the reason (e.g. a later issue)."""
+    """A registered id that cannot run in this build, with the reason (e.g. its kernels are not built)."""
 
     def __init__(self, id: str, *, family: str, kind: str, pattern: str, reason: str, description: str = ""):
         super().__init__(id, family=family, kind=kind, pattern=pattern, description=description)
@@ -306,7 +306,7 @@ def _threshold(c: Tensor, topk: int) -> Tensor:
 
 def decode_sparsek_reference(case: Case, inputs: Inputs, rows: Tensor) -> Tensor:
     """SparseK for the new token (query position S over keys 0..S), from the definition in
-    DESIGN section 1, written independently of sparsek.selection: (B, Hq, 1, D)."""
+    docs/semantics.md, written independently of sparsek.selection: (B, Hq, 1, D)."""
     dev = inputs.q.device
     S, K, W = case.seq_len, case.topk, case.window
     i = S

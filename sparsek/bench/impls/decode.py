@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..cases import Case, Inputs
 from .base import Impl, Prepared, cached_probe, call_reason, cuda_reason, first_line, free_memory_reason
 
-VLLM_BLOCK = 16  # the issue's (and vLLM's default) block size
+VLLM_BLOCK = 16  # vLLM's default block size
 XFORMERS_PAGE = 256  # pages of whole split-K tiles for xFormers' paged Triton kernel
 FLEX_PAGE = 128  # FlexAttention's sparse block: one block-mask entry per page
 # Distinct tokens the sparsek-decode timed steps cycle through (each one a real context token).
