@@ -4,7 +4,11 @@ an issue tracker)."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -89,3 +93,18 @@ def test_the_tiers_document_defines_every_tier_and_bar():
         if tier.brief_us_per_head is not None:
             assert f"{tier.brief_us_per_head:g}" in text and f"{tier.brief_speedup_over_sdpa:g}x" in text, tier.name
     assert "366.72" in text and "pipeline check" in text
+
+
+def test_the_readme_example_runs_on_a_cpu_in_seconds():
+    """The "Using it" example, as written, on the CPU branch (a subprocess that sees no GPU)."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    (code,) = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert "else (\"cpu\", torch.float32, " in code  # the CPU branch has its own, shorter S
+    code += "\nassert out.shape == (B, Hq, S, D) and q.grad is not None and scores.grad is not None\n"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "sparsek:" not in done.stderr  # CPU tensors run the reference without a warning
+    # A few seconds on an idle 2-core machine; the bound leaves room for a loaded CI machine.
+    assert time.monotonic() - started < 120

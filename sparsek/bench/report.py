@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from tabulate import tabulate
 
-from .cases import CASES, TRAIN_SHAPES, Case
+from .cases import TRAIN_SHAPES, Case
 
 # Lines of prose (reasons, notes) wrap at this width; only the tables may be wider.
 WIDTH = 100
@@ -117,6 +117,8 @@ class Folded:
                     cases.append(r["case"])
 
     def folds(self, remark: Remark) -> bool:
+        if remark.mark == "!":  # an implausible figure is said where it was measured
+            return False
         impls = self.where.get(remark, {})
         return len(impls) > 1 or any(len(cases) > 1 for cases in impls.values())
 
