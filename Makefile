@@ -65,8 +65,8 @@ endif
 
 # An index that pip cannot reach costs it about 8 s of retries per package; where a quick probe
 # finds TORCH_INDEX unreachable, --retries 0 sends pip straight on to the sources its own
-# configuration adds (find-links, extra indexes). PyPI is never asked for torch on this path, so a
-# CUDA build cannot come in by accident: without a CPU build anywhere, the install fails.
+# configuration adds (find-links, extra indexes: a mirror). PyPI itself is not asked for torch on
+# this path; what a mirror offers is pip's to choose, so the build it took is printed.
 torch: | $(VENV_PYTHON)
 	@if $(PYTHON) -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("torch") is None)'; then \
 	  echo "make: torch is already installed for $(PYTHON)"; \
@@ -88,6 +88,7 @@ torch: | $(VENV_PYTHON)
 	  $(PIP) install $$retries --index-url "$(TORCH_INDEX)" "$(TORCH_SPEC)" || { \
 	    echo "make: no CPU build of torch found; set TORCH_INDEX to an index of CPU builds, or" \
 	         "TORCH_INDEX= TORCH_SPEC=<a CPU build your pip can find> (README, 'Two commands')" >&2; exit 1; }; \
+	  $(PYTHON) -c 'import torch; c = torch.version.cuda; print("make: installed torch", torch.__version__, f"(CUDA {c} build)" if c else "(CPU build)")'; \
 	fi
 
 # The default benchmark set for this machine (GPU: seed, long-*, train-*; CPU: cpu-smoke, a
