@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -413,14 +414,17 @@ def test_gpu_tests_sh_exits_with_the_suites_status_and_keeps_its_log(tmp_path, f
 
 
 def test_gpu_tests_sh_fails_without_a_gpu(tmp_path):
-    if shutil.which("python") is None:
-        pytest.skip("the script calls `python`, which this machine does not have")
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
+    # The script calls `python`: this interpreter's (a virtualenv's bin/ has one).
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / "python").exists():
+        pytest.skip(f"no `python` beside {sys.executable}")
+    env = {**os.environ, "SPARSEK_SKIP_INSTALL": "1", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.run(["bash", "ci/gpu_tests.sh", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "SPARSEK_SKIP_INSTALL": "1"})
+                          timeout=300, env=env)
     assert proc.returncode != 0 and "no usable CUDA device" in proc.stderr
 
 
