@@ -77,6 +77,22 @@ def unsupported_reason(q, k, v, scores) -> str | None:
     return reason if ops is None else None
 
 
+# Whether the backward kernels run when the forward ran on the kernels. SPARSEK_CUDA_BACKWARD=1
+# or 0 overrides the default; off, the reference backward runs (the block lists go unused).
+BACKWARD_DEFAULT = "0"
+
+
+def backward_reason() -> str | None:
+    """None when the backward kernels are on, else why not (the forward kernels ran)."""
+    flag = os.environ.get("SPARSEK_CUDA_BACKWARD", BACKWARD_DEFAULT)
+    if flag == "1":
+        return None
+    if "SPARSEK_CUDA_BACKWARD" in os.environ:
+        return f"SPARSEK_CUDA_BACKWARD={flag}"
+    return ("the CUDA backward kernels are off by default until they pass their GPU tests "
+            "(set SPARSEK_CUDA_BACKWARD=1 to use them)")
+
+
 def ops():
     """torch.ops.sparsek_cuda; call only after unsupported_reason returned None."""
     module, reason = _build()

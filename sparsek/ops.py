@@ -98,7 +98,7 @@ def attention_bwd(
     """dq, dk, dv, dscores: the kernels when the forward ran on them, else the reference."""
     if q.is_cuda:
         # The forward's own test: the kernels ran there exactly when they run here.
-        reason = _cuda.unsupported_reason(q, k, v, scores)
+        reason = _cuda.unsupported_reason(q, k, v, scores) or _cuda.backward_reason()
         if reason is None:
             return _cuda.backward(grad_out, q, k, v, scores, out, lse, tau, end, block_keys, block_count, window, scale)
         _warn_once(reason)

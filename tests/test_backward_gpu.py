@@ -31,6 +31,12 @@ pytestmark = pytest.mark.gpu
 NAMES = ("dq", "dk", "dv", "dscores")
 
 
+@pytest.fixture(autouse=True)
+def _backward_kernels_on(monkeypatch):
+    """These tests are what decides the default: they always run the kernels (children too)."""
+    monkeypatch.setenv("SPARSEK_CUDA_BACKWARD", "1")
+
+
 def _require_kernels():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")

@@ -96,3 +96,15 @@ def test_fixed_point_scales_bound_every_sum():
     assert float(crude_v * scales[1]) <= 2.0**62
     grad[0, 0, 0, 0] = float("inf")
     assert torch.isnan(_cuda._fixed_point_scales(grad, q, v, Hq // Hkv, S)).all()
+
+
+def test_backward_kernels_switch(monkeypatch):
+    monkeypatch.setenv("SPARSEK_CUDA_BACKWARD", "1")
+    assert _cuda.backward_reason() is None
+    monkeypatch.setenv("SPARSEK_CUDA_BACKWARD", "0")
+    assert _cuda.backward_reason() == "SPARSEK_CUDA_BACKWARD=0"
+    monkeypatch.delenv("SPARSEK_CUDA_BACKWARD")
+    if _cuda.BACKWARD_DEFAULT == "1":
+        assert _cuda.backward_reason() is None
+    else:
+        assert "SPARSEK_CUDA_BACKWARD=1" in _cuda.backward_reason()

@@ -115,6 +115,7 @@ def probe_train(name: str, peaks: dict) -> list[dict]:
         torch.use_deterministic_algorithms(False)
 
     leaves = [t.detach().requires_grad_() for t in (q, k, v, u)]
+    os.environ["SPARSEK_CUDA_BACKWARD"] = "1"  # the probe measures the kernels, whatever the default
 
     def step():
         o = sparsek_attention(*leaves, topk=case.topk, window=case.window)
