@@ -39,6 +39,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from .asv_results import entries as asv_entries
+from .cases import CASES
 from .tiers import TIERS
 
 # The asv benchmarks holding tier speedups, by case kind (benchmarks/bench_*.py).
@@ -49,7 +50,7 @@ TIER_BENCHMARKS = {
 }
 ASV_SKIP_FILES = {"machine.json", "benchmarks.json"}
 PAGE_NAME = "tiers.html"
-# Case colours, in order of first appearance (colour-blind-safe Okabe-Ito palette).
+# Case colours, in the registry's order of cases (colour-blind-safe Okabe-Ito palette).
 PALETTE = ("#0072b2", "#e69f00", "#009e73", "#cc79a7", "#56b4e9", "#d55e00", "#f0e442", "#000000")
 _HEX = re.compile(r"^[0-9a-f]{7,40}$")
 # asv 0.6.6's index.html: CDN address -> file in the vendor folder (ci/site-vendor/README.md).
@@ -245,7 +246,7 @@ def render_graph(tier, history: MachineHistory, commit_url: str | None, colours:
     width, height, left, right, top, bottom = 760, 260, 56, 16, 14, 46
     series: dict[str, list[tuple[int, float]]] = {}
     for i, point in enumerate(history.points):
-        for (t, case), value in point.speedups.items():
+        for (t, case), value in sorted(point.speedups.items(), key=lambda kv: _case_order(kv[0][1])):
             if t == tier.name and value > 0:
                 series.setdefault(case, []).append((i, value))
     n = max(1, len(history.points))
@@ -305,13 +306,21 @@ def render_graph(tier, history: MachineHistory, commit_url: str | None, colours:
                             f'<span class="key">□ fail</span></div>'
 
 
+def _case_order(case: str) -> tuple[int, str]:
+    """The registry's order (seed, long-16k ... long-128k, decode-*), unknown names after it."""
+    order = list(CASES)
+    return (order.index(case) if case in order else len(order), case)
+
+
 def render_table(tier, history: MachineHistory, commit_url: str | None, subjects: dict[str, str]) -> str:
-    cases = sorted({c for p in history.points for (t, c) in p.speedups if t == tier.name})
+    cases = sorted({c for p in history.points for (t, c) in p.speedups if t == tier.name}, key=_case_order)
     if not cases:
         return ""
     head = "".join(f"<th>{_e(c)}</th>" for c in cases)
     rows = []
     for point in reversed(history.points):  # newest first
+        if not any((tier.name, case) in point.speedups for case in cases):
+            continue  # a commit measured for other tiers only
         url = commit_link(commit_url, point.commit)
         sha = _e(point.commit[:12])
         cell = f'<a href="{_e(url)}"><code>{sha}</code></a>' if url else f"<code>{sha}</code>"
@@ -378,12 +387,7 @@ def _machine_section(m: MachineHistory, commit_url: str | None, subjects: dict[s
 
 def render_page(machines: list[MachineHistory], commit_url: str | None, subjects: dict[str, str],
                 asv_index: str = "index.html") -> str:
-    cases_seen = []
-    for m in machines:
-        for p in m.points:
-            for _, case in p.speedups:
-                if case not in cases_seen:
-                    cases_seen.append(case)
+    cases_seen = sorted({case for m in machines for p in m.points for _, case in p.speedups}, key=_case_order)
     colours = {c: PALETTE[i % len(PALETTE)] for i, c in enumerate(cases_seen)}
     tier_list = "; ".join(f"{t.name} {t.title}" for t in TIERS)
     body = [f"<h1>SparseK tiers against commits</h1>"
