@@ -15,10 +15,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 VENDORED = REPO / "ci" / "site-vendor"
-# docs/perf-notes.md is the kernels' lab book, kept by the kernel work; its two "issue 4" pointers
-# name the kernel targets that docs/tiers.md now lists. Until it is edited there it is exempt from
-# the pointer check below (and only from that one).
-POINTER_EXEMPT = {REPO / "docs" / "perf-notes.md"}
+# Files exempt from the pointer check below (and only from that one): none.
+POINTER_EXEMPT: set[Path] = set()
 
 
 def _files(*patterns: str) -> list[Path]:
