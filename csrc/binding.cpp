@@ -173,6 +173,42 @@ AttnShape check_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
   return {B, Hq, S, D, Hkv, group, n_blocks};
 }
 
+// The fields the forward and backward params share (same names in AttnParams and AttnBwdParams):
+// q, k, v with their strides, the selection's tensors, the shape and the softmax scale in base 2.
+template <typename Params>
+void fill_common(Params& p, const AttnShape& shape, const at::Tensor& qa, const at::Tensor& ka, const at::Tensor& va,
+                 const at::Tensor& u, const at::Tensor& tau, const at::Tensor& end, const at::Tensor& block_keys,
+                 const at::Tensor& block_count, int64_t window, double scale, int64_t block_q) {
+  p.q = qa.data_ptr();
+  p.k = ka.data_ptr();
+  p.v = va.data_ptr();
+  p.scores = u.data_ptr<float>();
+  p.tau = tau.data_ptr<float>();
+  p.end = end.data_ptr<int>();
+  p.block_keys = block_keys.data_ptr<int>();
+  p.block_count = block_count.data_ptr<int>();
+  p.q_batch_stride = qa.stride(0);
+  p.q_head_stride = qa.stride(1);
+  p.q_row_stride = qa.stride(2);
+  p.k_batch_stride = ka.stride(0);
+  p.k_head_stride = ka.stride(1);
+  p.k_row_stride = ka.stride(2);
+  p.v_batch_stride = va.stride(0);
+  p.v_head_stride = va.stride(1);
+  p.v_row_stride = va.stride(2);
+  p.batch = static_cast<int>(shape.B);
+  p.q_heads = static_cast<int>(shape.Hq);
+  p.kv_heads = static_cast<int>(shape.Hkv);
+  p.group = static_cast<int>(shape.group);
+  p.seq_len = static_cast<int>(shape.S);
+  p.window = static_cast<int>(std::min<int64_t>(window, shape.S));
+  p.block_q = static_cast<int>(block_q);
+  p.n_blocks = static_cast<int>(shape.n_blocks);
+  p.cap = static_cast<int>(block_keys.size(2));
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  p.is_bf16 = qa.scalar_type() == at::kBFloat16;
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
     const at::Tensor& q,            // (B, Hq, S, D)
     const at::Tensor& k,            // (B, Hkv, S, D)
@@ -183,7 +219,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
     const at::Tensor& block_keys,   // (B * Hkv, n_blocks, cap) int32
     const at::Tensor& block_count,  // (B * Hkv, n_blocks) int32
     int64_t window, double scale, int64_t block_q, bool poison) {
-  const auto [B, Hq, S, D, Hkv, group, n_blocks] = check_attention(q, k, v, scores, tau, end, block_keys, block_count, scale, block_q);
+  const AttnShape shape = check_attention(q, k, v, scores, tau, end, block_keys, block_count, scale, block_q);
+  const auto [B, Hq, S, D, Hkv, group, n_blocks] = shape;
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor qa = rows_aligned(q), ka = rows_aligned(k), va = rows_aligned(v);
   const at::Tensor u = scores.contiguous();
@@ -195,36 +232,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
   }
 
   sparsek::AttnParams p = {};
-  p.q = qa.data_ptr();
-  p.k = ka.data_ptr();
-  p.v = va.data_ptr();
-  p.scores = u.data_ptr<float>();
-  p.tau = tau.data_ptr<float>();
-  p.end = end.data_ptr<int>();
-  p.block_keys = block_keys.data_ptr<int>();
-  p.block_count = block_count.data_ptr<int>();
+  fill_common(p, shape, qa, ka, va, u, tau, end, block_keys, block_count, window, scale, block_q);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  p.q_batch_stride = qa.stride(0);
-  p.q_head_stride = qa.stride(1);
-  p.q_row_stride = qa.stride(2);
-  p.k_batch_stride = ka.stride(0);
-  p.k_head_stride = ka.stride(1);
-  p.k_row_stride = ka.stride(2);
-  p.v_batch_stride = va.stride(0);
-  p.v_head_stride = va.stride(1);
-  p.v_row_stride = va.stride(2);
-  p.batch = static_cast<int>(B);
-  p.q_heads = static_cast<int>(Hq);
-  p.kv_heads = static_cast<int>(Hkv);
-  p.group = static_cast<int>(group);
-  p.seq_len = static_cast<int>(S);
-  p.window = static_cast<int>(std::min<int64_t>(window, S));
-  p.block_q = static_cast<int>(block_q);
-  p.n_blocks = static_cast<int>(n_blocks);
-  p.cap = static_cast<int>(block_keys.size(2));
-  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
-  p.is_bf16 = q.scalar_type() == at::kBFloat16;
   const cudaError_t err = sparsek::launch_attention_fwd(p, static_cast<int>(D), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, sparsek_msg::build("sparsek_cuda: attention launch failed: ", cudaGetErrorString(err)));
   return {out, lse};
@@ -250,7 +260,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     int64_t window, double scale, int64_t block_q, bool deterministic,
     const std::optional<at::Tensor>& fixed_scale,  // (2,) float64: dk, dv (deterministic only)
     bool poison) {
-  const auto [B, Hq, S, D, Hkv, group, n_blocks] = check_attention(q, k, v, scores, tau, end, block_keys, block_count, scale, block_q);
+  const AttnShape shape = check_attention(q, k, v, scores, tau, end, block_keys, block_count, scale, block_q);
+  const auto [B, Hq, S, D, Hkv, group, n_blocks] = shape;
   for (const auto* t : {&dout, &out, &lse}) {
     SPARSEK_CHECK((*t).is_cuda() && (*t).device() == q.device(), "all inputs must be on ", q.device());
   }
@@ -295,17 +306,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   }
 
   sparsek::AttnBwdParams p = {};
-  p.q = qa.data_ptr();
-  p.k = ka.data_ptr();
-  p.v = va.data_ptr();
+  fill_common(p, shape, qa, ka, va, u, tau, end, block_keys, block_count, window, scale, block_q);
   p.dout = dout_c.data_ptr();
   p.lse = lse_c.data_ptr<float>();
   p.dsum = dsum.data_ptr<float>();
-  p.scores = u.data_ptr<float>();
-  p.tau = tau.data_ptr<float>();
-  p.end = end.data_ptr<int>();
-  p.block_keys = block_keys.data_ptr<int>();
-  p.block_count = block_count.data_ptr<int>();
   p.dq = dq.data_ptr();
   p.dk_acc = dk_acc.data_ptr();
   p.dv_acc = dv_acc.data_ptr();
@@ -313,27 +317,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   p.du = deterministic ? nullptr : du.data_ptr<float>();
   p.du_part = deterministic ? du.data_ptr<float>() : nullptr;
   p.gamma_rows = gamma_rows.data_ptr<float>();
-  p.q_batch_stride = qa.stride(0);
-  p.q_head_stride = qa.stride(1);
-  p.q_row_stride = qa.stride(2);
-  p.k_batch_stride = ka.stride(0);
-  p.k_head_stride = ka.stride(1);
-  p.k_row_stride = ka.stride(2);
-  p.v_batch_stride = va.stride(0);
-  p.v_head_stride = va.stride(1);
-  p.v_row_stride = va.stride(2);
-  p.batch = static_cast<int>(B);
-  p.q_heads = static_cast<int>(Hq);
-  p.kv_heads = static_cast<int>(Hkv);
-  p.group = static_cast<int>(group);
-  p.seq_len = static_cast<int>(S);
-  p.window = static_cast<int>(std::min<int64_t>(window, S));
-  p.block_q = static_cast<int>(block_q);
-  p.n_blocks = static_cast<int>(n_blocks);
-  p.cap = static_cast<int>(cap);
   p.scale = static_cast<float>(scale);
-  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
-  p.is_bf16 = q.scalar_type() == at::kBFloat16;
   p.deterministic = deterministic;
   err = sparsek::launch_attention_bwd(p, static_cast<int>(D), stream);
   TORCH_CHECK(err == cudaSuccess, sparsek_msg::build("sparsek_cuda: backward attention launch failed: ", cudaGetErrorString(err)));
