@@ -39,10 +39,11 @@ def _build() -> tuple[object | None, str | None]:
             name="sparsek_cuda",
             sources=[str(s) for s in sources],
             extra_include_paths=[str(CSRC)],
-            extra_cflags=["-O3", "-std=c++17"],
+            # No -std flag: torch.utils.cpp_extension adds the standard its own headers need
+            # (C++17 up to torch 2.13, C++20 from 2.14, whose ATen refuses anything older).
+            extra_cflags=["-O3"],
             extra_cuda_cflags=[
                 "-O3",
-                "-std=c++17",
                 "-gencode=arch=compute_90a,code=sm_90a",
                 "--use_fast_math",
                 "-lineinfo",
