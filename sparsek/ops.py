@@ -140,14 +140,21 @@ def sparsek_attention(
     topk: int,
     window: int = 0,
     scale: float | None = None,
-) -> Tensor:
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """SparseK attention: each query attends to its last ``window`` positions and to the
     ``topk`` highest-scoring earlier keys, weighted by the SparseK gate. Returns (B, Hq, S, D).
 
-    Differentiable in q, k, v and scores. See docs/semantics.md for the exact definition.
+    With ``return_lse=True`` returns ``(out, lse)``: lse (B, Hq, S) is the natural log of each
+    row's softmax normaliser, gates included (``log sum_j g_ij exp(scale q_i . k_j)``), float32
+    (float64 for float64 inputs), as FlashAttention's ``return_softmax_lse`` gives it; it carries
+    no gradient. Differentiable in q, k, v and scores. See docs/semantics.md for the definition.
     """
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"{_FN}: return_lse must be a bool, got {type(return_lse).__name__}")
     scale = check_attention_args(_FN, q, k, v, scores, topk, window, scale)
-    return attention_fwd(q, k, v, scores, topk, window, scale)[0]
+    outputs = attention_fwd(q, k, v, scores, topk, window, scale)
+    return (outputs[0], outputs[1]) if return_lse else outputs[0]
 
 
 def sparsek_selection(scores: Tensor, *, topk: int, window: int = 0) -> sel_mod.Selection:
