@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -30,11 +31,13 @@ def _build() -> tuple[object | None, str | None]:
     sources = [CSRC / "binding.cpp", *sorted(CSRC.glob("*.cu"))]
     if not (CSRC / "binding.cpp").exists():
         return None, f"the CUDA sources are not in {CSRC} (installed without csrc/)"
-    # One device code target (sm_90a) instead of torch's default list: half the build time.
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
+        built = Path(_get_build_directory("sparsek_cuda", verbose=False)) / "sparsek_cuda.so"
+        if not built.exists():
+            print(f"sparsek: building the CUDA kernels for sm_90a from {CSRC} (once; a few minutes, "
+                  f"then cached under {built.parent})", file=sys.stderr, flush=True)
         load(
             name="sparsek_cuda",
             sources=[str(s) for s in sources],
@@ -44,6 +47,8 @@ def _build() -> tuple[object | None, str | None]:
             extra_cflags=["-O3"],
             extra_cuda_cflags=[
                 "-O3",
+                # One device target, sm_90a. An arch flag here also stops torch from adding its own
+                # list (from TORCH_CUDA_ARCH_LIST or the GPU), so the user's environment is untouched.
                 "-gencode=arch=compute_90a,code=sm_90a",
                 "--use_fast_math",
                 "-lineinfo",
