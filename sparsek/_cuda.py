@@ -17,7 +17,10 @@ import torch
 from . import selection as sel_mod
 from ._nvtx import annotate
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+# The kernel sources: sparsek/csrc/ in a wheel or non-editable install (setup.py copies them
+# there), the repository's csrc/ in a source checkout or an editable install.
+_PACKAGED, _CHECKOUT = Path(__file__).resolve().parent / "csrc", Path(__file__).resolve().parent.parent / "csrc"
+CSRC = _PACKAGED if (_PACKAGED / "binding.cpp").exists() else _CHECKOUT
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (64, 128)
 ATTN_ROWS = 128  # rows (query x head of a GQA group) per attention CTA: kAttnRows in csrc
