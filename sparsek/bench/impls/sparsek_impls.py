@@ -103,8 +103,12 @@ class SparseKCuda(Impl):
             return sparsek.sparsek_attention(q, k, v, u, topk=topk, window=window, scale=scale)
 
         leaves = {"q": leaf(inputs.q), "k": leaf(inputs.k), "v": leaf(inputs.v), "scores": leaf(inputs.scores)}
+        from sparsek import _cuda
+
+        off = _cuda.backward_reason()
+        which = "the CUDA backward kernels" if off is None else f"the PyTorch reference backward ({off})"
         notes = [*_finite_check_notes(),
-                 "backward: the op's registered autograd (sparsek::attention_bwd), as a training user calls it"]
+                 f"backward: the op's registered autograd (sparsek::attention_bwd), as a training user calls it: {which}"]
         return train.prepared(TrainStep(leaves=leaves, forward=forward, grad_out=inputs.grad_out, notes=notes))
 
 
