@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -45,3 +49,18 @@ def attention_inputs(B, Hq, Hkv, S, D, dtype=torch.float64, *, score_scale=1.0, 
         for t in out:
             t.requires_grad_()
     return out
+
+
+def assert_sanitizer_clean(tool: str, code: str, done: str, timeout: int = 900) -> None:
+    """Run ``code`` in a child Python under compute-sanitizer's ``tool`` (memcheck, racecheck);
+    fail on any finding, or unless the child printed ``done`` (it got to the end). The tool is
+    required on GPU runners (CI=true); elsewhere a missing one skips."""
+    exe = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
+    if not os.path.exists(exe):
+        if os.environ.get("CI") == "true":
+            pytest.fail("compute-sanitizer is required on GPU runners")
+        pytest.skip("compute-sanitizer not installed")
+    res = subprocess.run([exe, "--tool", tool, "--error-exitcode", "3", sys.executable, "-c", code],
+                         capture_output=True, text=True, timeout=timeout)
+    clean = "ERROR SUMMARY: 0 errors" in res.stdout or "RACECHECK SUMMARY: 0 hazards displayed (0 errors" in res.stdout
+    assert res.returncode == 0 and done in res.stdout and clean, res.stdout[-3000:] + res.stderr[-3000:]

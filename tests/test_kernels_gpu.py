@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -20,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsek
+from conftest import assert_sanitizer_clean
 from sparsek import _cuda
 from sparsek import reference as ref
 from sparsek import selection as sel_mod
@@ -179,11 +177,6 @@ def test_long_sequence_sampled_rows(S):
 
 
 def test_compute_sanitizer_memcheck_clean():
-    tool = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
-    if not os.path.exists(tool):
-        if os.environ.get("CI") == "true":
-            pytest.fail("compute-sanitizer is required on GPU runners")
-        pytest.skip("compute-sanitizer not installed")
     _kernels()  # build once outside the sanitizer
     # The child must run the kernels, not the reference: a build that fails inside the sanitizer
     # falls back with a RuntimeWarning, and "0 errors" would then be about PyTorch's kernels.
@@ -200,7 +193,4 @@ def test_compute_sanitizer_memcheck_clean():
         "o = sparsek.sparsek_attention(q, k, v, u, topk=17, window=9); torch.cuda.synchronize()\n"
         "print('kernels ran', float(o.float().abs().sum()))\n"
     )
-    res = subprocess.run([tool, "--tool", "memcheck", "--error-exitcode", "3", sys.executable, "-c", code],
-                         capture_output=True, text=True, timeout=600)
-    clean = "ERROR SUMMARY: 0 errors" in res.stdout
-    assert res.returncode == 0 and "kernels ran" in res.stdout and clean, res.stdout[-3000:] + res.stderr[-3000:]
+    assert_sanitizer_clean("memcheck", code, done="kernels ran", timeout=600)
