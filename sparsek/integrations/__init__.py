@@ -1,0 +1,1 @@
+"""Integrations of SparseK attention with other libraries (imported on demand, never by ``sparsek``)."""
