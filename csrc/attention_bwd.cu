@@ -462,15 +462,8 @@ __global__ void __launch_bounds__(256) bwd_dot_kernel(const BwdDotParams p) {
 
 template <int kD, typename Elem>
 cudaError_t launch(const AttnBwdParams& p, cudaStream_t stream) {
-  auto kernel = attention_bwd_kernel<kD, Elem>;
-  constexpr int smem = Traits<kD>::kSmemBytes;
-  // Above 48 KB a kernel must opt in to the larger dynamic shared memory carve-out.
-  if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem); e != cudaSuccess) {
-    return e;
-  }
-  const dim3 grid(p.n_blocks, p.batch * p.kv_heads);
-  kernel<<<grid, kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_with_smem(attention_bwd_kernel<kD, Elem>, dim3(p.n_blocks, p.batch * p.kv_heads), kThreads, Traits<kD>::kSmemBytes,
+                          stream, p);
 }
 
 template <int kD, typename Elem>

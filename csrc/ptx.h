@@ -1,5 +1,5 @@
-// Small inline-PTX helpers shared by the prefill kernels: asynchronous copies into shared memory,
-// shared-memory addresses, and packing two floats into one register of the input type.
+// Small helpers shared by the prefill kernels: asynchronous copies into shared memory, shared-memory
+// addresses, packing two floats into one register of the input type, and the host-side launch.
 // CUDA headers only, so every kernel file still compiles with plain nvcc.
 #pragma once
 
@@ -48,6 +48,17 @@ template <>
 __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   __half2 v = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Host side: launch `kernel` with `smem` bytes of dynamic shared memory on `stream`; above 48 KB a
+// kernel must first opt in to the larger carve-out. Returns the launch's error.
+template <typename Kernel, typename Params>
+cudaError_t launch_with_smem(Kernel kernel, dim3 grid, int threads, int smem, cudaStream_t stream, const Params& p) {
+  if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem); e != cudaSuccess) {
+    return e;
+  }
+  kernel<<<grid, threads, smem, stream>>>(p);
+  return cudaGetLastError();
 }
 
 }  // namespace sparsek

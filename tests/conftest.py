@@ -64,3 +64,17 @@ def assert_sanitizer_clean(tool: str, code: str, done: str, timeout: int = 900) 
                          capture_output=True, text=True, timeout=timeout)
     clean = "ERROR SUMMARY: 0 errors" in res.stdout or "RACECHECK SUMMARY: 0 hazards displayed (0 errors" in res.stdout
     assert res.returncode == 0 and done in res.stdout and clean, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+def cuda_kernels():
+    """torch.ops.sparsek_cuda for a GPU test: skips without a GPU, fails when the kernels should run
+    on this GPU and do not (a failed build must not turn into a pass on the reference)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from sparsek import _cuda
+
+    q = torch.empty(1, 1, 1, 64, device="cuda", dtype=torch.bfloat16)
+    reason = _cuda.unsupported_reason(q, q, q, torch.empty(1, 1, 1, device="cuda"))
+    if reason is not None:
+        pytest.fail(f"the CUDA kernels should run on this GPU: {reason}")
+    return _cuda.ops()

@@ -18,8 +18,7 @@ import pytest
 import torch
 
 import sparsek
-from conftest import assert_sanitizer_clean
-from sparsek import _cuda
+from conftest import assert_sanitizer_clean, cuda_kernels
 from sparsek import reference as ref
 from sparsek import selection as sel_mod
 from tolerances import BWD_MAX, BWD_NORM
@@ -33,15 +32,6 @@ NAMES = ("dq", "dk", "dv", "dscores")
 def _backward_kernels_on(monkeypatch):
     """These tests are what decides the default: they always run the kernels (children too)."""
     monkeypatch.setenv("SPARSEK_CUDA_BACKWARD", "1")
-
-
-def _require_kernels():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    q = torch.empty(1, 1, 1, 64, device="cuda", dtype=torch.bfloat16)
-    reason = _cuda.unsupported_reason(q, q, q, torch.empty(1, 1, 1, device="cuda"))
-    if reason is not None:
-        pytest.fail(f"the CUDA kernels should run on this GPU: {reason}")
 
 
 def _inputs(seed, B, Hq, Hkv, S, D, dtype, score_scale=1.0, ties=False, constant=False):
@@ -107,7 +97,7 @@ SHAPES = [  # B, Hq, Hkv, S, D, topk, window
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-Hq{}-Hkv{}-S{}-D{}-K{}-W{}".format(*s))
 def test_gradients_match_reference(shape, dtype):
-    _require_kernels()
+    cuda_kernels()
     B, Hq, Hkv, S, D, topk, window = shape
     q, k, v, u, grad = _inputs(sum(shape), B, Hq, Hkv, S, D, dtype)
     _check(_kernel_grads(q, k, v, u, grad, topk, window), _reference_grads(q, k, v, u, grad, topk, window), dtype)
@@ -116,14 +106,14 @@ def test_gradients_match_reference(shape, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 def test_constant_scores(dtype):
     """Every candidate is soft (what a zero-initialised scorer gives): the tau term is everywhere."""
-    _require_kernels()
+    cuda_kernels()
     q, k, v, u, grad = _inputs(11, 1, 8, 2, 400, 128, dtype, constant=True)
     _check(_kernel_grads(q, k, v, u, grad, 30, 10), _reference_grads(q, k, v, u, grad, 30, 10), dtype)
 
 
 def test_random_sweep():
     """At least 200 seeded random configurations: gradients of all four inputs match."""
-    _require_kernels()
+    cuda_kernels()
     rng = random.Random(int(os.environ.get("SPARSEK_SWEEP_SEED", "20261207")))
     for case in range(int(os.environ.get("SPARSEK_BWD_SWEEP_CASES", "210"))):
         Hkv = rng.choice([1, 2, 3])
@@ -147,7 +137,7 @@ def test_random_sweep():
 def test_long_sequence_against_float32_reference():
     """S = 65536 (the long-64k selection, fewer heads): every gradient element against the
     blocked reference in float32 on the GPU."""
-    _require_kernels()
+    cuda_kernels()
     S, topk, window = 65536, 2048, 512
     q, k, v, u, grad = _inputs(64, 1, 8, 2, S, 128, torch.bfloat16)
     got = _kernel_grads(q, k, v, u, grad, topk, window)
@@ -160,7 +150,7 @@ def test_long_sequence_against_float32_reference():
 
 
 def test_deterministic_mode_is_bitwise_repeatable():
-    _require_kernels()
+    cuda_kernels()
     q, k, v, u, grad = _inputs(5, 2, 8, 2, 1000, 128, torch.bfloat16)
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
@@ -177,7 +167,7 @@ def test_deterministic_mode_is_bitwise_repeatable():
 def test_training_step_allocates_nothing_of_size_s_times_budget():
     """Peak memory of forward + backward beyond the inputs stays under one float32 tensor of
     S x (topk + window) per kv head (the reference's blocked path would need far more)."""
-    _require_kernels()
+    cuda_kernels()
     B, Hq, Hkv, S, D, topk, window = 1, 32, 8, 16384, 128, 2048, 512
     q, k, v, u, grad = _inputs(9, B, Hq, Hkv, S, D, torch.bfloat16)
     leaves = [t.requires_grad_() for t in (q, k, v, u)]
@@ -195,7 +185,7 @@ def test_training_step_allocates_nothing_of_size_s_times_budget():
 
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
 def test_compute_sanitizer_clean(tool):
-    _require_kernels()  # build once outside the sanitizer
+    cuda_kernels()  # build once outside the sanitizer
     code = (
         "import torch, warnings, sparsek\n"
         "warnings.simplefilter('error', RuntimeWarning)\n"

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsek
-from conftest import assert_sanitizer_clean
+from conftest import assert_sanitizer_clean, cuda_kernels
 from sparsek import _cuda
 from sparsek import reference as ref
 from sparsek import selection as sel_mod
@@ -30,16 +30,6 @@ def _floor(dtype, ref):
     P @ V (as FlashAttention does) and rounds the output, so even a one-key row can be off by an
     ulp where PyTorch's math path, normalising first, is exact."""
     return torch.finfo(dtype).eps * max(1.0, ref.abs().max().item())
-
-
-def _kernels():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    q = torch.empty(1, 1, 1, 64, device="cuda", dtype=torch.bfloat16)
-    reason = _cuda.unsupported_reason(q, q, q, torch.empty(1, 1, 1, device="cuda"))
-    if reason is not None:
-        pytest.fail(f"the CUDA kernels should run on this GPU: {reason}")
-    return _cuda.ops()
 
 
 def _scores(gen, B, H, S, scale, ties, device="cuda"):
@@ -60,7 +50,7 @@ def _inputs(seed, B, Hq, Hkv, S, D, dtype, scale=1.0, ties=False):
 
 
 def _run_kernels(q, k, v, u, topk, window):
-    cuda = _kernels()
+    cuda = cuda_kernels()
     block_q = _cuda.block_q_for(q.shape[1], k.shape[1])
     tau, end, keys, count = cuda.select(u, topk, window, block_q, True)
     out, lse = cuda.attention_fwd(q, k, v, u, tau, end, keys, count, window, q.shape[-1] ** -0.5, block_q, True)
@@ -124,7 +114,7 @@ def test_kernel_matches_reference(shape, dtype):
 
 
 def test_public_op_uses_the_kernel():
-    _kernels()
+    cuda_kernels()
     q, k, v, u = _inputs(7, 1, 8, 2, 300, 128, torch.bfloat16)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a fallback to the reference warns
@@ -177,7 +167,7 @@ def test_long_sequence_sampled_rows(S):
 
 
 def test_compute_sanitizer_memcheck_clean():
-    _kernels()  # build once outside the sanitizer
+    cuda_kernels()  # build once outside the sanitizer
     # The child must run the kernels, not the reference: a build that fails inside the sanitizer
     # falls back with a RuntimeWarning, and "0 errors" would then be about PyTorch's kernels.
     code = (
