@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import fake_xformers
 from sparsek import reference
 from sparsek.bench import impls as registry
 from sparsek.bench.cases import CASES, UnknownName, make_inputs
@@ -132,43 +132,6 @@ def test_check_rows_cover_the_pattern_edges():
 # (B, S, Hkv, G, D) with stride-0 k/v plus the biases give the reference results.
 
 
-def _fake_xformers(monkeypatch, refuse: str | None = None):
-    class LowerTriangularMask:
-        pass
-
-    @dataclasses.dataclass
-    class LocalAttentionFromBottomRightMask:
-        window_left: int
-        window_right: int
-
-    def forward(q, k, v, attn_bias=None, scale=None, op=None):
-        if refuse:
-            raise NotImplementedError(refuse)
-        shape = q.shape
-        B, M, D = q.shape[0], q.shape[1], q.shape[-1]
-        q, k, v = (t.reshape(B, M, -1, D).transpose(1, 2) for t in (q, k, v))
-        i, j = torch.arange(M).view(-1, 1), torch.arange(M).view(1, -1)
-        if isinstance(attn_bias, LowerTriangularMask):
-            mask = j <= i
-        else:
-            mask = (j >= i - attn_bias.window_left) & (j <= i + attn_bias.window_right)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-        return out.transpose(1, 2).reshape(shape)
-
-    xformers = types.ModuleType("xformers")
-    ops = types.ModuleType("xformers.ops")
-    fmha = types.ModuleType("xformers.ops.fmha")
-    fmha.attn_bias = types.SimpleNamespace(LowerTriangularMask=LowerTriangularMask,
-                                           LocalAttentionFromBottomRightMask=LocalAttentionFromBottomRightMask)
-    for name in ("cutlass", "flash", "flash3"):
-        setattr(fmha, name, types.SimpleNamespace(FwOp=object()))
-    ops.fmha = fmha
-    ops.memory_efficient_attention_forward = forward
-    xformers.ops = ops
-    for name, mod in (("xformers", xformers), ("xformers.ops", ops), ("xformers.ops.fmha", fmha)):
-        monkeypatch.setitem(sys.modules, name, mod)
-
-
 # the shape of xFormers 0.0.35's refusal on a torch it was not built for
 REFUSAL = """No operator found for `memory_efficient_attention_forward` with inputs:
      query       : shape=(1, 256, 2, 2, 32) (torch.bfloat16)
@@ -184,7 +147,7 @@ REFUSAL = """No operator found for `memory_efficient_attention_forward` with inp
 
 
 def test_xformers_probe_reports_the_real_refusal(monkeypatch):
-    _fake_xformers(monkeypatch, refuse=REFUSAL)
+    fake_xformers.install(monkeypatch, refuse=REFUSAL)
     reason = registry.get_impl("xformers-flash").probe(SMOKE, "cpu")
     assert reason == ("NotImplementedError: No operator found for `memory_efficient_attention_forward` with inputs "
                       "(fa2F@0.0.0: xFormers wasn't build with CUDA support; cutlassF-pt: xFormers wasn't build with "
@@ -202,7 +165,7 @@ def test_xformers_missing_is_named(monkeypatch):
                                          ("xformers-local", base.window_reference)])
 @pytest.mark.parametrize("case_name", ["cpu-smoke", "mha"])
 def test_xformers_layout_and_biases(monkeypatch, impl_id, ref, case_name):
-    _fake_xformers(monkeypatch)
+    fake_xformers.install(monkeypatch)
     case = SMOKE if case_name == "cpu-smoke" else dataclasses.replace(SMOKE, kv_heads=4)
     x = make_inputs(case)
     impl = registry.get_impl(impl_id)

@@ -7,14 +7,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import sys
-import types
 from dataclasses import asdict
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import fake_xformers
 from sparsek import reference, selection
 from sparsek.bench import cli, metrics, results, runner, tiers
 from sparsek.bench import impls as registry
@@ -207,49 +206,10 @@ def test_sdpa_expands_kv_heads_inside_the_step_when_a_backend_rejects_gqa(monkey
     _assert_grads(grads, dense_grads(SMOKE, smoke_inputs), torch.float32)
 
 
-def _fake_xformers(monkeypatch, calls):
-    """xFormers' (B, S, [Hkv, G,] D) API over SDPA, differentiable, recording the op asked for."""
-
-    class LowerTriangularMask:
-        pass
-
-    @dataclasses.dataclass
-    class LocalAttentionFromBottomRightMask:
-        window_left: int
-        window_right: int
-
-    def attend(q, k, v, attn_bias=None, scale=None, op=None):
-        calls.append(op)
-        shape = q.shape
-        B, M, D = q.shape[0], q.shape[1], q.shape[-1]
-        q, k, v = (t.reshape(B, M, -1, D).transpose(1, 2) for t in (q, k, v))
-        i, j = torch.arange(M).view(-1, 1), torch.arange(M).view(1, -1)
-        if isinstance(attn_bias, LowerTriangularMask):
-            mask = j <= i
-        else:
-            mask = (j >= i - attn_bias.window_left) & (j <= i + attn_bias.window_right)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-        return out.transpose(1, 2).reshape(shape)
-
-    xformers = types.ModuleType("xformers")
-    ops = types.ModuleType("xformers.ops")
-    fmha = types.ModuleType("xformers.ops.fmha")
-    fmha.attn_bias = types.SimpleNamespace(LowerTriangularMask=LowerTriangularMask,
-                                           LocalAttentionFromBottomRightMask=LocalAttentionFromBottomRightMask)
-    for name in ("cutlass", "flash", "flash3"):
-        setattr(fmha, name, types.SimpleNamespace(FwOp=f"{name}-fw", BwOp=f"{name}-bw"))
-    ops.fmha = fmha
-    ops.memory_efficient_attention = attend
-    ops.memory_efficient_attention_forward = attend
-    xformers.ops = ops
-    for name, mod in (("xformers", xformers), ("xformers.ops", ops), ("xformers.ops.fmha", fmha)):
-        monkeypatch.setitem(sys.modules, name, mod)
-
-
 @pytest.mark.parametrize("impl_id,span", [("xformers-cutlass", None), ("xformers-local", "budget")])
 def test_xformers_train_step_layout_gqa_and_operators(monkeypatch, impl_id, span, smoke_inputs):
     calls = []
-    _fake_xformers(monkeypatch, calls)
+    fake_xformers.install(monkeypatch, calls=calls)
     impl = registry.get_impl(impl_id)
     assert impl.probe(SMOKE, "cpu") is None  # the train probe: forward and backward
     with torch.no_grad():
