@@ -102,9 +102,6 @@ def test_backward_kernels_switch(monkeypatch):
     monkeypatch.setenv("SPARSEK_CUDA_BACKWARD", "1")
     assert _cuda.backward_reason() is None
     monkeypatch.setenv("SPARSEK_CUDA_BACKWARD", "0")
-    assert _cuda.backward_reason() == "SPARSEK_CUDA_BACKWARD=0"
+    assert _cuda.backward_reason().startswith("SPARSEK_CUDA_BACKWARD=0")
     monkeypatch.delenv("SPARSEK_CUDA_BACKWARD")
-    if _cuda.BACKWARD_DEFAULT == "1":
-        assert _cuda.backward_reason() is None
-    else:
-        assert "SPARSEK_CUDA_BACKWARD=1" in _cuda.backward_reason()
+    assert _cuda.backward_reason() is None  # on by default

@@ -200,7 +200,7 @@ def test_scorer_receives_gradient_and_moves_in_training():
 
 @pytest.fixture(scope="module")
 def tiny_result():
-    return run(TINY, log=None)
+    return {"case": "learn-tiny", **run(TINY, log=None)}
 
 
 def test_run_smoke(tiny_result):
@@ -223,16 +223,18 @@ def test_run_is_deterministic():
 
 
 def test_table_and_doc_come_from_the_results(tiny_result):
-    from sparsek.learn.plot import BEGIN, END, markdown_table, update_doc
+    from sparsek.learn.plot import markdown_table, markers, update_doc
 
     table = markdown_table(tiny_result)
     rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert len(rows) == len(TINY.topks) * len(VARIANTS)  # dense repeated as every budget's ceiling
     assert f"{TINY.steps} steps" in table and "seeds 0" in table
-    doc = f"# title\n\nprose\n\n{BEGIN}\nold table\n{END}\n\nmore prose\n"
+    begin, end = markers(tiny_result["case"])
+    other = "\n".join(markers("learn-other"))  # another case's table stays as it is
+    doc = f"# title\n\nprose\n\n{begin}\nold table\n{end}\n\n{other}\nmore prose\n"
     new = update_doc(doc, tiny_result)
     assert "old table" not in new and table in new
-    assert new.startswith("# title\n\nprose\n") and new.endswith("\nmore prose\n")
+    assert new.startswith("# title\n\nprose\n") and new.endswith(f"\n{other}\nmore prose\n")
     assert update_doc(new, tiny_result) == new
     with pytest.raises(ValueError, match="markers"):
         update_doc("no markers", tiny_result)
@@ -259,7 +261,10 @@ def test_plot_writes_a_png(tiny_result, tmp_path):
 def test_case_registry():
     from sparsek.learn.bench import CASES, case_config
 
-    assert set(CASES) == {"learn-quick", "learn-cpu", "learn-full"}
+    assert set(CASES) == {"learn-quick", "learn-cpu", "learn-full", "learn-4k"}
+    real = CASES["learn-4k"]  # the real-length case: K + W at most 10% of the context, >= 3 seeds, on the kernels
+    assert (real.topks[0] + real.window) * 10 <= real.task.seq_len >= 4096 and len(real.seeds) >= 3
+    assert real.precision == "bfloat16" and real.d_model // real.num_heads in (64, 128)
     assert case_config("learn-quick", quick=True).seeds == CASES["learn-quick"].seeds[:1]
     for cfg in CASES.values():
         assert cfg.task.num_facts <= max(cfg.topks)  # the largest budget can hold every fact
@@ -328,3 +333,53 @@ def test_learn_quick_case_learns(tmp_path):
     assert acc["sparsek"] >= 0.6, acc
     assert acc["sparsek"] >= acc["window"] + 0.3, acc
     assert acc["sparsek"] >= acc["sparsek-frozen"] + 0.3, acc
+
+
+def test_bfloat16_precision_trains_under_autocast():
+    """precision="bfloat16" runs the model under autocast (the CUDA kernels' dtype on a GPU);
+    on the CPU the reference takes the bf16 q/k/v with the scorer's float32 scores."""
+    from sparsek.learn.train import attention_path
+
+    cfg = replace(TINY, variants=("sparsek",), topks=TINY.topks[:1], steps=3, precision="bfloat16", device="cpu")
+    result = run(cfg, log=None)
+    assert result["attention_path"] == attention_path(cfg) == "reference: not a CUDA device"
+    r = result["runs"][0]
+    assert math.isfinite(r["loss"]) and r["scorer_grad_norm"] > 0
+    with pytest.raises(ValueError, match="precision"):
+        replace(TINY, precision="float16")
+
+
+def test_fact_auc_equals_all_pairs_count():
+    """The row-wise fact AUC equals the probability over all (fact, non-fact) pairs of a row."""
+    from types import SimpleNamespace
+
+    from sparsek.learn.train import _fact_score_auc
+
+    task = TINY_TASK
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, task.vocab_size, (3, task.seq_len), generator=g)
+    scores = torch.randint(0, 4, (3, 1, task.seq_len), generator=g).float()  # ties on purpose
+    L = task.context_len
+    u, fact = scores[:, 0, :L], tokens[:, :L] >= task.value_start
+    won = pairs = 0.0
+    for b in range(3):
+        for i in range(L):
+            for j in range(L):
+                if fact[b, i] and not fact[b, j]:
+                    won += 1.0 if u[b, i] > u[b, j] else 0.5 if u[b, i] == u[b, j] else 0.0
+                    pairs += 1
+    assert _fact_score_auc(scores, SimpleNamespace(tokens=tokens), task) == pytest.approx(won / pairs, abs=1e-12)
+
+
+def test_curriculum_trains_short_then_long():
+    """short_task/short_steps: the first steps see the short task, the rest the task; the
+    schedule spans both; ms per step and the first scorer gradient belong to the long phase."""
+    short = replace(TINY_TASK, seq_len=TINY_TASK.seq_len // 2)
+    cfg = replace(TINY, variants=("sparsek",), topks=TINY.topks[:1], steps=3, short_task=short, short_steps=2, device="cpu")
+    r = run(cfg, log=None)["runs"][0]
+    assert [c["seq_len"] for c in r["curve"]] == [short.seq_len] * 2 + [TINY_TASK.seq_len] * 3
+    assert r["short_train_s"] > 0 and r["train_s"] > 0 and r["scorer_grad_norm"] is not None
+    with pytest.raises(ValueError, match="go together"):
+        replace(TINY, short_task=short)
+    with pytest.raises(ValueError, match="vocabulary"):
+        replace(TINY, short_task=replace(short, num_values=TINY_TASK.num_values + 1), short_steps=1)

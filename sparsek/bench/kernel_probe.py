@@ -160,6 +160,17 @@ def probe_train(name: str, peaks: dict) -> list[dict]:
     return rows
 
 
+def once_train(name: str) -> None:
+    """One forward + backward through the op on the kernels (for ncu: --once --train)."""
+    case = get_case(name)
+    inp = make_inputs(case)
+    os.environ["SPARSEK_CUDA_BACKWARD"] = "1"
+    leaves = [t.detach().requires_grad_() for t in (inp.q, inp.k, inp.v, inp.scores)]
+    out = sparsek_attention(*leaves, topk=case.topk, window=case.window)
+    torch.autograd.grad(out, leaves, torch.randn_like(out))
+    torch.cuda.synchronize()
+
+
 def breakdown(name: str) -> list[dict]:
     """Device time of every kernel of one selection + attention call (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
@@ -190,11 +201,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="long-16k,long-64k,seed")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--once", action="store_true", help="one selection + attention call per case (for ncu), no timing")
+    ap.add_argument("--once", action="store_true", help="one selection + attention call per case (with --train: one "
+                    "forward + backward) for ncu, no timing")
     ap.add_argument("--breakdown", action="store_true", help="per-kernel device times of one call per case")
     ap.add_argument("--train", action="store_true", help="the backward and the training step instead of the forward")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
+    if args.once and args.train:
+        for name in args.cases.split(","):
+            once_train(name)
+        return 0
     if args.once or args.breakdown:
         for name in args.cases.split(","):
             rows = breakdown(name)

@@ -9,6 +9,11 @@ returns. ``quick=True`` (the CLI's ``--quick``, and CI) keeps only the case's fi
 * ``learn-cpu``: 128 tokens, 8 facts, budgets of 10 to 24 keys, 600 steps, 3 seeds: the run
   committed in benchmarks/learn/ and tabled in docs/learn.md (about 25 minutes on one core).
 * ``learn-full``: 512 tokens, 16 facts, budgets of 24 to 80 keys, 2000 steps; meant for a GPU.
+* ``learn-4k``: 4096 tokens, 16 facts, one budget of K + W = 256 + 128 = 384 keys (9.4% of the
+  context), 3 seeds, the model in bf16 so that SparseK runs on the CUDA kernels, forward and
+  backward: the training path at a real length. A curriculum (``LearnConfig.short_task``): 600
+  steps at 128 tokens learn the retrieval head, then 300 steps at 4096 tokens, where the scorer
+  has to learn which keys to keep. Meant for a GPU with the kernels (sm_90a).
 """
 
 from __future__ import annotations
@@ -67,6 +72,26 @@ CASES: dict[str, LearnConfig] = {
         num_kv_heads=1,
         num_layers=1,
         log_every=250,
+    ),
+    "learn-4k": LearnConfig(
+        task=RetrievalTask(seq_len=4096, num_facts=16, num_queries=8, num_keys=16, num_values=16, num_filler=16),
+        short_task=RetrievalTask(seq_len=128, num_facts=8, num_queries=4, num_keys=16, num_values=16, num_filler=16),
+        short_steps=600,
+        window=128,
+        topks=(256,),
+        seeds=(0, 1, 2),
+        steps=300,
+        batch_size=32,
+        lr=3e-3,
+        warmup_steps=30,
+        eval_size=256,
+        eval_batch=32,
+        d_model=64,  # one head of dimension 64: a head size the kernels support
+        num_heads=1,
+        num_kv_heads=1,
+        num_layers=1,
+        log_every=100,
+        precision="bfloat16",
     ),
 }
 

@@ -67,12 +67,22 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-BEGIN = "<!-- learn-table:begin (written by python -m sparsek.learn.plot; do not edit) -->"
-END = "<!-- learn-table:end -->"
+def markers(case: str) -> tuple[str, str]:
+    """The two lines around a case's table in a markdown file (one table per case)."""
+    return (f"<!-- learn-table:{case}:begin (written by python -m sparsek.learn.plot; do not edit) -->",
+            f"<!-- learn-table:{case}:end -->")
 
 
 def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _precision_note(cfg: dict, result: dict) -> str:
+    """The model's precision and which SparseK attention ran (results before these were
+    recorded ran float32 on the reference)."""
+    if "attention_path" not in result:
+        return ""
+    return f"; model in {cfg.get('precision', 'float32')}, SparseK attention on {result['attention_path']}"
 
 
 def markdown_table(result: dict) -> str:
@@ -85,7 +95,8 @@ def markdown_table(result: dict) -> str:
         f"{_pct(1 / task['num_values'])}); window W = {cfg['window']}; {cfg['steps']} steps of batch "
         f"{cfg['batch_size']}; seeds {seeds}; {cfg['eval_size'] * task['num_queries']} held-out answers per "
         f"run; device {result['device_name']}, {result['threads']} thread{'' if result['threads'] == 1 else 's'}, torch {result['torch']}; "
-        f"wall time {result['wall_s'] / 60:.1f} min for the whole run.",
+        f"wall time {result['wall_s'] / 60:.1f} min for the whole run"
+        f"{_precision_note(cfg, result)}.",
         "",
         "Accuracy is the mean over seeds (min to max in brackets). *Far* counts only answers whose fact "
         "lies beyond the last K + W positions, out of reach of the sliding window. *Recall* is how "
@@ -93,8 +104,8 @@ def markdown_table(result: dict) -> str:
         "well the scores alone rank fact positions above the rest of the context (0.5 = chance, "
         "1 = perfect); both for the SparseK variants only.",
         "",
-        "| K + W | variant | accuracy | far accuracy | selection recall | fact AUC | loss | train s / run |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| K + W | variant | accuracy | far accuracy | selection recall | fact AUC | loss | train s / run | ms / step |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     order = {v: i for i, v in enumerate(VARIANTS)}
     for row in sorted(result["summary"], key=lambda r: (r["budget"], order[r["variant"]])):
@@ -106,12 +117,13 @@ def markdown_table(result: dict) -> str:
         recall = [r["selection_recall"][-1] for r in runs if r["selection_recall"]]
         auc = [r["fact_score_auc"][-1] for r in runs if r.get("fact_score_auc")]
         train_s = sum(r["train_s"] for r in runs) / len(runs)
+        step_ms = 1e3 * sum(r["train_s"] / r["steps"] for r in runs) / len(runs)
         name = "dense (all keys)" if row["variant"] == "dense" else row["variant"]
         lines.append(
             f"| {row['budget']} | {name} | {_pct(row['accuracy'])} ({_pct(row['accuracy_min'])} to "
             f"{_pct(row['accuracy_max'])}) | {_pct(row['far_accuracy'])} | "
             f"{_pct(sum(recall) / len(recall)) if recall else '-'} | "
-            f"{f'{sum(auc) / len(auc):.2f}' if auc else '-'} | {row['loss']:.3f} | {train_s:.0f} |"
+            f"{f'{sum(auc) / len(auc):.2f}' if auc else '-'} | {row['loss']:.3f} | {train_s:.0f} | {step_ms:.1f} |"
         )
     return "\n".join(lines)
 
@@ -130,10 +142,11 @@ def compact_table(result: dict) -> str:
 
 def update_doc(doc: str, result: dict) -> str:
     """``doc`` with the text between the markers replaced by the table of ``result``."""
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    begin, end = markers(result.get("case", "?"))
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     if not pattern.search(doc):
-        raise ValueError(f"the document has no table markers; add the two lines\n{BEGIN}\n{END}")
-    block = f"{BEGIN}\n{markdown_table(result)}\n{END}"
+        raise ValueError(f"the document has no table markers for this case; add the two lines\n{begin}\n{end}")
+    block = f"{begin}\n{markdown_table(result)}\n{end}"
     return pattern.sub(lambda _m: block, doc)
 
 

@@ -36,6 +36,7 @@ from .task import IGNORE_INDEX, RetrievalTask
 _TRAIN_STREAM = 1_000_003
 _EVAL_STREAM = 7_919_000_000
 _EVAL_PER_SEED = 1_000_000
+PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,17 @@ class LearnConfig:
     num_layers: int = 1
     log_every: int = 50
     device: str | None = None  # None: CUDA when available, else CPU
+    # "bfloat16" runs the model under autocast, so q, k and v reach SparseK attention in bf16 and
+    # the CUDA kernels run on a GPU (scores stay float32: the scorer computes them in float32).
+    precision: str = "float32"
+    # A curriculum: the first ``short_steps`` steps train on ``short_task`` (same vocabulary, a
+    # short context), then ``steps`` steps on ``task``. No variant, dense included, learns the
+    # retrieval from scratch at thousands of tokens in a few hundred steps: at initialisation the
+    # answer's key is one of thousands of equally weighted positions. A retrieval head learned on
+    # short sequences carries over (the model has no position embedding), and the comparison at
+    # the real length is then about which keys each variant keeps: the scorer learns there.
+    short_task: RetrievalTask | None = None
+    short_steps: int = 0
 
     def __post_init__(self):
         unknown = [v for v in self.variants if v not in VARIANTS]
@@ -71,12 +83,20 @@ class LearnConfig:
             raise ValueError(f"LearnConfig: variants must be among {VARIANTS}, got {unknown}")
         if not self.topks or any(k < 1 for k in self.topks):
             raise ValueError(f"LearnConfig: topks must be ints >= 1, got {self.topks}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"LearnConfig: precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if (self.short_task is None) != (self.short_steps == 0) or self.short_steps < 0:
+            raise ValueError(f"LearnConfig: short_task and short_steps >= 1 go together, got {self.short_task}, {self.short_steps}")
+        if self.short_task is not None and self.short_task.vocab_size != self.task.vocab_size:
+            raise ValueError(f"LearnConfig: short_task must use task's vocabulary ({self.task.vocab_size} tokens), "
+                             f"got {self.short_task.vocab_size}")
         if self.steps < 1 or self.batch_size < 1 or not self.seeds:
             raise ValueError(f"LearnConfig: steps, batch_size >= 1 and one seed at least, got {self.steps}, {self.batch_size}, {self.seeds}")
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["task"] = self.task.as_dict()
+        d["short_task"] = self.short_task.as_dict() if self.short_task is not None else None
         return d
 
 
@@ -86,11 +106,33 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
+def autocast(cfg: LearnConfig, device: torch.device):
+    """The model's forward under bf16 autocast when cfg.precision asks for it (a no-op otherwise)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bfloat16")
+
+
+def attention_path(cfg: LearnConfig) -> str:
+    """Which SparseK attention runs in this configuration: "cuda kernels" (forward and backward)
+    or "reference: <why>". Asked with inputs of the model's shapes, as the op itself asks."""
+    device = resolve_device(cfg.device)
+    if device.type != "cuda":
+        return "reference: not a CUDA device"
+    from sparsek import _cuda
+
+    dtype = torch.bfloat16 if cfg.precision == "bfloat16" else torch.float32
+    head_dim, S = cfg.d_model // cfg.num_heads, cfg.task.seq_len
+    q = torch.empty(1, cfg.num_heads, S, head_dim, device=device, dtype=dtype)
+    kv = torch.empty(1, cfg.num_kv_heads, S, head_dim, device=device, dtype=dtype)
+    scores = torch.empty(1, cfg.num_kv_heads, S, device=device)
+    reason = _cuda.unsupported_reason(q, kv, kv, scores) or _cuda.backward_reason()
+    return "cuda kernels" if reason is None else f"reference: {reason}"
+
+
 def _lr_at(cfg: LearnConfig, step: int) -> float:
     """Linear warm-up, then cosine decay to a tenth of the peak."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    t = (step - cfg.warmup_steps) / max(1, cfg.short_steps + cfg.steps - cfg.warmup_steps)
     return cfg.lr * (0.1 + 0.45 * (1.0 + math.cos(math.pi * t)))
 
 
@@ -119,7 +161,8 @@ def evaluate(model: RetrievalModel, cfg: LearnConfig, seed: int, device: torch.d
         n = min(cfg.eval_batch, cfg.eval_size - b0)
         batch = cfg.task.sample(n, seed=_EVAL_STREAM + _EVAL_PER_SEED * seed + b0).to(device)
         captured.clear()
-        logits = model(batch.tokens)
+        with autocast(cfg, device):
+            logits = model(batch.tokens)
         for layer, scores in enumerate(captured):
             recall[layer] += int(_fact_selected(scores, model.topk, model.window, batch).sum())
             auc[layer] += _fact_score_auc(scores, batch, cfg.task)
@@ -157,9 +200,14 @@ def _fact_score_auc(scores, batch, task) -> float:
     its own token plus the key through the token shift."""
     u = scores[:, 0, : task.context_len].float()  # (B, L)
     is_fact = batch.tokens[:, : task.context_len] >= task.value_start  # (B, L)
-    above = (u.unsqueeze(2) > u.unsqueeze(1)).float() + 0.5 * (u.unsqueeze(2) == u.unsqueeze(1)).float()  # (B, L, L)
-    pairs = is_fact.unsqueeze(2) & ~is_fact.unsqueeze(1)
-    return float((above * pairs).sum() / pairs.sum())
+    # One row at a time, facts against the rest only: (facts x L) comparisons rather than the
+    # (L x L) of all pairs, which at 4096 tokens would be 64 MiB per sequence.
+    won, pairs = 0.0, 0
+    for row, fact in zip(u, is_fact):
+        f, rest = row[fact].unsqueeze(1), row[~fact].unsqueeze(0)  # (F, 1), (1, L - F)
+        won += float((f > rest).sum() + 0.5 * (f == rest).sum())
+        pairs += f.numel() * rest.numel()
+    return won / pairs
 
 
 def _fact_selected(scores, topk: int, window: int, batch) -> torch.Tensor:
@@ -192,9 +240,10 @@ def build_model(cfg: LearnConfig, variant: str, topk: int, seed: int) -> Retriev
 
 
 def train_model(cfg: LearnConfig, variant: str, topk: int, seed: int, *, log=None) -> tuple[RetrievalModel, dict]:
-    """Train one model for ``cfg.steps`` steps. Returns it with its training diagnostics:
-    training-loss curve, wall time, the gradient norm that reached the SparseK scorers on the
-    first step, and how far the scorers' weights moved."""
+    """Train one model for ``cfg.short_steps`` steps on the short task (if any), then
+    ``cfg.steps`` on the task. Returns it with its training diagnostics: training-loss curve,
+    wall time of each phase, the gradient norm that reached the SparseK scorers on the first step
+    at the task's length, and how far the scorers' weights moved."""
     device = resolve_device(cfg.device)
     model = build_model(cfg, variant, topk, seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -207,29 +256,40 @@ def train_model(cfg: LearnConfig, variant: str, topk: int, seed: int, *, log=Non
     scorer_init = [p.detach().clone() for p in _scorer_params(model)]
     first_scorer_grad = None
     curve = []
+    total = cfg.short_steps + cfg.steps
     t0 = time.perf_counter()
-    for step in range(cfg.steps):
+    short_train_s = 0.0
+    for step in range(total):
+        if step == cfg.short_steps and step > 0:  # the short phase ends: time the task's steps alone
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            short_train_s, t0 = time.perf_counter() - t0, time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = _lr_at(cfg, step) * group["lr_mult"]
-        batch = cfg.task.sample(cfg.batch_size, seed=_TRAIN_STREAM * (seed + 1) + step).to(device)
-        loss = _answer_loss(model(batch.tokens), batch.targets)
+        task = cfg.short_task if step < cfg.short_steps else cfg.task
+        batch = task.sample(cfg.batch_size, seed=_TRAIN_STREAM * (seed + 1) + step).to(device)
+        with autocast(cfg, device):
+            logits = model(batch.tokens)
+        loss = _answer_loss(logits, batch.targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if first_scorer_grad is None:
+        if first_scorer_grad is None and step >= cfg.short_steps:
             grads = [p.grad for p in _scorer_params(model) if p.grad is not None]
             first_scorer_grad = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads))) if grads else 0.0
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            curve.append({"step": step + 1, "train_loss": loss.item()})
+        if (step + 1) % cfg.log_every == 0 or step + 1 == total:
+            curve.append({"step": step + 1, "seq_len": task.seq_len, "train_loss": loss.item()})
             if log:
-                log(f"  {variant:>14} topk={topk:<3} seed={seed} step {step + 1:>5}/{cfg.steps} loss {loss.item():.3f}")
+                log(f"  {variant:>14} topk={topk:<3} seed={seed} step {step + 1:>5}/{total} "
+                    f"({task.seq_len} tokens) loss {loss.item():.3f}")
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t0
     moved = [(p.detach() - p0).norm().item() for p, p0 in zip(_scorer_params(model), scorer_init)]
     return model, {
-        "train_s": train_s,
+        "train_s": train_s,  # the ``steps`` at the task's length (ms per step = 1e3 train_s / steps)
+        "short_train_s": short_train_s,
         "scorer_grad_norm": first_scorer_grad,
         "scorer_change": math.sqrt(sum(m * m for m in moved)) if moved else None,
         "slope": [float(v) for s in model.scorers() for v in _inner(s).slope.detach().cpu()],
@@ -290,6 +350,9 @@ def summarize(runs: list[dict], cfg: LearnConfig) -> list[dict]:
 def run(cfg: LearnConfig, *, log=print) -> dict:
     """Every (variant, topk, seed) of ``cfg``; the result is JSON-ready."""
     device = resolve_device(cfg.device)
+    path = attention_path(cfg)
+    if log:
+        log(f"SparseK attention runs on: {path}")
     t0 = time.perf_counter()
     runs = []
     for seed in cfg.seeds:
@@ -309,6 +372,7 @@ def run(cfg: LearnConfig, *, log=print) -> dict:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "attention_path": path,
         "summary": summarize(runs, cfg),
         "runs": runs,
         "wall_s": time.perf_counter() - t0,
