@@ -7,7 +7,8 @@ document shows anything else, and it fails on a cell of a registered table that 
 accounts for. How to add a figure or a table: docs/figures.md.
 
 Selector: dotted keys; `key[field=value,...]` keeps the list items whose (dotted) field equals
-one of the `|`-separated values (`!=` for the opposite; booleans and null as in JSON), and a key
+one of the `|`-separated values, or the one value in double quotes (which may hold `,` and `|`:
+`impl="backward (op, deterministic)"`; `!=` for the opposite; booleans and null as in JSON), and a key
 after such a filter applies to every kept item. `A / B` divides two selectors. A selector that
 ends with several values needs `reduce`: min, max, count, set (sorted distinct values, ", ",
 lists flattened), fraction ("k/n" of true values). Printing: `scale` multiplies a number, then
@@ -59,12 +60,14 @@ def _get(obj, dotted: str):
 
 
 def _matches(item, filters: str) -> bool:
-    for cond in filters.split(","):
+    # Conditions are split at commas outside double quotes: impl="backward (op, deterministic)".
+    for cond in re.split(r',(?=(?:[^"]*"[^"]*")*[^"]*$)', filters):
         m = re.fullmatch(r"\s*([\w.-]+)\s*(!=|=)\s*(.*?)\s*", cond)
         assert m, f"bad filter {cond!r}"
         field, op, wanted = m.groups()
         value = _get(item, field)
-        hit = value is not _MISSING and _as_text(value) in wanted.split("|")
+        options = [wanted[1:-1]] if len(wanted) >= 2 and wanted[0] == wanted[-1] == '"' else wanted.split("|")
+        hit = value is not _MISSING and _as_text(value) in options
         if hit != (op == "="):
             return False
     return True
