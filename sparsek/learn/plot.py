@@ -77,6 +77,11 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def _curriculum(cfg: dict) -> str:
+    short = cfg.get("short_task")
+    return f"first {cfg['short_steps']} steps at {short['seq_len']} tokens, then " if short else ""
+
+
 def _precision_note(cfg: dict, result: dict) -> str:
     """The model's precision and which SparseK attention ran (results before these were
     recorded ran float32 on the reference)."""
@@ -92,7 +97,7 @@ def markdown_table(result: dict) -> str:
     lines = [
         f"Case `{result.get('case', '?')}`: seq_len {task['seq_len']}, {task['num_facts']} facts, "
         f"{task['num_queries']} queries per sequence, {task['num_values']} values (chance "
-        f"{_pct(1 / task['num_values'])}); window W = {cfg['window']}; {cfg['steps']} steps of batch "
+        f"{_pct(1 / task['num_values'])}); window W = {cfg['window']}; {_curriculum(cfg)}{cfg['steps']} steps of batch "
         f"{cfg['batch_size']}; seeds {seeds}; {cfg['eval_size'] * task['num_queries']} held-out answers per "
         f"run; device {result['device_name']}, {result['threads']} thread{'' if result['threads'] == 1 else 's'}, torch {result['torch']}; "
         f"wall time {result['wall_s'] / 60:.1f} min for the whole run"
