@@ -13,8 +13,11 @@ from . import __version__, _cuda
 def report() -> list[str]:
     sources = _cuda.CSRC
     present = (sources / "binding.cpp").exists()
+    binary = _cuda.prebuilt()
     lines = [
         f"sparsek {__version__} (torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'})",
+        f"prebuilt kernels: {binary} (built with the package; loaded first)" if binary else
+        "prebuilt kernels: none (built just in time from the sources on first use)",
         f"kernel sources: {sources} ({'present' if present else 'missing'})",
         f"nvcc: {shutil.which('nvcc') or 'not on PATH'}",
     ]

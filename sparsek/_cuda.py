@@ -1,8 +1,9 @@
 """The CUDA kernels of csrc/: when they apply, and how they are built and called.
 
-The extension is compiled just in time on first use (cached by torch.utils.cpp_extension under
-TORCH_EXTENSIONS_DIR) for sm_90a. Every reason it cannot run is returned as a sentence so the
-op can warn once and fall back to the reference.
+The extension is the one built ahead of time with the package when there is one (setup.py with
+SPARSEK_BUILD_CUDA=1), else compiled just in time on first use (cached by torch.utils.cpp_extension
+under TORCH_EXTENSIONS_DIR), for sm_90a either way. Every reason it cannot run is returned as a
+sentence so the op can warn once and fall back to the reference.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from . import selection as sel_mod
+from ._flags import CUDA_FLAGS, CXX_FLAGS
 from ._nvtx import annotate
 
 # The kernel sources: sparsek/csrc/ in a wheel or non-editable install (setup.py copies them
@@ -26,14 +28,33 @@ SUPPORTED_HEAD_DIMS = (64, 128)
 ATTN_ROWS = 128  # rows (query x head of a GQA group) per attention CTA: kAttnRows in csrc
 
 
+# An ahead-of-time build (setup.py with SPARSEK_BUILD_CUDA=1) puts the extension next to this file.
+PREBUILT_GLOB = "_C*.so"
+
+
+def prebuilt() -> Path | None:
+    """The extension built ahead of time with the package, if any."""
+    found = sorted(Path(__file__).resolve().parent.glob(PREBUILT_GLOB))
+    return found[0] if found else None
+
+
 @functools.lru_cache(maxsize=None)
 def _build() -> tuple[object | None, str | None]:
-    """Build and load the extension once; returns (torch.ops.sparsek_cuda or None, reason)."""
+    """Load the prebuilt extension, else build it just in time (once, cached by torch); returns
+    (torch.ops.sparsek_cuda or None, reason)."""
     if os.environ.get("SPARSEK_DISABLE_CUDA") == "1":
         return None, "SPARSEK_DISABLE_CUDA=1"
+    binary, load_error = prebuilt(), None
+    if binary is not None:
+        try:
+            torch.ops.load_library(str(binary))
+            return torch.ops.sparsek_cuda, None
+        except Exception as exc:  # e.g. built against another torch: the JIT build still works
+            load_error = f"the prebuilt {binary.name} did not load ({str(exc).strip().splitlines()[0]})"
+            print(f"sparsek: {load_error}; building the kernels just in time instead", file=sys.stderr, flush=True)
     sources = [CSRC / "binding.cpp", *sorted(CSRC.glob("*.cu"))]
     if not (CSRC / "binding.cpp").exists():
-        return None, f"the CUDA sources are not in {CSRC} (installed without csrc/)"
+        return None, load_error or f"the CUDA sources are not in {CSRC} (installed without csrc/)"
     try:
         from torch.utils.cpp_extension import _get_build_directory, load
 
@@ -45,18 +66,8 @@ def _build() -> tuple[object | None, str | None]:
             name="sparsek_cuda",
             sources=[str(s) for s in sources],
             extra_include_paths=[str(CSRC)],
-            # No -std flag: torch.utils.cpp_extension adds the standard its own headers need
-            # (C++17 up to torch 2.13, C++20 from 2.14, whose ATen refuses anything older).
-            extra_cflags=["-O3"],
-            extra_cuda_cflags=[
-                "-O3",
-                # One device target, sm_90a. An arch flag here also stops torch from adding its own
-                # list (from TORCH_CUDA_ARCH_LIST or the GPU), so the user's environment is untouched.
-                "-gencode=arch=compute_90a,code=sm_90a",
-                "--use_fast_math",
-                "-lineinfo",
-                "-Xptxas=-v",
-            ],
+            extra_cflags=CXX_FLAGS,
+            extra_cuda_cflags=CUDA_FLAGS,
             is_python_module=False,
             verbose=os.environ.get("SPARSEK_BUILD_VERBOSE") == "1",
         )

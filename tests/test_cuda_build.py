@@ -2,6 +2,7 @@
 a first build prints, and that the user's environment is left alone."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch.utils.cpp_extension as cpp_extension
@@ -46,3 +47,25 @@ def test_cached_build_prints_nothing(fake_build, capsys):
     (tmp_path / "sparsek_cuda" / "sparsek_cuda.so").write_bytes(b"")
     _cuda._build()
     assert "building" not in capsys.readouterr().err
+
+
+def test_a_prebuilt_binary_that_does_not_load_falls_back_to_the_jit_build(fake_build, capsys, monkeypatch, tmp_path):
+    """A wheel built ahead of time for another torch: one line says so, then the JIT build runs."""
+    calls, _ = fake_build
+    broken = tmp_path / "_C.cpython-311-x86_64-linux-gnu.so"
+    broken.write_bytes(b"not an ELF file")
+    monkeypatch.setattr(_cuda, "prebuilt", lambda: broken)
+    module, reason = _cuda._build()
+    assert module is None and reason.startswith("the CUDA extension failed to build: stub")
+    assert len(calls) == 1  # the JIT build was tried
+    err = capsys.readouterr().err
+    assert f"the prebuilt {broken.name} did not load" in err and "building the kernels just in time instead" in err
+
+
+def test_the_ahead_of_time_build_uses_the_jit_flags():
+    """setup.py reads sparsek/_flags.py, the file the JIT build imports: one list of flags."""
+    from sparsek import _flags
+
+    assert _cuda.CUDA_FLAGS is _flags.CUDA_FLAGS and _cuda.CXX_FLAGS is _flags.CXX_FLAGS
+    setup_py = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
+    assert '"sparsek" / "_flags.py"' in setup_py and 'flags.CUDA_FLAGS' in setup_py

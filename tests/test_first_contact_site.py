@@ -27,14 +27,19 @@ def measured(paths) -> set[tuple[str, str]]:
 
 
 def test_results_files_give_one_history_per_card_with_t3():
-    (history,) = site.load_runs(RUNS)
-    assert history.card == "NVIDIA H200" and history.source == "runs" and not history.cpu
-    got = {key for p in history.points for key in p.speedups}
+    histories = {h.card: h for h in site.load_runs(RUNS)}
+    assert set(histories) == {"NVIDIA H200", "NVIDIA H100 80GB HBM3"}  # the cards of the committed runs
+    for history in histories.values():
+        assert history.source == "runs" and not history.cpu
+        assert [p.date for p in history.points] == sorted(p.date for p in history.points)
+    got = {key for h in histories.values() for p in h.points for key in p.speedups}
     assert got == measured(sorted(RUNS.glob("*.json")))
-    assert {c for t, c in got if t == "T3"} == {f"decode-{ctx}-b{b}" for ctx in ("32k", "128k") for b in (1, 16, 64)}
+    h200 = {key for p in histories["NVIDIA H200"].points for key in p.speedups}
+    assert {c for t, c in h200 if t == "T3"} == {f"decode-{ctx}-b{b}" for ctx in ("32k", "128k") for b in (1, 16, 64)}
+    h100 = {key for p in histories["NVIDIA H100 80GB HBM3"].points for key in p.speedups}
+    assert {t for t, _ in h100} == {"T1-train", "T2-train"}  # runs of different cards never share a history
     # A file written without git names its commit only in its file name.
-    assert "e9a1520" in [p.commit for p in history.points]
-    assert [p.date for p in history.points] == sorted(p.date for p in history.points)
+    assert "e9a1520" in [p.commit for p in histories["NVIDIA H200"].points]
 
 
 def test_the_page_draws_every_tier_and_case_with_results_and_skips_empty_machines():

@@ -45,3 +45,54 @@ def test_installed_package_reports_its_kernels(installed, tmp_path):
     assert f"kernel sources: {installed / 'sparsek' / 'csrc'} (present)" in res.stdout
     if "GPU: none" in res.stdout:
         assert "forward kernels: do not run here: CUDA is not available" in res.stdout
+
+
+def _cuda_build_tools() -> str | None:
+    """Why the ahead-of-time build cannot run here, or None (torch with CUDA, and nvcc)."""
+    import shutil
+
+    import torch
+
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU build: CUDAExtension needs torch's CUDA libraries"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None or not shutil.which("nvcc", path=str(Path(CUDA_HOME) / "bin")):
+        return "no CUDA toolkit (nvcc) found by torch.utils.cpp_extension"
+    return None
+
+
+@pytest.mark.slow
+def test_ahead_of_time_wheel_carries_the_compiled_kernels(tmp_path_factory, tmp_path):
+    """SPARSEK_BUILD_CUDA=1 compiles the extension into the wheel (sparsek/_C*.so); installed
+    outside the source tree, sparsek finds it, `python -m sparsek` reports it, and it loads and
+    registers the ops (no GPU is needed to load it, only to run it)."""
+    reason = _cuda_build_tools()
+    if reason:
+        pytest.skip(reason)
+    wheels, target = tmp_path_factory.mktemp("aot-wheels"), tmp_path_factory.mktemp("aot-site")
+    env = {**os.environ, "SPARSEK_BUILD_CUDA": "1", "MAX_JOBS": os.environ.get("MAX_JOBS", "2")}
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                          str(wheels), str(REPO)], capture_output=True, text=True, timeout=3600, env=env)
+    assert res.returncode == 0, res.stderr[-4000:]
+    (wheel,) = wheels.glob("sparsek-*.whl")
+    assert "none-any" not in wheel.name, f"{wheel.name}: a wheel with compiled code is platform-specific"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, timeout=600)
+    code = ("import sparsek._cuda as c, torch\n"
+            "b = c.prebuilt(); print(b)\n"
+            "torch.ops.load_library(str(b))\n"
+            "print(all(hasattr(torch.ops.sparsek_cuda, op) for op in ('select', 'attention_fwd', 'attention_bwd')))\n")
+    res = _python(target, code, tmp_path)
+    assert res.returncode == 0, res.stderr
+    binary, registered = res.stdout.split()
+    assert Path(binary).parent == target / "sparsek" and Path(binary).name.startswith("_C"), binary
+    assert registered == "True"
+    res = _python(target, "import runpy; runpy.run_module('sparsek', run_name='__main__')", tmp_path)
+    assert res.returncode == 0 and f"prebuilt kernels: {binary}" in res.stdout, res.stdout + res.stderr
+
+
+def test_a_setup_flag_other_than_0_or_1_is_refused(tmp_path):
+    res = subprocess.run([sys.executable, str(REPO / "setup.py"), "--name"], capture_output=True, text=True,
+                         env={**os.environ, "SPARSEK_BUILD_CUDA": "yes"}, cwd=tmp_path, timeout=120)
+    assert res.returncode != 0 and "SPARSEK_BUILD_CUDA must be 0 or 1, got 'yes'" in res.stderr

@@ -21,6 +21,8 @@ from .cases import TRAIN_SHAPES, Case
 WIDTH = 100
 # A reason's first sentence is cut to this many characters.
 REASON_LIMIT = 120
+# How sparsek.bench.device words a timed loop whose SM clock readings fell low (one per loop).
+LOW_CLOCK_PREFIX = "SM clock under"
 # Where a library's exception text starts inside a reason: "(RuntimeError: ...", ": ValueError: ...".
 _EXCEPTION = re.compile(r"[:(]\s*(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception|Warning)\b")
 _EXCEPTION_NAME = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception|Warning)$")
@@ -198,9 +200,20 @@ def header(doc: dict) -> str:
     if throttled is None:
         lines.append("clocks: not sampled (no NVML or no GPU case)")
     else:
-        reasons = sorted({w for r in doc.get("records", []) if r.get("clocks") for w in r["clocks"].get("throttle_reasons", [])})
-        lines.append(f"clocks during timed loops: {'THROTTLED (' + '; '.join(reasons) + ')' if throttled else 'not throttled'}")
+        lines.append(f"clocks during timed loops: {_throttle_summary(doc) if throttled else 'not throttled'}")
     return "\n".join(lines)
+
+
+def _throttle_summary(doc: dict) -> str:
+    """One short line for a throttled run: in how many timed loops, the NVML reasons named once,
+    and in how many loops the SM clock itself fell low (per-loop counts are in the records)."""
+    timed = [r for r in doc.get("records", []) if r.get("clocks")]
+    flagged = [r for r in timed if r["clocks"].get("throttled")]
+    reasons = [w for r in flagged for w in r["clocks"].get("throttle_reasons", [])]
+    named = sorted({w for w in reasons if not w.startswith(LOW_CLOCK_PREFIX)})
+    low = sum(1 for r in flagged if any(w.startswith(LOW_CLOCK_PREFIX) for w in r["clocks"].get("throttle_reasons", [])))
+    parts = named + ([f"SM clock low in {low}"] if low else [])
+    return f"THROTTLED in {len(flagged)} of {len(timed)} timed loops" + (f" ({'; '.join(parts)})" if parts else "")
 
 
 def _error_cell(err: dict | None) -> str:
