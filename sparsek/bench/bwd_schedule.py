@@ -1,0 +1,87 @@
+"""How much work a key-major backward schedule would visit, from a case's real selection (CPU).
+
+A key-major dK/dV pass owns a tile of keys and walks the queries that attend them, keeping dK and
+dV in registers (no atomics). Key j is attended by its window, queries [j, j + W), and by the one
+run of queries that select it, [j + W, end_j). A tile visits every query from its first to its
+last, so the schedule wastes work where a tile's keys have runs of different lengths. This tool
+counts, for the case's own scores and selection, the pairs a schedule visits over the pairs
+attended:
+
+* ``consecutive``: tiles of consecutive keys over their whole range [j, max(j + W, end_j)) (the
+  plain FlashAttention-2 key-major order);
+* ``window band``: the same tiles over the window only, [j, j + W) (a band: tiles of consecutive keys
+  waste only the band's corner);
+* ``selected, by start`` / ``selected, by end``: only the keys selected beyond their window,
+  compacted and sorted by j or by end_j, over their runs [j + W, end_j).
+
+    python -m sparsek.bench.bwd_schedule --case long-16k --kv-heads 2 --json OUT.json
+
+Scores are the suite's (``realistic_scores``, the case's seed); the selection is the reference's,
+so a 64k case takes minutes on a CPU. docs/perf-notes.md reads the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from .. import selection as sel_mod
+from .cases import get_case, realistic_scores
+
+
+def visits(end: torch.Tensor, window: int, tile: int) -> dict:  # end: (S,) int64 of one kv head
+    """Visited pairs over attended pairs of each schedule, for one kv head's selection."""
+    S = end.numel()
+    j = torch.arange(S)
+    reach = torch.clamp(torch.maximum(j + window, end), max=S)  # queries of key j: [j, reach_j)
+    n = S // tile * tile
+    tiles_j, tiles_reach = j[:n].view(-1, tile), reach[:n].view(-1, tile)
+    out = {"attended_pairs": int((reach - j).sum()),
+           "consecutive": float((tile * (tiles_reach.max(1).values - tiles_j[:, 0])).sum() / (reach[:n] - j[:n]).sum())}
+    band = torch.clamp(j + window, max=S) - j
+    band_t = torch.clamp(tiles_j[:, -1] + window, max=S) - tiles_j[:, 0]
+    out["window band"] = float((tile * band_t).sum() / band[:n].sum())
+    runs = (end - (j + window)).clamp(min=0)
+    live = (runs > 0).nonzero().squeeze(1)
+    out["keys selected beyond the window"] = live.numel() / S
+    for order, key in (("by start", live), ("by end", live[end[live].argsort(stable=True)])):
+        m = key.numel() // tile * tile
+        if m == 0:
+            out[f"selected, {order}"] = None
+            continue
+        t = key[:m].view(-1, tile)
+        visited = tile * (end[t].max(1).values - (t + window).min(1).values)
+        out[f"selected, {order}"] = float(visited.sum() / runs[key[:m]].sum())
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--case", default="long-16k", help="a prefill or train case (default long-16k)")
+    ap.add_argument("--kv-heads", type=int, default=2, help="kv heads to select (default 2; the statistics are per head)")
+    ap.add_argument("--tiles", default="16,64", help="key tile sizes (default 16,64)")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+    case = get_case(args.case)
+    scores = realistic_scores(case.batch, args.kv_heads, case.seq_len, torch.Generator().manual_seed(case.seed),
+                              torch.device("cpu"))
+    sel = sel_mod.select(scores[:1], case.topk, case.window)
+    rows = []
+    for h in range(args.kv_heads):
+        for tile in (int(t) for t in args.tiles.split(",")):
+            row = {"case": case.name, "kv_head": h, "tile": tile, **visits(sel.end[0, h].long(), case.window, tile)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": "python -m sparsek.bench.bwd_schedule " + " ".join(argv or sys.argv[1:]),
+                       "case": case.name, "seq_len": case.seq_len, "topk": case.topk, "window": case.window,
+                       "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
