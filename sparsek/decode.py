@@ -11,11 +11,12 @@ The state of one (batch, kv head) pair (docs/decode.md derives all of it) always
   that leaves the window when token ``L`` arrives is a candidate already (its score has been known
   since it arrived), so a step's selection is ready before the step starts. With ``window == 0`` the
   new token is itself a candidate, so its own step must insert it first.
-* the **soft set**: every candidate score ``u > tau``, unordered, in a fixed-capacity array.
-  ``tau`` never decreases, so a key with ``u <= tau`` has gate 0 now and forever and is dropped;
-  the keys that remain are exactly what the next ``tau`` depends on. Its size is not bounded by
-  ``topk`` in general (equal scores all share the soft band), so the capacity is a parameter
-  (default ``4 * topk``) and exceeding it is an error, never a silent approximation.
+* the **soft set**: every candidate score ``u > tau``, unordered, in an array of ``soft_capacity``
+  entries to start with. ``tau`` never decreases, so a key with ``u <= tau`` has gate 0 now and
+  forever and is dropped; the keys that remain are exactly what the next ``tau`` depends on. Its
+  size is not bounded by ``topk`` in general (equal scores all share the soft band): the reference
+  path doubles the array when it must (the key/value slots never grow), the CUDA path reports an
+  overflow through the status (its kernels cannot grow it yet). Never a silent approximation.
 * ``tau`` (float64, exact), the candidate slots' scores and positions (the tie rule of the top-k:
   score, then the larger position), the window slots' scores, the token count and a status.
 
@@ -27,10 +28,14 @@ new token takes its ring slot. Because the attention never reads what that prepa
 spare slot, the new token's ring slot, the next tau), the CUDA kernels run the two concurrently.
 Stepping through a sequence reproduces the prefill op row by row (tests/test_decode.py).
 
-Two paths compute the same step: a pure-PyTorch reference (any device, any float dtype) and the
-CUDA kernels of csrc/decode_*.cu (sm_90a, fp16/bf16, head dim 64/128, float32 scores), chosen like
+Two paths compute the same step: a pure-PyTorch reference (any device, any float dtype; registered
+as the operator ``sparsek::decode_step`` so that ``torch.compile`` traces it) and the CUDA kernels
+of csrc/decode_*.cu (sm_90a, fp16/bf16, head dim 64/128, float32 scores), chosen like
 ``sparsek.ops``: the kernels when they support the cache, else the reference with a one-time
 warning naming the reason.
+
+For serving, the batch rows are slots that sequences come and go through: ``prefill_slot`` starts
+one from its prompt, ``evict`` frees it, ``step(..., active=mask)`` steps only the live ones.
 """
 
 from __future__ import annotations
@@ -73,7 +78,8 @@ class SparseKCacheError(RuntimeError):
 
 @dataclass
 class DecodeState:
-    """The tensors of a decode cache; all fixed-size, so the memory never grows with the context."""
+    """The tensors of a decode cache. All have a fixed size except the soft set, which the reference
+    path doubles when the scores pack into the threshold's unit band; the key/value slots never grow."""
 
     k_slots: Tensor  # (B, Hkv, W + K + 1, D): [0, W) window ring, [W, W + K + 1) candidate slots
     v_slots: Tensor  # (B, Hkv, W + K + 1, D)
@@ -131,6 +137,33 @@ def _check_tensor(name: str, t, shape: tuple, dtype: torch.dtype | tuple, device
         _fail(f"{name} must be {' or '.join(str(d) for d in dtypes)}, got {t.dtype}", TypeError)
     if t.device != device:
         _fail(f"{name} is on {t.device} but the cache is on {device}")
+
+
+def _check_finite_context(scores: Tensor, lengths: Tensor, batched: bool = True) -> None:
+    """scores (B, H, S) must be finite within each sequence's lengths (B,); padding is never read.
+    batched=False: one sequence's scores (1, H, S), reported as indices of (H, S)."""
+    S = scores.shape[-1]
+    inside = torch.arange(S, device=scores.device).view(1, 1, S) < lengths.view(-1, 1, 1)
+    if not bool((torch.isfinite(scores) | ~inside).all()):
+        bad = tuple((~torch.isfinite(scores) & inside).nonzero()[0].tolist())
+        _fail(f"scores must be finite, got {scores[bad].item()} at index {bad if batched else bad[1:]}")
+
+
+_warned_grad: set[str] = set()
+
+
+def _detached(where: str, *tensors: Tensor) -> tuple:
+    """The tensors without autograd history. The cache has no backward, and a graph through its
+    state would keep every step's inputs alive (memory growing with the context), so inputs that
+    require grad are detached; with grad mode on that is worth one warning per entry point."""
+    if not any(t.requires_grad for t in tensors):
+        return tensors
+    if torch.is_grad_enabled() and where not in _warned_grad:
+        _warned_grad.add(where)
+        warnings.warn(f"sparsek: SparseKCache.{where} got inputs that require grad; the cache has no backward, so "
+                      f"they are detached (the state and the outputs carry no gradient). Run decode under "
+                      f"torch.no_grad() or torch.inference_mode() to avoid this warning.", UserWarning, stacklevel=3)
+    return tuple(t.detach() for t in tensors)
 
 
 def _rows16(t: Tensor) -> Tensor:
@@ -229,7 +262,7 @@ def _add_candidate(st: DecodeState, kx: Tensor, vx: Tensor, ux: Tensor, x_pos: T
         tau, soft, count, needed = _advance_tau(st.soft, st.soft_count, ux, st.tau, K, solve)
         if bool((needed > C).any()):
             b, h = (needed > C).nonzero()[0].tolist()
-            raise SparseKCacheError(_overflow_message(b, h, int(needed[b, h]), C))
+            raise SparseKCacheError(_fixed_overflow_message(b, h, int(needed[b, h]), C))
         st.tau.copy_(tau)
         st.soft.copy_(soft)
         st.soft_count.copy_(count)
@@ -288,29 +321,33 @@ def reference_attention(st: DecodeState, q: Tensor, k_new: Tensor, v_new: Tensor
 
 
 def reference_step(st: DecodeState, q: Tensor, k_new: Tensor, v_new: Tensor, score_new: Tensor, topk: int, window: int,
-                   scale: float) -> Tensor:
+                   scale: float, active: Tensor | None = None) -> Tensor:
     """One step in place: q (B, Hq, 1, D), k_new, v_new (B, Hkv, 1, D), score_new (B, Hkv) -> the
     query's output (B, Hq, 1, D) in q's dtype.
 
     window >= 1: attend first (the state holds this query's selection), then make the key that
     leaves the window at the next step a candidate and put the new token into the ring. window == 0:
-    the new token is a candidate of its own query, so it is added first. Raises SparseKCacheError
-    without changing the state when the soft set would overflow.
+    the new token is a candidate of its own query, so it is added first. active (B,) bool, default
+    all: an inactive row's state is left as it is, its inputs are never read into the state and its
+    output is zeros. Raises SparseKCacheError without changing the state when the soft set would
+    overflow (this function never grows it: ``SparseKCache.step`` makes room first).
     """
     B, H, NS, D = st.k_slots.shape
     W = window
     dev = st.k_slots.device
     bi = torch.arange(B, device=dev).view(B, 1).expand(B, H)
     hi = torch.arange(H, device=dev).view(1, H).expand(B, H)
+    act = torch.ones(B, H, dtype=torch.bool, device=dev) if active is None else active.view(B, 1).expand(B, H)
     pos = st.lengths.long()
-    if bool((pos >= INT32_MAX).any()):
+    if bool(((pos >= INT32_MAX) & act).any()):
         raise SparseKCacheError(f"{_FN}: positions are int32 and a sequence reached {INT32_MAX} tokens")
     kn, vn = k_new[:, :, 0], v_new[:, :, 0]  # (B, H, D)
     if score_new.dim() == 3:  # (B, H, 1), as step accepts it
         score_new = score_new[..., 0]
     un = score_new.to(st.soft.dtype)
+    none = torch.full_like(pos, -1)  # an inactive row adds no candidate (x_pos < 0 = none)
     if W == 0:
-        _add_candidate(st, kn, vn, un, pos, topk)
+        _add_candidate(st, kn, vn, un, torch.where(act, pos, none), topk)
         out = reference_attention(st, q, k_new, v_new, pos, W, scale)
     else:
         out = reference_attention(st, q, k_new, v_new, pos, W, scale)
@@ -321,20 +358,75 @@ def reference_step(st: DecodeState, q: Tensor, k_new: Tensor, v_new: Tensor, sco
             kx, vx, ux = kn, vn, un
         else:
             kx, vx, ux = st.k_slots[bi, hi, nxt], st.v_slots[bi, hi, nxt], st.win_score[bi, hi, nxt]
-        _add_candidate(st, kx, vx, ux, pos + 1 - W, topk)
+        _add_candidate(st, kx, vx, ux, torch.where(act, pos + 1 - W, none), topk)
         ring = pos % W
-        st.k_slots[bi, hi, ring] = kn
-        st.v_slots[bi, hi, ring] = vn
-        st.win_score[bi, hi, ring] = un
-    st.lengths += 1
-    return out
+        st.k_slots[bi[act], hi[act], ring[act]] = kn[act]
+        st.v_slots[bi[act], hi[act], ring[act]] = vn[act]
+        st.win_score[bi[act], hi[act], ring[act]] = un[act]
+    st.lengths += act.to(st.lengths.dtype)
+    if active is None:
+        return out
+    return torch.where(active.view(B, 1, 1, 1), out, torch.zeros((), dtype=out.dtype, device=dev))
+
+
+# The step as an operator, so that torch.compile traces a function that steps a cache without a graph
+# break (the fake below gives the output's shape; the state is updated in place, hence mutates_args).
+# It runs the reference on any device; the CUDA kernels are torch.ops.sparsek_cuda.decode_step.
+@torch.library.custom_op(
+    "sparsek::decode_step",
+    mutates_args=("k_slots", "v_slots", "slot_score", "slot_pos", "spare", "win_score", "soft", "soft_count", "tau",
+                  "lengths"),
+)
+def decode_step_op(
+    q: Tensor,  # (B, Hq, 1, D)
+    k_new: Tensor,  # (B, Hkv, 1, D)
+    v_new: Tensor,  # (B, Hkv, 1, D)
+    score_new: Tensor,  # (B, Hkv)
+    active: Tensor,  # (B,) bool
+    k_slots: Tensor,  # (B, Hkv, W + K + 1, D)
+    v_slots: Tensor,  # (B, Hkv, W + K + 1, D)
+    slot_score: Tensor,  # (B, Hkv, K + 1)
+    slot_pos: Tensor,  # (B, Hkv, K + 1) int32
+    spare: Tensor,  # (B, Hkv) int32
+    win_score: Tensor,  # (B, Hkv, W)
+    soft: Tensor,  # (B, Hkv, C)
+    soft_count: Tensor,  # (B, Hkv) int32
+    tau: Tensor,  # (B, Hkv) float64
+    lengths: Tensor,  # (B, Hkv) int32
+    topk: int,
+    window: int,
+    scale: float,
+) -> Tensor:
+    """``reference_step`` on the given state tensors -> (B, Hq, 1, D) in q's dtype, zeros for inactive
+    rows. Checks here what depends on values (finite scores), so the caller's checks need no sync."""
+    bad = ~torch.isfinite(score_new) & active.view(-1, 1)
+    if bool(bad.any()):
+        b, h = bad.nonzero()[0].tolist()
+        _fail(f"score_new must be finite, got {score_new[b, h].item()} at batch {b}, kv head {h}")
+    status = torch.zeros(*spare.shape, 2, dtype=torch.int32, device=spare.device)  # the reference never sets it
+    st = DecodeState(k_slots, v_slots, slot_score, slot_pos, spare, win_score, soft, soft_count, tau, lengths, status)
+    return reference_step(st, q, k_new, v_new, score_new, topk, window, scale, active)
+
+
+@decode_step_op.register_fake
+def _(q, k_new, v_new, score_new, active, k_slots, v_slots, slot_score, slot_pos, spare, win_score, soft, soft_count, tau,
+      lengths, topk, window, scale):
+    return q.new_empty(q.shape)
+
+
+def _fixed_overflow_message(b: int, h: int, needed: int, capacity: int) -> str:
+    return (f"{_FN}: the soft set of batch {b}, kv head {h} needs {needed} entries but holds {capacity}, and this "
+            f"step cannot grow it (inside torch.compile its size is fixed, as it is for reference_step called "
+            f"directly). Call cache.reserve(steps) before the compiled region, or step eagerly: an eager step "
+            f"of the reference path doubles the soft set when it must. The state is unchanged.")
 
 
 def _overflow_message(b: int, h: int, needed: int, capacity: int) -> str:
     return (f"{_FN}: the soft set of batch {b}, kv head {h} needs {needed} entries but soft_capacity={capacity}. "
             f"Every candidate score within the threshold's unit band stays in it, so scores packed closer than "
             f"1 apart need more room; rebuild the cache with a larger soft_capacity (4 bytes per entry per "
-            f"sequence and kv head). The sequence's outputs are NaN until then.")
+            f"sequence and kv head): the CUDA path cannot grow it yet (the reference path does). The sequence's "
+            f"outputs are NaN until then.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,8 +446,10 @@ class SparseKCache:
         dtype: key/value dtype (float16/bfloat16 for the CUDA kernels; float32/64 run the reference).
         device: where the cache lives.
         score_dtype: float32 (float64 is accepted for float64 caches, reference only).
-        soft_capacity: room for candidate scores above tau per (batch, kv head); default 4 * topk;
-            must exceed topk. Overflow raises ``SparseKCacheError`` (see docs/decode.md).
+        soft_capacity: initial room for candidate scores above tau per (batch, kv head); default
+            4 * topk; must exceed topk. The reference path doubles the room when a context needs
+            more (``soft_allocated`` is the room now); the CUDA path raises ``SparseKCacheError``
+            instead, as its kernels cannot grow it yet (see docs/decode.md).
         scale: softmax scale, default head_dim ** -0.5.
         backend: "auto" (CUDA kernels when they support the cache, else the reference with a
             warning), "cuda" (raise if the kernels cannot run) or "reference".
@@ -364,7 +458,13 @@ class SparseKCache:
             (for CUDA graphs). The reference checks every step.
         num_splits: CUDA path: splits of the slots per (batch, kv head); 0 = automatic.
 
-    Use ``SparseKCache.from_prefill(k, v, scores, ...)`` to start from a context.
+    Use ``SparseKCache.from_prefill(k, v, scores, ...)`` to start from a context. In a serving loop
+    the batch rows are slots: ``prefill_slot(b, ...)`` starts a sequence in slot b from its prompt,
+    ``evict(b)`` frees it, and ``step(..., active=mask)`` steps only the slots that hold a sequence.
+
+    The cache has no backward: inputs that require grad are detached, with a one-time warning
+    (a graph through the state would grow with every step; run decode under ``torch.no_grad()``
+    or ``torch.inference_mode()``).
     """
 
     def __init__(
@@ -458,6 +558,8 @@ class SparseKCache:
         """The cache after the context (k, v, scores); the next ``step`` is position ``lengths[b]``.
 
         ``options`` are the constructor's keyword arguments (soft_capacity, scale, backend, ...).
+        On the reference path the soft set starts larger than soft_capacity when the context needs
+        it; on the CUDA path that raises ``SparseKCacheError``.
         """
         for name, t in (("k", k), ("v", v), ("scores", scores)):
             if not isinstance(t, Tensor):
@@ -482,73 +584,168 @@ class SparseKCache:
             L = L.long()
             if bool(((L < 0) | (L > S)).any()):
                 _fail(f"lengths must be in [0, S={S}], got {L.tolist()}")
-        inside = torch.arange(S, device=k.device).view(1, 1, S) < L.view(B, 1, 1)
-        if not bool((torch.isfinite(scores) | ~inside).all()):
-            bad = (~torch.isfinite(scores) & inside).nonzero()[0].tolist()
-            _fail(f"scores must be finite, got {scores[tuple(bad)].item()} at index {tuple(bad)}")
+        _check_finite_context(scores, L)
+        k, v, scores = _detached("from_prefill", k, v, scores)
         cache = cls(B, H, D, topk=topk, window=window, dtype=k.dtype, device=k.device, score_dtype=scores.dtype, **options)
         cache._fill(k, v, scores, L)
         return cache
 
-    def _fill(self, k: Tensor, v: Tensor, scores: Tensor, L: Tensor) -> None:
-        st = self.state
-        B, H, S, D = k.shape
-        K, W, C = self.topk, self.window, self.soft_capacity
+    def prefill_slot(
+        self,
+        b: int,
+        k: Tensor,  # (Hkv, L, D)
+        v: Tensor,  # (Hkv, L, D)
+        scores: Tensor,  # (Hkv, L) in the cache's score dtype
+    ) -> None:
+        """Start a new sequence in slot b from its prompt of L tokens (L = 0: an empty sequence),
+        replacing whatever the slot held; the other slots are not touched. Its next ``step`` is
+        position L. Refused arguments (and, on the CUDA path, a prompt whose soft set needs more
+        than ``soft_allocated``) raise before the slot changes."""
+        B, H, D = self.batch, self.kv_heads, self.head_dim
+        b = _check_int("b", b, 0, B - 1)
+        if not isinstance(k, Tensor) or k.dim() != 3 or k.shape[0] != H or k.shape[2] != D:
+            shape = tuple(k.shape) if isinstance(k, Tensor) else type(k).__name__
+            _fail(f"k must be (Hkv={H}, L, D={D}), got {shape}")
+        L = k.shape[1]
+        _check_tensor("k", k, (H, L, D), self.dtype, self.device, "(Hkv, L, D)")
+        _check_tensor("v", v, (H, L, D), self.dtype, self.device, "(Hkv, L, D)")
+        _check_tensor("scores", scores, (H, L), self.score_dtype, self.device, "(Hkv, L)")
+        if L >= INT32_MAX:
+            _fail(f"the prompt length must be < {INT32_MAX} (positions are int32), got {L}")
+        k, v, scores = _detached("prefill_slot", k, v, scores)
+        lengths = torch.full((1,), L, dtype=torch.long, device=self.device)
+        _check_finite_context(scores.unsqueeze(0), lengths, batched=False)
+        if L == 0:
+            self._reset_rows(b, b + 1)
+            return
+        self._fill(k.unsqueeze(0), v.unsqueeze(0), scores.unsqueeze(0), lengths, first=b)
+
+    def evict(self, b: int) -> None:
+        """Free slot b: it holds an empty sequence again (as in a new cache), so stepping it without
+        ``active`` masking it out would start a sequence there. The soft set keeps its room."""
+        b = _check_int("b", b, 0, self.batch - 1)
+        self._reset_rows(b, b + 1)
+
+    def reserve(self, steps: int) -> None:
+        """Make room in the soft set for ``steps`` more steps of every sequence (each step adds at
+        most one entry). A compiled region cannot grow the soft set (its shape is part of the
+        graph), so call this before one that runs ``steps`` steps. Reference path only: on the
+        CUDA path a reserve that needs more room raises ``SparseKCacheError``."""
+        steps = _check_int("steps", steps, 0)
+        self._make_room(self.state.soft_count.long() + steps, 0, "(reserving room for the next steps)")
+
+    def _fill(self, k: Tensor, v: Tensor, scores: Tensor, L: Tensor, first: int = 0) -> None:
+        """Write the state of the sequences (k, v, scores) after L tokens into rows [first, first + n).
+
+        k, v (n, Hkv, S, D); scores (n, Hkv, S); L (n,) int64 with S >= 1. The soft set's room is
+        settled before anything is written, so a refused fill leaves the rows as they were.
+        """
+        n_seq, H, S, D = k.shape
+        K, W = self.topk, self.window
+        rows = slice(first, first + n_seq)
         dev = k.device
         zero = torch.zeros((), dtype=k.dtype, device=dev)
-
-        # window: slot r holds the last position q < L with q % W == r (none when q < 0)
-        if W > 0:
-            last = (L - 1).view(B, 1)
-            q_pos = last - (last - torch.arange(W, device=dev).view(1, W)) % W  # (B, W)
-            present = (q_pos >= 0).view(B, 1, W)
-            idx = q_pos.clamp(min=0).view(B, 1, W).expand(B, H, W)
-            rows = idx.unsqueeze(-1).expand(B, H, W, D)
-            st.k_slots[:, :, :W] = torch.where(present.unsqueeze(-1), k.gather(2, rows), zero)
-            st.v_slots[:, :, :W] = torch.where(present.unsqueeze(-1), v.gather(2, rows), zero)
-            st.win_score.copy_(torch.where(present, scores.gather(-1, idx), torch.zeros((), dtype=scores.dtype, device=dev)))
 
         # candidates: positions [0, n) (with a window, the key that leaves it at the next step is one
         # already); the top-k by (score, position) in candidate slots [0, K), in position order while
         # n <= K; the spare is slot K
-        n = candidates(L, W)  # (B,)
+        n = candidates(L, W)  # (n_seq,)
         width = max(S, K)
-        cand = torch.full((B, H, width), float("-inf"), dtype=torch.float64, device=dev)
+        cand = torch.full((n_seq, H, width), float("-inf"), dtype=torch.float64, device=dev)
         j = torch.arange(S, device=dev).view(1, 1, S)
-        cand[..., :S] = torch.where(j < n.view(B, 1, 1), scores.to(torch.float64), torch.full_like(cand[..., :S], float("-inf")))
+        cand[..., :S] = torch.where(j < n.view(-1, 1, 1), scores.to(torch.float64), torch.full_like(cand[..., :S], float("-inf")))
+        # tau: exact for sequences with more than K candidates
+        tau = torch.full((n_seq, H), float("-inf"), dtype=torch.float64, device=dev)
+        for i in (n > K).nonzero().flatten().tolist():  # one solve per sequence: lengths differ
+            tau[i] = last_tau(scores[i : i + 1, :, : int(n[i])], K)[0]
+        # soft set: every candidate score above tau
+        keep = cand > tau.unsqueeze(-1)  # -inf never passes
+        count = keep.sum(-1)  # (n_seq, H)
+        self._make_room(count, first, "(while building the cache from the context)")
+        st, C = self.state, self.soft_allocated
+
+        # window: slot r holds the last position q < L with q % W == r (none when q < 0)
+        if W > 0:
+            last = (L - 1).view(-1, 1)
+            q_pos = last - (last - torch.arange(W, device=dev).view(1, W)) % W  # (n_seq, W)
+            present = (q_pos >= 0).view(-1, 1, W)
+            idx = q_pos.clamp(min=0).view(-1, 1, W).expand(n_seq, H, W)
+            win_rows = idx.unsqueeze(-1).expand(n_seq, H, W, D)
+            st.k_slots[rows, :, :W] = torch.where(present.unsqueeze(-1), k.gather(2, win_rows), zero)
+            st.v_slots[rows, :, :W] = torch.where(present.unsqueeze(-1), v.gather(2, win_rows), zero)
+            st.win_score[rows] = torch.where(present, scores.gather(-1, idx), torch.zeros((), dtype=scores.dtype, device=dev))
+
         # stable ascending sort: equal scores stay in position order, so the tail (the top-k)
         # prefers the larger position, the tie rule of the selection
         top = torch.sort(cand, dim=-1, stable=True).indices[..., width - K:]
-        in_order = torch.arange(K, device=dev).view(1, 1, K).expand(B, H, K)
-        pos = torch.where((n > K).view(B, 1, 1), top, in_order)
-        present = torch.arange(K, device=dev).view(1, 1, K) < n.clamp(max=K).view(B, 1, 1)
+        in_order = torch.arange(K, device=dev).view(1, 1, K).expand(n_seq, H, K)
+        pos = torch.where((n > K).view(-1, 1, 1), top, in_order)
+        present = torch.arange(K, device=dev).view(1, 1, K) < n.clamp(max=K).view(-1, 1, 1)
         pos = torch.where(present, pos, torch.zeros_like(pos)).clamp(max=S - 1)
-        rows = pos.unsqueeze(-1).expand(B, H, K, D)
-        st.k_slots[:, :, W : W + K] = torch.where(present.unsqueeze(-1), k.gather(2, rows), zero)
-        st.v_slots[:, :, W : W + K] = torch.where(present.unsqueeze(-1), v.gather(2, rows), zero)
-        st.slot_score[..., :K].copy_(torch.where(present, scores.gather(-1, pos), torch.zeros((), dtype=scores.dtype, device=dev)))
-        st.slot_pos[..., :K].copy_(torch.where(present, pos, torch.full_like(pos, -1)).to(torch.int32))
+        cand_rows = pos.unsqueeze(-1).expand(n_seq, H, K, D)
+        st.k_slots[rows, :, W : W + K] = torch.where(present.unsqueeze(-1), k.gather(2, cand_rows), zero)
+        st.v_slots[rows, :, W : W + K] = torch.where(present.unsqueeze(-1), v.gather(2, cand_rows), zero)
+        st.slot_score[rows, :, :K] = torch.where(present, scores.gather(-1, pos), torch.zeros((), dtype=scores.dtype, device=dev))
+        st.slot_pos[rows, :, :K] = torch.where(present, pos, torch.full_like(pos, -1)).to(torch.int32)
+        # the spare slot: free and empty, as in a new cache (the rows may have held a sequence)
+        st.k_slots[rows, :, W + K] = 0
+        st.v_slots[rows, :, W + K] = 0
+        st.slot_score[rows, :, K] = 0
+        st.slot_pos[rows, :, K] = -1
+        st.spare[rows] = K
 
-        # tau: exact for sequences with more than K candidates
-        tau = torch.full((B, H), float("-inf"), dtype=torch.float64, device=dev)
-        for b in (n > K).nonzero().flatten().tolist():  # one solve per sequence: lengths differ
-            tau[b] = last_tau(scores[b : b + 1, :, : int(n[b])], K)[0]
-        st.tau.copy_(tau)
-
-        # soft set: every candidate score above tau
-        keep = cand > tau.unsqueeze(-1)  # -inf never passes
-        count = keep.sum(-1)
-        if bool((count > C).any()):
-            b, h = (count > C).nonzero()[0].tolist()
-            raise SparseKCacheError(_overflow_message(b, h, int(count[b, h]), C).replace(
-                "The sequence's outputs are NaN until then.", "(while building the cache from the context)"))
-        order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :C]
-        packed = cand.gather(-1, order) if width >= C else torch.cat(
-            [cand.gather(-1, order), cand.new_full((B, H, C - width), float("-inf"))], -1)
+        order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices  # kept first
+        packed = cand.gather(-1, order)[..., :C]
+        if width < C:
+            packed = torch.cat([packed, packed.new_full((n_seq, H, C - width), float("-inf"))], -1)
         slot = torch.arange(C, device=dev).view(1, 1, C)
-        st.soft.copy_(torch.where(slot < count.unsqueeze(-1), packed, torch.zeros_like(packed)).to(st.soft.dtype))
-        st.soft_count.copy_(count.to(torch.int32))
-        st.lengths.copy_(L.view(B, 1).expand(B, H).to(torch.int32))
+        st.soft[rows] = torch.where(slot < count.unsqueeze(-1), packed, torch.zeros_like(packed)).to(st.soft.dtype)
+        st.soft_count[rows] = count.to(torch.int32)
+        st.tau[rows] = tau
+        st.lengths[rows] = L.view(-1, 1).expand(n_seq, H).to(torch.int32)
+        st.status[rows] = 0
+
+    def _reset_rows(self, first: int, end: int) -> None:
+        """Rows [first, end) hold empty sequences, exactly as in a new cache."""
+        st, rows = self.state, slice(first, end)
+        for t in (st.k_slots, st.v_slots, st.slot_score, st.win_score, st.soft, st.soft_count, st.lengths, st.status):
+            t[rows] = 0
+        st.slot_pos[rows] = -1
+        st.spare[rows] = self.topk
+        st.tau[rows] = float("-inf")
+
+    # -- the soft set's room ----------------------------------------------------------------------
+
+    @property
+    def soft_allocated(self) -> int:
+        """Entries the soft set holds per (batch, kv head) now: soft_capacity, or more after growth."""
+        return self.state.soft.shape[-1]
+
+    def _make_room(self, needed: Tensor, first: int, during: str) -> None:
+        """Make the soft set hold needed (n, Hkv) entries for rows [first, first + n).
+
+        Reference path: the room doubles until it suffices (amortised: every entry is copied O(1)
+        times over a cache's life), for every row at once (the soft set is one (B, Hkv, C) tensor);
+        nothing else grows. CUDA path: raise SparseKCacheError, as its kernels cannot grow it yet.
+        """
+        C = self.soft_allocated
+        if needed.numel() == 0 or int(needed.max()) <= C:
+            return
+        if self.backend == "cuda":
+            b, h = (needed > C).nonzero()[0].tolist()
+            raise SparseKCacheError(_overflow_message(first + b, h, int(needed[b, h]), C).replace(
+                "The sequence's outputs are NaN until then.", during))
+        target = int(needed.max())
+        if target > INT32_MAX:
+            _fail(f"the soft set would need {target} entries per (batch, kv head); positions are int32")
+        grown = C
+        while grown < target:
+            grown *= 2
+        grown = min(grown, INT32_MAX)
+        st = self.state
+        soft = torch.zeros(*st.soft.shape[:-1], grown, dtype=st.soft.dtype, device=st.soft.device)
+        soft[..., :C] = st.soft
+        st.soft = soft
 
     # -- stepping ------------------------------------------------------------------------------
 
@@ -558,9 +755,21 @@ class SparseKCache:
         k_new: Tensor,  # (B, Hkv, 1, D)
         v_new: Tensor,  # (B, Hkv, 1, D)
         score_new: Tensor,  # (B, Hkv, 1) or (B, Hkv)
+        active: Tensor | None = None,  # (B,) bool; default every slot
     ) -> Tensor:
-        """Add one token to every sequence and return the attention output of its query,
-        (B, Hq, 1, D) in the cache's dtype."""
+        """Add one token to every active sequence and return the attention output of its query,
+        (B, Hq, 1, D) in the cache's dtype.
+
+        ``active`` masks the slots to step: an inactive slot's state is left exactly as it is, its
+        rows of the inputs are never read into the state (they may hold anything, NaN included)
+        and its output is zeros. A mask rather than "evicted slots are skipped" because the caller
+        already builds the batch row by row and knows which rows are real; an evicted slot holds an
+        empty sequence, which a step without a mask starts from its token.
+
+        Reference path, outside torch.compile: the soft set grows first if this step could need
+        it. Inside torch.compile this runs the ``sparsek::decode_step`` operator with the soft set's
+        size fixed (see ``reserve``).
+        """
         B, H, D = self.batch, self.kv_heads, self.head_dim
         if not isinstance(q, Tensor) or q.dim() != 4 or q.shape[0] != B or q.shape[2] != 1 or q.shape[3] != D:
             shape = tuple(q.shape) if isinstance(q, Tensor) else type(q).__name__
@@ -575,19 +784,42 @@ class SparseKCache:
             _check_tensor("score_new", score_new, (B, H, 1), self.score_dtype, self.device, "(B, Hkv, 1)")
             score_new = score_new[..., 0]
         _check_tensor("score_new", score_new, (B, H), self.score_dtype, self.device, "(B, Hkv, 1) or (B, Hkv)")
-        self._steps += 1
+        if active is not None:
+            _check_tensor("active", active, (B,), torch.bool, self.device, "(B,)")
+        q, k_new, v_new, score_new = _detached("step", q, k_new, v_new, score_new)
         if self.backend == "cuda":
-            out = self._cuda_ops().decode_step(
-                _rows16(q), _rows16(k_new), _rows16(v_new), score_new.contiguous(), *self.state.tensors(),
-                self._counters_for(Hq), self.topk, self.window, self.scale, self.num_splits)
-            if self.check_interval and self._steps % self.check_interval == 0:
-                self.check()
-            return out
-        self.check()  # a failed cache stays failed
-        if not bool(torch.isfinite(score_new).all()):
-            b, h = (~torch.isfinite(score_new)).nonzero()[0].tolist()
-            _fail(f"score_new must be finite, got {score_new[b, h].item()} at batch {b}, kv head {h}")
-        return reference_step(self.state, q, k_new, v_new, score_new, self.topk, self.window, self.scale)
+            return self._cuda_step(q, k_new, v_new, score_new, active)
+        if active is None:
+            active = torch.ones(B, dtype=torch.bool, device=self.device)
+        if not torch.compiler.is_compiling():  # both read values back; a compiled step cannot
+            self.check()  # a failed cache stays failed
+            self._make_room(self.state.soft_count.long() + 1, 0, "(before a step)")  # a step adds at most one
+        st = self.state
+        return decode_step_op(q, k_new, v_new, score_new, active, st.k_slots, st.v_slots, st.slot_score, st.slot_pos,
+                              st.spare, st.win_score, st.soft, st.soft_count, st.tau, st.lengths, self.topk, self.window,
+                              self.scale)
+
+    def _cuda_step(self, q: Tensor, k_new: Tensor, v_new: Tensor, score_new: Tensor, active: Tensor | None) -> Tensor:
+        """The kernels' step. They have no mask: with ``active``, the inactive rows' state is copied
+        aside first and put back after (a host sync to find the rows, and about twice their
+        key/value slots of memory traffic), and their outputs are zeroed."""
+        self._steps += 1
+        idle = None
+        if active is not None:
+            idle = (~active).nonzero().flatten()
+            if idle.numel() == 0:
+                idle = None
+        saved = None if idle is None else [t.index_select(0, idle) for t in self.state.tensors()]
+        out = self._cuda_ops().decode_step(
+            _rows16(q), _rows16(k_new), _rows16(v_new), score_new.contiguous(), *self.state.tensors(),
+            self._counters_for(q.shape[1]), self.topk, self.window, self.scale, self.num_splits)
+        if idle is not None:
+            for t, kept in zip(self.state.tensors(), saved):
+                t.index_copy_(0, idle, kept)
+            out.index_fill_(0, idle, 0)
+        if self.check_interval and self._steps % self.check_interval == 0:
+            self.check()
+        return out
 
     def check(self) -> None:
         """Raise SparseKCacheError if any sequence failed (reads the status: a host sync on CUDA)."""
@@ -597,10 +829,11 @@ class SparseKCache:
         b, h = (code != STATUS_OK).nonzero()[0].tolist()
         c, detail = (int(x) for x in self.state.status[b, h].tolist())
         if c == STATUS_SOFT_OVERFLOW:
-            raise SparseKCacheError(_overflow_message(b, h, detail, self.soft_capacity))
+            raise SparseKCacheError(_overflow_message(b, h, detail, self.soft_allocated))
         if c == STATUS_NONFINITE_SCORE:
             raise SparseKCacheError(f"{_FN}: score_new must be finite; batch {b}, kv head {h} got a non-finite score "
-                                    f"at position {detail}. The sequence's outputs are NaN until the cache is rebuilt.")
+                                    f"at position {detail}. The sequence's outputs are NaN until the cache is rebuilt or the "
+                                    f"slot refilled (evict, prefill_slot).")
         if c == STATUS_POSITION_OVERFLOW:
             raise SparseKCacheError(f"{_FN}: positions are int32 and batch {b}, kv head {h} reached {detail} tokens")
         raise SparseKCacheError(f"{_FN}: internal error (status {c}, detail {detail}) at batch {b}, kv head {h}: "
@@ -615,7 +848,8 @@ class SparseKCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the whole state; fixed at construction, independent of the context length."""
+        """Bytes of the whole state now: the key/value slots and every per-slot array are fixed at
+        construction; only the soft set can grow (reference path, see ``soft_allocated``)."""
         return sum(t.numel() * t.element_size() for t in self.state.tensors()) + sum(
             t.numel() * t.element_size() for t in self._counters.values())
 
@@ -633,6 +867,7 @@ class SparseKCache:
     def __repr__(self) -> str:
         return (f"SparseKCache(batch={self.batch}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, topk={self.topk}, "
                 f"window={self.window}, dtype={self.dtype}, device={self.device}, soft_capacity={self.soft_capacity}, "
+                f"soft_allocated={self.soft_allocated}, "
                 f"backend={self.backend!r}, nbytes={self.nbytes})")
 
     # -- the CUDA path --------------------------------------------------------------------------

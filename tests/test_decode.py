@@ -3,17 +3,22 @@
 The invariant (DESIGN section 1, Decode): a cache built from the first P tokens of a sequence and
 stepped through the rest gives, at every step, the prefill output of that row, including the
 steps where the window fills, where the first candidate appears, where the top-k fills and where
-the selection churns. The state's size is fixed at construction.
+the selection churns. The key/value slots' size is fixed at construction; the soft set grows (by
+doubling) only when scores pack into the threshold's unit band, so finite scores never fail. The
+same holds for sequences that come and go through the slots of one cache, for compiled steps, and
+with inputs that require grad (detached: the state never gets a graph).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
 
 import sparsek
-from sparsek import SparseKCache
-from sparsek.decode import SparseKCacheError
+from sparsek import SparseKCache, decode
+from sparsek.decode import SparseKCacheError, reference_step
 
 from conftest import seed_for, shape_id
 
@@ -121,18 +126,312 @@ def test_prefill_state_equals_stepping_from_empty():
     torch.testing.assert_close(a.soft[..., :n].sort(-1).values, b.soft[..., :n].sort(-1).values, atol=0, rtol=0)
 
 
-def test_soft_set_overflow_raises_and_leaves_the_state_unchanged():
-    # equal scores all stay in the threshold's unit band: the soft set grows with every step
+def test_a_step_grows_the_soft_set_by_doubling():
+    # equal scores all stay in the threshold's unit band: the soft set gains an entry at every step
+    K, C, S = 4, 5, 60
+    q, k, v, _ = _sequence(1, 2, 1, S, 8, "normal")
+    u = torch.zeros(1, 1, S, dtype=torch.float64)
+    expected = sparsek.sparsek_attention(q, k, v, u, topk=K, window=0)
+    cache = SparseKCache(1, 1, 8, topk=K, window=0, dtype=torch.float64, score_dtype=torch.float64, soft_capacity=C)
+    kv_shape = cache.state.k_slots.shape
+    rooms = []
+    for i in range(S):
+        out = cache.step(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], u[:, :, i])
+        torch.testing.assert_close(out, expected[:, :, i : i + 1], atol=1e-12, rtol=1e-12, msg=lambda m: f"step {i}: {m}")
+        rooms.append(cache.soft_allocated)
+    assert int(cache.state.soft_count) == S  # every key is still soft
+    assert sorted(set(rooms)) == [5, 10, 20, 40, 80]  # doubled only when full
+    assert cache.soft_capacity == C and cache.state.k_slots.shape == kv_shape  # only the soft set grows
+
+
+def test_a_fixed_soft_set_raises_and_leaves_the_state_unchanged():
+    # reference_step (what the compiled step runs) never grows the soft set: it refuses the step
     cache = SparseKCache(1, 1, 4, topk=2, window=0, dtype=torch.float64, score_dtype=torch.float64, soft_capacity=4)
     x = torch.ones(1, 1, 1, 4, dtype=torch.float64)
     u = torch.zeros(1, 1, dtype=torch.float64)
     for _ in range(4):
         cache.step(x, x, x, u)
+    assert cache.soft_allocated == 4
     snapshot = cache.state.clone()
-    with pytest.raises(SparseKCacheError, match="soft_capacity=4"):
-        cache.step(x, x, x, u)
+    with pytest.raises(SparseKCacheError, match="needs 5 entries but holds 4.*cache.reserve"):
+        reference_step(cache.state, x, x, x, u, cache.topk, cache.window, cache.scale)
     for before, after in zip(snapshot.tensors(), cache.state.tensors()):
         assert torch.equal(before, after)
+
+
+def _dense_scores(kind: str, g: torch.Generator, B: int, H: int, S: int) -> torch.Tensor:
+    """Scores packed closer than the gate's unit band: the soft set holds most of the context."""
+    if kind == "zeros":
+        return torch.zeros(B, H, S, dtype=torch.float64)
+    if kind == "std0.01":
+        return torch.randn(B, H, S, generator=g, dtype=torch.float64) * 0.01
+    # heavy ties: three levels half a unit apart, so tau keeps landing on breakpoints
+    return torch.randint(0, 3, (B, H, S), generator=g).to(torch.float64) * 0.5
+
+
+# (B, S, prefix per batch, topk, window, kind): the first is a constant-score context of 700 tokens
+# at topk 64 (the default soft_capacity 256 holds a third of its soft set)
+DENSE_CASES = [
+    (1, 760, [700], 64, 0, "zeros"),
+    (1, 760, [700], 64, 16, "zeros"),
+    (2, 900, [800, 333], 64, 8, "std0.01"),
+    (2, 700, [640, 500], 32, 5, "ties"),
+    (1, 4096, [4000], 64, 32, "std0.01"),  # a long context: the soft set holds nearly all of it
+    (1, 3072, [3000], 64, 0, "zeros"),
+]
+
+
+@pytest.mark.parametrize("case", DENSE_CASES, ids=lambda c: f"B{c[0]}-S{c[1]}-P{'_'.join(map(str, c[2]))}-K{c[3]}-W{c[4]}-{c[5]}")
+def test_finite_scores_never_fail(case):
+    B, S, prefix, K, W, kind = case
+    g = torch.Generator().manual_seed(seed_for(*case[:5], kind))
+    q = torch.randn(B, 2, S, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(B, 1, S, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(B, 1, S, 8, generator=g, dtype=torch.float64)
+    u = _dense_scores(kind, g, B, 1, S)
+    expected = sparsek.sparsek_attention(q, k, v, u, topk=K, window=W)
+    cache = SparseKCache.from_prefill(k, v, u, topk=K, window=W, lengths=prefix)
+    assert cache.soft_allocated > cache.soft_capacity == 4 * K  # grew while building
+    kv_shape = cache.state.k_slots.shape
+    start = torch.tensor(prefix)
+    for s in range(S - max(prefix)):
+        pos = start + s
+        out = cache.step(_at(q, pos), _at(k, pos), _at(v, pos), _at(u.unsqueeze(-1), pos)[..., 0])
+        torch.testing.assert_close(out, _at(expected, pos), atol=1e-12, rtol=1e-12,
+                                   msg=lambda m: f"step {s} (positions {pos.tolist()}): {m}")
+    room = cache.soft_allocated
+    assert int(cache.state.soft_count.max()) <= room and room // cache.soft_capacity * cache.soft_capacity == room
+    assert (room // cache.soft_capacity) & (room // cache.soft_capacity - 1) == 0  # soft_capacity x a power of 2
+    assert cache.state.k_slots.shape == kv_shape == (B, 1, W + K + 1, 8)
+
+
+# -- torch.compile and the registered op --------------------------------------------------------
+
+
+def _op_args(cache, q, k, v, u, active):
+    st = cache.state
+    return (q, k, v, u, active, st.k_slots, st.v_slots, st.slot_score, st.slot_pos, st.spare, st.win_score, st.soft,
+            st.soft_count, st.tau, st.lengths, cache.topk, cache.window, cache.scale)
+
+
+def test_decode_step_op_passes_opcheck():
+    q, k, v, u = _sequence(2, 4, 2, 60, 8, "normal")
+    for W in (4, 0):
+        cache = SparseKCache.from_prefill(k[:, :, :40], v[:, :, :40], u[:, :, :40], topk=6, window=W)
+        args = _op_args(cache, q[:, :, 40:41], k[:, :, 40:41], v[:, :, 40:41], u[:, :, 40], torch.tensor([True, False]))
+        torch.library.opcheck(torch.ops.sparsek.decode_step.default, args)
+
+
+def test_compiled_steps_equal_eager_steps():
+    # backend "aot_eager": functionalization of the in-place op runs as in inductor, without
+    # inductor's code generation (tens of seconds on a CPU)
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    B, Hq, Hkv, S, D, K, W, P = 2, 4, 2, 100, 8, 6, 4, 40
+    q, k, v, u = _sequence(B, Hq, Hkv, S, D, "normal")
+    eager = SparseKCache.from_prefill(k[:, :, :P], v[:, :, :P], u[:, :, :P], topk=K, window=W, lengths=[P, P - 7])
+    compiled = SparseKCache.from_prefill(k[:, :, :P], v[:, :, :P], u[:, :, :P], topk=K, window=W, lengths=[P, P - 7])
+    counter = CompileCounterWithBackend("aot_eager")
+
+    @torch.compile(fullgraph=True, backend=counter)
+    def step(cache, q, k, v, u, active):
+        return cache.step(q, k, v, u, active=active)
+
+    start = torch.tensor([P, P - 7])
+    for s in range(S - P):
+        pos = start + s
+        active = torch.tensor([True, s % 3 != 1])  # the second slot pauses now and then
+        args = (_at(q, pos), _at(k, pos), _at(v, pos), _at(u.unsqueeze(-1), pos)[..., 0], active)
+        torch.testing.assert_close(step(compiled, *args), eager.step(*args), atol=0, rtol=0, msg=lambda m: f"step {s}: {m}")
+        start = start - (~active).long()  # a paused slot's next token is the one it skipped
+    for a, b in zip(compiled.state.tensors(), eager.state.tensors()):
+        assert torch.equal(a, b)
+    assert counter.frame_count == 1  # one graph for every step: no recompilation, no graph break
+
+
+def test_a_compiled_step_cannot_grow_the_soft_set_and_reserve_makes_room():
+    cache = SparseKCache(1, 1, 8, topk=2, window=0, dtype=torch.float64, score_dtype=torch.float64, soft_capacity=4)
+    x = torch.ones(1, 1, 1, 8, dtype=torch.float64)
+    u = torch.zeros(1, 1, dtype=torch.float64)  # equal scores: one more soft entry per step
+    step = torch.compile(lambda x, u: cache.step(x, x, x, u), fullgraph=True, backend="aot_eager")
+    for _ in range(4):
+        step(x, u)
+    with pytest.raises(SparseKCacheError, match="needs 5 entries but holds 4.*cache.reserve"):
+        step(x, u)
+    assert cache.seq_lens.tolist() == [4]
+    cache.reserve(10)
+    assert cache.soft_allocated == 16  # 4 entries + 10 steps, by doubling
+    for _ in range(10):
+        step(x, u)
+    assert int(cache.state.soft_count) == 14
+
+
+# -- continuous batching -----------------------------------------------------------------------
+
+# (arrives at step, prompt length, tokens to generate, score kind); the zeros request needs a
+# larger soft set than the others (it grows while other slots are live)
+REQUESTS = [
+    (0, 30, 25, "normal"),
+    (0, 0, 12, "normal"),  # no prompt: the first token is stepped into an empty slot
+    (1, 9, 40, "ties"),
+    (3, 51, 8, "drift"),
+    (4, 1, 20, "normal"),
+    (6, 60, 15, "zeros"),
+    (9, 17, 30, "ties"),
+    (10, 70, 5, "normal"),
+    (30, 4, 18, "normal"),
+]
+
+
+def _request_tensors(i, L, kind, Hq, Hkv, D):
+    g = torch.Generator().manual_seed(seed_for("request", i, L, kind))
+    q = torch.randn(1, Hq, L, D, generator=g, dtype=torch.float64)
+    k = torch.randn(1, Hkv, L, D, generator=g, dtype=torch.float64)
+    v = torch.randn(1, Hkv, L, D, generator=g, dtype=torch.float64)
+    u = torch.zeros(1, Hkv, L, dtype=torch.float64) if kind == "zeros" else _scores(kind, g, 1, Hkv, L)
+    return q, k, v, u
+
+
+def _serve(cache, Hq):
+    """A scheduler: requests arrive, take a free slot with their prompt, step while other slots
+    start and finish, leave. Every output must equal the prefill op run on that sequence alone."""
+    slots, Hkv, D, K, W = cache.batch, cache.kv_heads, cache.head_dim, cache.topk, cache.window
+    seqs = [_request_tensors(i, P + n, kind, Hq, Hkv, D) for i, (_, P, n, kind) in enumerate(REQUESTS)]
+    expected = [sparsek.sparsek_attention(*t, topk=K, window=W) for t in seqs]
+    waiting = list(range(len(REQUESTS)))
+    owner = [None] * slots  # request in each slot
+    pos = [0] * slots  # its next position
+    step, done = 0, 0
+    while done < len(REQUESTS):
+        for b in range(slots):  # admit
+            if owner[b] is None and waiting and REQUESTS[waiting[0]][0] <= step:
+                i = waiting.pop(0)
+                P = REQUESTS[i][1]
+                q, k, v, u = seqs[i]
+                cache.prefill_slot(b, k[0, :, :P], v[0, :, :P], u[0, :, :P])
+                owner[b], pos[b] = i, P
+        active = torch.tensor([o is not None for o in owner])
+        # the rows of free slots hold NaN: a step must never read them
+        q_in = torch.full((slots, Hq, 1, D), float("nan"), dtype=torch.float64)
+        k_in = torch.full((slots, Hkv, 1, D), float("nan"), dtype=torch.float64)
+        v_in, u_in = k_in.clone(), torch.full((slots, Hkv), float("nan"), dtype=torch.float64)
+        for b, i in enumerate(owner):
+            if i is not None:
+                q, k, v, u = seqs[i]
+                p = pos[b]
+                q_in[b], k_in[b], v_in[b], u_in[b] = q[0, :, p : p + 1], k[0, :, p : p + 1], v[0, :, p : p + 1], u[0, :, p]
+        out = cache.step(q_in, k_in, v_in, u_in, active=active)
+        for b, i in enumerate(owner):
+            if i is None:
+                assert bool((out[b] == 0).all())
+                continue
+            torch.testing.assert_close(out[b], expected[i][0, :, pos[b] : pos[b] + 1], atol=1e-12, rtol=1e-12,
+                                       msg=lambda m: f"step {step}, slot {b}, request {i} at {pos[b]}: {m}")
+            pos[b] += 1
+            if pos[b] == REQUESTS[i][1] + REQUESTS[i][2]:  # finished: free the slot
+                cache.evict(b)
+                owner[b] = None
+                done += 1
+        assert cache.seq_lens.tolist() == [pos[b] if owner[b] is not None else 0 for b in range(slots)]
+        step += 1
+    fresh = SparseKCache(slots, Hkv, D, topk=K, window=W, dtype=torch.float64, score_dtype=torch.float64)
+    for a, b in zip(cache.state.tensors(), fresh.state.tensors()):
+        if a.shape == b.shape:  # every slot evicted: the state of a new cache (the soft set kept its room)
+            assert torch.equal(a, b)
+    assert not bool(cache.state.soft.any())
+
+
+def test_continuous_batching_matches_the_prefill_of_each_sequence():
+    cache = SparseKCache(3, 2, 8, topk=6, window=4, dtype=torch.float64, score_dtype=torch.float64)
+    _serve(cache, Hq=4)
+    assert cache.soft_allocated > cache.soft_capacity  # the zeros request made it grow, beside live slots
+
+
+class _StandInKernels:
+    """torch.ops.sparsek_cuda on the CPU for the CUDA path's own logic: decode_step steps every row
+    with the reference (the kernels have no mask) and leaves NaN where an idle row's inputs hold it."""
+
+    @staticmethod
+    def decode_step(q, k_new, v_new, score_new, *rest):
+        *state, _counters, topk, window, scale, _num_splits = rest
+        return reference_step(decode.DecodeState(*state), q, k_new, v_new, score_new, topk, window, scale)
+
+
+def test_the_cuda_paths_slot_handling_on_stand_in_kernels(monkeypatch):
+    """What the CUDA path adds around its kernels (stepping every row, then putting the idle rows'
+    state back and zeroing their outputs), checked with the same scheduler; room for the zeros
+    request is given up front, as the CUDA path cannot grow the soft set."""
+    cache = SparseKCache(3, 2, 8, topk=6, window=4, dtype=torch.float64, score_dtype=torch.float64, soft_capacity=128,
+                         backend="reference", check_interval=1)
+    monkeypatch.setattr(SparseKCache, "_cuda_ops", staticmethod(lambda: _StandInKernels))
+    cache.backend = "cuda"
+    _serve(cache, Hq=4)
+    assert cache.soft_allocated == 128 and cache._steps > 0
+
+
+def test_prefill_slot_leaves_the_other_slots_alone():
+    q, k, v, u = _sequence(3, 4, 2, 50, 8, "normal")
+    cache = SparseKCache.from_prefill(k, v, u, topk=6, window=4, lengths=[50, 20, 33])
+    before = cache.state.clone()
+    cache.prefill_slot(1, k[0, :, :41], v[0, :, :41], u[0, :, :41])
+    for a, b in zip(before.tensors(), cache.state.tensors()):
+        assert torch.equal(a[[0, 2]], b[[0, 2]])
+    alone = SparseKCache.from_prefill(k[:1, :, :41], v[:1, :, :41], u[:1, :, :41], topk=6, window=4)
+    for a, b in zip(alone.state.tensors(), cache.state.tensors()):
+        assert torch.equal(a[0], b[1])  # the slot is what from_prefill builds for that prompt
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda c, k, u: c.prefill_slot(3, k, k, u), ValueError, r"b must be in \[0, 2\], got 3"),
+        (lambda c, k, u: c.prefill_slot(0, k[None], k, u), ValueError, r"k must be \(Hkv=2, L, D=8\), got \(1, 2, 5, 8\)"),
+        (lambda c, k, u: c.prefill_slot(0, k, k[:, :4], u), ValueError, r"v must have shape \(Hkv, L, D\) = \(2, 5, 8\)"),
+        (lambda c, k, u: c.prefill_slot(0, k, k, u.float()), TypeError, "scores must be torch.float64, got torch.float32"),
+        (lambda c, k, u: c.prefill_slot(0, k, k, u.index_fill(1, torch.tensor([3]), float("inf"))), ValueError,
+         r"scores must be finite, got inf at index \(0, 3\)"),
+        (lambda c, k, u: c.evict(-1), ValueError, r"b must be in \[0, 2\], got -1"),
+        (lambda c, k, u: c.step(*(torch.zeros(3, h, 1, 8, dtype=torch.float64) for h in (4, 2, 2)),
+                                torch.zeros(3, 2, dtype=torch.float64), active=torch.ones(3)), TypeError,
+         "active must be torch.bool, got torch.float32"),
+        (lambda c, k, u: c.reserve(-1), ValueError, "steps must be >= 0, got -1"),
+    ],
+)
+def test_slot_errors_name_the_argument(call, exc, match):
+    cache = SparseKCache(3, 2, 8, topk=4, window=2, dtype=torch.float64, score_dtype=torch.float64)
+    before = cache.state.clone()
+    with pytest.raises(exc, match=match):
+        call(cache, torch.zeros(2, 5, 8, dtype=torch.float64), torch.zeros(2, 5, dtype=torch.float64))
+    for a, b in zip(before.tensors(), cache.state.tensors()):
+        assert torch.equal(a, b)  # a refused call changes nothing
+
+
+# -- autograd ---------------------------------------------------------------------------------
+
+
+def test_inputs_that_require_grad_are_detached_with_one_warning(monkeypatch):
+    monkeypatch.setattr(decode, "_warned_grad", set())
+    q, k, v, u = (t.requires_grad_() for t in _sequence(2, 4, 2, 30, 8, "normal"))
+    with pytest.warns(UserWarning, match="SparseKCache.from_prefill got inputs that require grad"):
+        cache = SparseKCache.from_prefill(k, v, u, topk=4, window=3, lengths=[20, 25])
+    with pytest.warns(UserWarning, match="SparseKCache.prefill_slot got inputs that require grad"):
+        cache.prefill_slot(1, k[0, :, :22] * 2, v[0, :, :22], u[0, :, :22])
+    for i in range(20, 25):
+        args = (q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], u[:, :, i])
+        if i == 20:
+            with pytest.warns(UserWarning, match="SparseKCache.step got inputs that require grad"):
+                out = cache.step(*args)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # once per entry point
+                out = cache.step(*args)
+        assert not out.requires_grad and out.grad_fn is None
+    for t in cache.state.tensors():
+        assert t.grad_fn is None and not t.requires_grad
+    monkeypatch.setattr(decode, "_warned_grad", set())
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error")  # no graph can grow: nothing to warn about
+        cache.step(q[:, :, 25:26], k[:, :, 25:26], v[:, :, 25:26], u[:, :, 25])
 
 
 def test_float32_cache_matches_the_float32_prefill():
@@ -201,3 +500,4 @@ def test_from_prefill_errors_name_the_argument():
 def test_cuda_backend_is_refused_on_the_cpu():
     with pytest.raises(RuntimeError, match="backend='cuda' but the decode kernels cannot run this cache: the cache is on cpu"):
         SparseKCache(1, 1, 64, topk=4, dtype=torch.bfloat16, backend="cuda")
+

@@ -5,7 +5,9 @@ reference in float32 on the same device. The update must leave the same state (t
 rounding, the same slots, positions, spare and soft-set sizes); the attention output must be within
 a small multiple of what low-precision arithmetic costs against the float32 reference. With a
 window the two kernels of a step run concurrently, so these comparisons also catch a race between
-them (the attention reading a slot the update is rewriting).
+them (the attention reading a slot the update is rewriting). The scheduler test steps sequences that
+come and go through the slots of one cache (prefill_slot, step with active, evict) and compares every
+output with the prefill op in float64; its logic runs on the CPU in tests/test_decode.py.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import warnings
 import pytest
 import torch
 
+import sparsek
 from sparsek import SparseKCache
 from sparsek.decode import SparseKCacheError, reference_step
 
@@ -172,6 +175,95 @@ def test_soft_overflow_raises():
         cache.step(x, x, x, u)
     with pytest.raises(SparseKCacheError, match="soft_capacity=4"):
         cache.step(x, x, x, u)
+
+
+def test_prefill_does_not_grow_the_soft_set_on_the_cuda_path():
+    # the reference path grows it; the kernels cannot yet, so the CUDA path still refuses
+    k = torch.zeros(1, 1, 700, 64, device="cuda", dtype=torch.bfloat16)
+    u = torch.zeros(1, 1, 700, device="cuda")  # equal scores: every candidate is soft
+    with pytest.raises(SparseKCacheError, match="needs 700 entries but soft_capacity=256.*building the cache"):
+        SparseKCache.from_prefill(k, k, u, topk=64, backend="cuda")
+    cache = SparseKCache.from_prefill(k[:, :, :100], k[:, :, :100], u[:, :, :100], topk=64, backend="cuda")
+    with pytest.raises(SparseKCacheError, match="needs 356 entries but soft_capacity=256.*reserving room"):
+        cache.reserve(256)
+    assert cache.soft_allocated == 256
+
+
+# (arrives at step, prompt length, tokens to generate, score kind); scores spread over several units,
+# so the default soft set holds them (the CUDA path cannot grow it)
+REQUESTS = [
+    (0, 30, 25, "normal"),
+    (0, 0, 12, "normal"),  # no prompt: the first token is stepped into an empty slot
+    (1, 9, 40, "ties"),
+    (3, 51, 8, "normal"),
+    (4, 1, 20, "normal"),
+    (6, 60, 15, "ties"),
+    (9, 17, 30, "normal"),
+    (10, 70, 5, "normal"),
+    (30, 4, 18, "normal"),
+]
+
+
+def _request(i, L, kind, Hq, Hkv, D, device, dtype):
+    g = torch.Generator().manual_seed(seed_for("request", i, L, kind))
+    q = torch.randn(1, Hq, L, D, generator=g).to(device, dtype)
+    k = torch.randn(1, Hkv, L, D, generator=g).to(device, dtype)
+    v = torch.randn(1, Hkv, L, D, generator=g).to(device, dtype)
+    u = torch.randn(1, Hkv, L, generator=g) * 2
+    if kind == "ties":
+        u = torch.round(u * 2) / 2
+    return q, k, v, u.float().to(device)
+
+
+def run_scheduler(device, dtype, backend, atol, slots=3, Hq=8, Hkv=2, D=64, K=16, W=8):
+    """Requests arrive, take a free slot with their prompt (prefill_slot), step beside the others
+    (step with active; free slots' rows hold NaN) and leave (evict). Every output is compared with
+    the prefill op in float64 on the CPU, run on that sequence alone (its low-precision inputs)."""
+    cache = SparseKCache(slots, Hkv, D, topk=K, window=W, dtype=dtype, device=device, backend=backend, check_interval=1)
+    seqs = [_request(i, P + n, kind, Hq, Hkv, D, device, dtype) for i, (_, P, n, kind) in enumerate(REQUESTS)]
+    expected = [sparsek.sparsek_attention(*(t.double().cpu() for t in seq), topk=K, window=W) for seq in seqs]
+    waiting = list(range(len(REQUESTS)))
+    owner, pos = [None] * slots, [0] * slots  # request in each slot, its next position
+    step, done = 0, 0
+    while done < len(REQUESTS):
+        for b in range(slots):
+            if owner[b] is None and waiting and REQUESTS[waiting[0]][0] <= step:
+                i = waiting.pop(0)
+                P = REQUESTS[i][1]
+                q, k, v, u = seqs[i]
+                cache.prefill_slot(b, k[0, :, :P], v[0, :, :P], u[0, :, :P])
+                owner[b], pos[b] = i, P
+        active = torch.tensor([o is not None for o in owner], device=device)
+        q_in = torch.full((slots, Hq, 1, D), float("nan"), device=device, dtype=dtype)
+        k_in = torch.full((slots, Hkv, 1, D), float("nan"), device=device, dtype=dtype)
+        v_in, u_in = k_in.clone(), torch.full((slots, Hkv), float("nan"), device=device)
+        for b, i in enumerate(owner):
+            if i is not None:
+                q, k, v, u = seqs[i]
+                p = pos[b]
+                q_in[b], k_in[b], v_in[b], u_in[b] = q[0, :, p : p + 1], k[0, :, p : p + 1], v[0, :, p : p + 1], u[0, :, p]
+        out = cache.step(q_in, k_in, v_in, u_in, active=active).cpu()
+        for b, i in enumerate(owner):
+            if i is None:
+                assert bool((out[b] == 0).all())
+                continue
+            torch.testing.assert_close(out[b].double(), expected[i][0, :, pos[b] : pos[b] + 1], atol=atol, rtol=atol,
+                                       msg=lambda m: f"step {step}, slot {b}, request {i} at {pos[b]}: {m}")
+            pos[b] += 1
+            if pos[b] == REQUESTS[i][1] + REQUESTS[i][2]:
+                cache.evict(b)
+                owner[b] = None
+                done += 1
+        assert cache.seq_lens.tolist() == [pos[b] if owner[b] is not None else 0 for b in range(slots)]
+        step += 1
+    return cache
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "f16"])
+def test_continuous_batching_matches_the_prefill_of_each_sequence(dtype):
+    cache = run_scheduler("cuda", dtype, "cuda", ATOL[dtype])
+    assert cache.backend == "cuda" and cache.soft_allocated == cache.soft_capacity
+    cache.check()  # free slots were stepped over NaN rows: their status must be clean
 
 
 def _op_args(B=2, Hq=8, Hkv=2, D=64, K=16, W=8, C=64):
