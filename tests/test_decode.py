@@ -11,7 +11,10 @@ with inputs that require grad (detached: the state never gets a graph).
 
 from __future__ import annotations
 
+import re
+import runpy
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -501,3 +504,10 @@ def test_cuda_backend_is_refused_on_the_cpu():
     with pytest.raises(RuntimeError, match="backend='cuda' but the decode kernels cannot run this cache: the cache is on cpu"):
         SparseKCache(1, 1, 64, topk=4, dtype=torch.bfloat16, backend="cuda")
 
+
+def test_the_serving_example_runs_and_matches_the_prefill(capsys):
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "serve_tiny.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    worst = float(re.search(r"largest difference over every decoded row: (\S+)", out).group(1))
+    assert worst < 1e-5, out
+    assert "128k tokens: full KV cache   512.0 MiB, SparseKCache  10.4 MiB" in out
