@@ -59,6 +59,11 @@ def _cuda_build_tools() -> str | None:
 
     if CUDA_HOME is None or not shutil.which("nvcc", path=str(Path(CUDA_HOME) / "bin")):
         return "no CUDA toolkit (nvcc) found by torch.utils.cpp_extension"
+    # torch's CUDA headers include the CUDA libraries' headers (cusparse.h, cublas_v2.h): a toolkit
+    # without them, or pip's nvidia packages not on CPATH, cannot build any CUDA extension.
+    dirs = [Path(CUDA_HOME) / "include", *(Path(d) for d in os.environ.get("CPATH", "").split(os.pathsep) if d)]
+    if not any((d / "cusparse.h").exists() for d in dirs):
+        return f"cusparse.h is in neither {CUDA_HOME}/include nor CPATH (torch's CUDA headers include it)"
     return None
 
 
