@@ -24,6 +24,7 @@ from sparsek import SparseKCache, decode
 from sparsek.decode import SparseKCacheError, reference_step
 
 from conftest import seed_for, shape_id
+from decode_scheduler import serve
 
 # Each case: (B, Hq, Hkv, S, D, topk, window, prefix lengths per batch, score kind)
 INVARIANT_CASES = [
@@ -296,47 +297,11 @@ def _request_tensors(i, L, kind, Hq, Hkv, D):
 
 
 def _serve(cache, Hq):
-    """A scheduler: requests arrive, take a free slot with their prompt, step while other slots
-    start and finish, leave. Every output must equal the prefill op run on that sequence alone."""
+    """The shared scheduler (tests/decode_scheduler.py) on float64 requests, exact to 1e-12; then
+    every slot is evicted and the state is that of a new cache."""
     slots, Hkv, D, K, W = cache.batch, cache.kv_heads, cache.head_dim, cache.topk, cache.window
     seqs = [_request_tensors(i, P + n, kind, Hq, Hkv, D) for i, (_, P, n, kind) in enumerate(REQUESTS)]
-    expected = [sparsek.sparsek_attention(*t, topk=K, window=W) for t in seqs]
-    waiting = list(range(len(REQUESTS)))
-    owner = [None] * slots  # request in each slot
-    pos = [0] * slots  # its next position
-    step, done = 0, 0
-    while done < len(REQUESTS):
-        for b in range(slots):  # admit
-            if owner[b] is None and waiting and REQUESTS[waiting[0]][0] <= step:
-                i = waiting.pop(0)
-                P = REQUESTS[i][1]
-                q, k, v, u = seqs[i]
-                cache.prefill_slot(b, k[0, :, :P], v[0, :, :P], u[0, :, :P])
-                owner[b], pos[b] = i, P
-        active = torch.tensor([o is not None for o in owner])
-        # the rows of free slots hold NaN: a step must never read them
-        q_in = torch.full((slots, Hq, 1, D), float("nan"), dtype=torch.float64)
-        k_in = torch.full((slots, Hkv, 1, D), float("nan"), dtype=torch.float64)
-        v_in, u_in = k_in.clone(), torch.full((slots, Hkv), float("nan"), dtype=torch.float64)
-        for b, i in enumerate(owner):
-            if i is not None:
-                q, k, v, u = seqs[i]
-                p = pos[b]
-                q_in[b], k_in[b], v_in[b], u_in[b] = q[0, :, p : p + 1], k[0, :, p : p + 1], v[0, :, p : p + 1], u[0, :, p]
-        out = cache.step(q_in, k_in, v_in, u_in, active=active)
-        for b, i in enumerate(owner):
-            if i is None:
-                assert bool((out[b] == 0).all())
-                continue
-            torch.testing.assert_close(out[b], expected[i][0, :, pos[b] : pos[b] + 1], atol=1e-12, rtol=1e-12,
-                                       msg=lambda m: f"step {step}, slot {b}, request {i} at {pos[b]}: {m}")
-            pos[b] += 1
-            if pos[b] == REQUESTS[i][1] + REQUESTS[i][2]:  # finished: free the slot
-                cache.evict(b)
-                owner[b] = None
-                done += 1
-        assert cache.seq_lens.tolist() == [pos[b] if owner[b] is not None else 0 for b in range(slots)]
-        step += 1
+    serve(cache, REQUESTS, seqs, Hq, atol=1e-12)
     fresh = SparseKCache(slots, Hkv, D, topk=K, window=W, dtype=torch.float64, score_dtype=torch.float64)
     for a, b in zip(cache.state.tensors(), fresh.state.tensors()):
         if a.shape == b.shape:  # every slot evicted: the state of a new cache (the soft set kept its room)

@@ -17,11 +17,11 @@ import warnings
 import pytest
 import torch
 
-import sparsek
 from sparsek import SparseKCache
 from sparsek.decode import SparseKCacheError, reference_step
 
 from conftest import seed_for
+from decode_scheduler import serve
 
 pytestmark = pytest.mark.gpu
 
@@ -216,47 +216,10 @@ def _request(i, L, kind, Hq, Hkv, D, device, dtype):
 
 
 def run_scheduler(device, dtype, backend, atol, slots=3, Hq=8, Hkv=2, D=64, K=16, W=8):
-    """Requests arrive, take a free slot with their prompt (prefill_slot), step beside the others
-    (step with active; free slots' rows hold NaN) and leave (evict). Every output is compared with
-    the prefill op in float64 on the CPU, run on that sequence alone (its low-precision inputs)."""
+    """The shared scheduler (tests/decode_scheduler.py) on a cache of ``backend``."""
     cache = SparseKCache(slots, Hkv, D, topk=K, window=W, dtype=dtype, device=device, backend=backend, check_interval=1)
     seqs = [_request(i, P + n, kind, Hq, Hkv, D, device, dtype) for i, (_, P, n, kind) in enumerate(REQUESTS)]
-    expected = [sparsek.sparsek_attention(*(t.double().cpu() for t in seq), topk=K, window=W) for seq in seqs]
-    waiting = list(range(len(REQUESTS)))
-    owner, pos = [None] * slots, [0] * slots  # request in each slot, its next position
-    step, done = 0, 0
-    while done < len(REQUESTS):
-        for b in range(slots):
-            if owner[b] is None and waiting and REQUESTS[waiting[0]][0] <= step:
-                i = waiting.pop(0)
-                P = REQUESTS[i][1]
-                q, k, v, u = seqs[i]
-                cache.prefill_slot(b, k[0, :, :P], v[0, :, :P], u[0, :, :P])
-                owner[b], pos[b] = i, P
-        active = torch.tensor([o is not None for o in owner], device=device)
-        q_in = torch.full((slots, Hq, 1, D), float("nan"), device=device, dtype=dtype)
-        k_in = torch.full((slots, Hkv, 1, D), float("nan"), device=device, dtype=dtype)
-        v_in, u_in = k_in.clone(), torch.full((slots, Hkv), float("nan"), device=device)
-        for b, i in enumerate(owner):
-            if i is not None:
-                q, k, v, u = seqs[i]
-                p = pos[b]
-                q_in[b], k_in[b], v_in[b], u_in[b] = q[0, :, p : p + 1], k[0, :, p : p + 1], v[0, :, p : p + 1], u[0, :, p]
-        out = cache.step(q_in, k_in, v_in, u_in, active=active).cpu()
-        for b, i in enumerate(owner):
-            if i is None:
-                assert bool((out[b] == 0).all())
-                continue
-            torch.testing.assert_close(out[b].double(), expected[i][0, :, pos[b] : pos[b] + 1], atol=atol, rtol=atol,
-                                       msg=lambda m: f"step {step}, slot {b}, request {i} at {pos[b]}: {m}")
-            pos[b] += 1
-            if pos[b] == REQUESTS[i][1] + REQUESTS[i][2]:
-                cache.evict(b)
-                owner[b] = None
-                done += 1
-        assert cache.seq_lens.tolist() == [pos[b] if owner[b] is not None else 0 for b in range(slots)]
-        step += 1
-    return cache
+    return serve(cache, REQUESTS, seqs, Hq, atol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "f16"])
