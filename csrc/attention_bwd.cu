@@ -33,6 +33,7 @@
 #include "ptx.h"
 #include "sparsek_params.h"
 #include "tile_plan.h"
+#include "wgmma.h"
 
 namespace sparsek {
 namespace {
@@ -148,10 +149,9 @@ __device__ __forceinline__ void gemm_keys_dims(float (&acc)[Traits<kD>::kDPerWar
 // Adds a warp's 16 keys x kDPerWarp tile to the global accumulator rows of its keys. Each pair of
 // lanes swaps two values so that every lane holds 4 consecutive columns of one key row: one
 // 16-byte atomic instead of two 8-byte ones.
-template <int kD>
-__device__ __forceinline__ void add_tile(const float (&acc)[Traits<kD>::kDPerWarp / 8][4], void* base, const int* keys,
-                                         int key0, int d0, int lane, bool deterministic, const double* fixed_scale) {
-  constexpr int kNB = Traits<kD>::kDPerWarp / 8;
+template <int kD, int kNB>
+__device__ __forceinline__ void add_tile(const float (&acc)[kNB][4], void* base, const int* keys, int key0, int d0, int lane,
+                                         bool deterministic, const double* fixed_scale) {
   const int g = lane >> 2, t = lane & 3, odd = t & 1;
   const int key = keys[key0 + g + 8 * odd];
   const int col0 = d0 + 2 * (t & ~1);
@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
   float* sColSum = sU + kStages * kTileN;  // [warp][key]: column sums of gamma over the warp's rows
 
   const int blk = blockIdx.x;
-  const int bh = blockIdx.y;
+  const int bh = blockIdx.y + p.bh_offset;
   const int b = bh / p.kv_heads, hkv = bh % p.kv_heads;
   const int S = p.seq_len, W = p.window;
   const int i0 = blk * p.block_q, i1 = min(S, i0 + p.block_q);
@@ -400,10 +400,10 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
       float acc[T::kDPerWarp / 8][4];
       const int* keys = sKey + stage * kTileN;
       gemm_keys_dims<kD, Elem>(acc, p_addr, do_addr, key0, d0, lane);
-      add_tile<kD>(acc, static_cast<char*>(p.dv_acc) + (size_t)bh * S * kD * (p.deterministic ? 8 : 4), keys, key0, d0, lane,
+      add_tile<kD, T::kDPerWarp / 8>(acc, static_cast<char*>(p.dv_acc) + (size_t)blockIdx.y * S * kD * (p.deterministic ? 8 : 4), keys, key0, d0, lane,
                    p.deterministic, p.fixed_scale + 1);
       gemm_keys_dims<kD, Elem>(acc, ds_addr, q_addr, key0, d0, lane);
-      add_tile<kD>(acc, static_cast<char*>(p.dk_acc) + (size_t)bh * S * kD * (p.deterministic ? 8 : 4), keys, key0, d0, lane,
+      add_tile<kD, T::kDPerWarp / 8>(acc, static_cast<char*>(p.dk_acc) + (size_t)blockIdx.y * S * kD * (p.deterministic ? 8 : 4), keys, key0, d0, lane,
                    p.deterministic, p.fixed_scale);
     }
     if (listed && tid < kTileN) {
@@ -440,6 +440,338 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
   }
 }
 
+// ---- v2: warpgroup MMA (wgmma) ----
+// The same tile plan, masks and accumulators as above; the products run as wgmma. Each of the
+// two warpgroups owns 64 of the 128 rows for S = Q K^T and dP = dO V^T (both operands from shared
+// memory) and for dQ += dS K (dS from registers, K from shared memory through the transpose flag).
+// After P and dS are in shared memory, warpgroup 0 forms the tile's dV = P^T dO and warpgroup 1
+// its dK = dS^T Q over all 128 rows (64 keys x D each, both operands MN-major), so the dK/dV work
+// per tile is split evenly and no ldmatrix or mma.sync remains. The tile's du atomics are issued
+// while those products run. Q, dO, K and V use the forward's 128-byte swizzled layout; P and dS
+// (128 rows x 64 keys) are one panel of that layout, which is also the layout v1 writes them in.
+namespace wg {
+
+constexpr int kStages = 3;  // K/V ring: tile t in use, t + 1 and t + 2 in flight
+constexpr int kWgRows = 64;
+
+template <int kD>
+struct Traits {
+  static constexpr int kChunks = kD / 8;
+  static constexpr int kLoadersPerRow = kThreads / kTileN;
+  static constexpr int kChunksPerThread = kChunks / kLoadersPerRow;
+  static constexpr int kTileElems = kTileN * kD;
+  static constexpr int kSmemBytes = kAlign + (2 * kRows * kD + 2 * kStages * kTileElems + 2 * kRows * kTileN) * 2  // Q, dO, K, V, P, dS
+                                    + kStages * kTileN * 4 * 4  // key, start, end, u
+                                    + kWarps * kTileN * 4;      // column sums of gamma
+};
+
+template <int kD, typename Elem>
+__global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBwdParams p) {
+  using T = Traits<kD>;
+  constexpr int kC = T::kChunks;
+  constexpr uint32_t kPanelBytes = kPanel * 2;
+  constexpr uint32_t kTileBytes = T::kTileElems * 2;
+  constexpr uint32_t kGroupBytes = 8 * kPanelBytes;          // 8 swizzled rows
+  constexpr uint32_t kTilePanelBytes = kTileN * kPanelBytes;  // one 64-column panel of a K/V tile
+  constexpr uint32_t kRowsPanelBytes = kRows * kPanelBytes;   // one 64-column panel of Q / dO; all of P / dS
+
+  extern __shared__ unsigned char smem_raw[];
+  // The swizzle is a function of the absolute shared address: start the operands on a 1024 B line.
+  const uint32_t raw_addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  unsigned char* smem = smem_raw + ((kAlign - (raw_addr & (kAlign - 1))) & (kAlign - 1));
+  Elem* sQ = reinterpret_cast<Elem*>(smem);
+  Elem* sDO = sQ + kRows * kD;
+  Elem* sK = sDO + kRows * kD;
+  Elem* sV = sK + kStages * T::kTileElems;
+  Elem* sP = sV + kStages * T::kTileElems;
+  Elem* sDS = sP + kRows * kTileN;
+  int* sKey = reinterpret_cast<int*>(sDS + kRows * kTileN);  // [stage][key row]: key index, -1 = padding
+  int* sStart = sKey + kStages * kTileN;                      // j + W
+  int* sEnd = sStart + kStages * kTileN;
+  float* sU = reinterpret_cast<float*>(sEnd + kStages * kTileN);
+  float* sColSum = sU + kStages * kTileN;  // [warp][key]: column sums of gamma over the warp's rows
+
+  const int blk = blockIdx.x;
+  const int bh = blockIdx.y + p.bh_offset;
+  const int b = bh / p.kv_heads, hkv = bh % p.kv_heads;
+  const int S = p.seq_len, W = p.window;
+  const int i0 = blk * p.block_q, i1 = min(S, i0 + p.block_q);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, quad = lane & 3;
+  const int wgi = warp / 4;
+
+  const Elem* k_base = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + hkv * p.k_head_stride;
+  const Elem* v_base = static_cast<const Elem*>(p.v) + b * p.v_batch_stride + hkv * p.v_head_stride;
+  const float* scores = p.scores + (size_t)bh * S;
+  const int* ends = p.end + (size_t)bh * S;
+
+  const TilePlan<kTileN> plan(p.block_keys, p.block_count, bh, blk, p.n_blocks, p.cap, i0, i1, W);
+  const int w0 = plan.w0, n_win = plan.n_win, count = plan.count, n_tiles = plan.n_tiles;
+
+  const int my_row = tid / T::kLoadersPerRow, my_part = tid % T::kLoadersPerRow;
+  const uint32_t k_addr = smem_addr(sK), v_addr = smem_addr(sV);
+  uint32_t piece_off[T::kChunksPerThread];  // byte offset of my piece c within a tile
+#pragma unroll
+  for (int c = 0; c < T::kChunksPerThread; ++c) piece_off[c] = 2 * sw128<kTileN>(my_row, my_part * T::kChunksPerThread + c);
+  auto tile_key = [&](int t) { return plan.key(t, my_row); };
+  auto load_tile = [&](int t, int stage, int j) {
+    const bool ok = j >= 0;
+    const int64_t jj = ok ? j : 0;
+    const Elem* ksrc = k_base + jj * p.k_row_stride + my_part * T::kChunksPerThread * 8;
+    const Elem* vsrc = v_base + jj * p.v_row_stride + my_part * T::kChunksPerThread * 8;
+    const uint32_t kdst = k_addr + stage * kTileBytes, vdst = v_addr + stage * kTileBytes;
+#pragma unroll
+    for (int c = 0; c < T::kChunksPerThread; ++c) {
+      cp_async16(kdst + piece_off[c], ksrc + c * 8, ok);
+      cp_async16(vdst + piece_off[c], vsrc + c * 8, ok);
+    }
+    if (my_part == 0) {
+      const int m = stage * kTileN + my_row;
+      sKey[m] = j;
+      if (t >= n_win) {  // window tiles need no per-key data
+        if (ok) {
+          sStart[m] = j + W;
+          cp_async4(&sEnd[m], ends + j);
+          cp_async4(&sU[m], scores + j);
+        } else {
+          sStart[m] = S;  // padding: selected by no row (i < S)
+          sEnd[m] = -1;
+          sU[m] = 0.f;
+        }
+      }
+    }
+  };
+
+  // ---- prologue: Q and dO rows (zero beyond S) with tile 0, then tile 1 ----
+  const Elem* dout = static_cast<const Elem*>(p.dout);
+  const Elem* q_base = static_cast<const Elem*>(p.q) + b * p.q_batch_stride;
+  for (int c = tid; c < kRows * kC; c += kThreads) {
+    const int r = c / kC, ch = c % kC;
+    const int i = i0 + r % p.block_q, head = hkv * p.group + r / p.block_q;
+    const bool ok = i < S;
+    const int64_t ii = ok ? i : 0;
+    const int off = sw128<kRows>(r, ch);
+    cp_async16(smem_addr(sQ + off), q_base + head * p.q_head_stride + ii * p.q_row_stride + ch * 8, ok);
+    cp_async16(smem_addr(sDO + off), dout + (((size_t)b * p.q_heads + head) * S + ii) * kD + ch * 8, ok);
+  }
+  if (n_tiles > 0) load_tile(0, 0, tile_key(0));
+  cp_async_commit();
+  if (n_tiles > 1) load_tile(1, 1, tile_key(1));
+  cp_async_commit();
+  int key_next = tile_key(2);
+
+  // Per-thread rows (wgmma accumulator layout): warp w holds rows 16w .. 16w + 15, this thread
+  // rows r_lo = 16w + lane/4 and r_lo + 8.
+  const int r_lo = warp * 16 + g;
+  int qi[2], head_of[2];
+  float lse2[2], dsum[2], tau[2], tau1[2];
+  bool tau1_exact[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = r_lo + 8 * h;
+    qi[h] = i0 + r % p.block_q;
+    head_of[h] = hkv * p.group + r / p.block_q;
+    const size_t row = ((size_t)b * p.q_heads + head_of[h]) * S + qi[h];
+    const bool ok = qi[h] < S;
+    const float lse = ok ? p.lse[row] : CUDART_INF_F;
+    lse2[h] = isfinite(lse) ? lse * kLog2e : CUDART_INF_F;
+    dsum[h] = ok ? p.dsum[row] : 0.f;
+    tau[h] = ok ? p.tau[(size_t)bh * S + qi[h]] : 0.f;
+    tau1[h] = __fadd_rd(tau[h], 1.f);
+    tau1_exact[h] = tau1[h] == __fadd_ru(tau[h], 1.f);
+  }
+
+  // Descriptors (see the forward kernel): A operands of S and dP are this warpgroup's 64 rows of Q
+  // / dO (K-major); B operands K / V tiles (K-major). dQ += dS K reads the K tile MN-major (keys
+  // are the reduction). dV = P^T dO and dK = dS^T Q read P / dS and dO / Q MN-major, the 128 rows
+  // being the reduction: a k-step of 16 rows is 16 swizzled 128-byte rows further.
+  const uint32_t q_addr = smem_addr(sQ), do_addr = smem_addr(sDO);
+  const uint32_t p_addr = smem_addr(sP), ds_addr = smem_addr(sDS);
+  auto rows_kmajor = [&](uint32_t base, int kk) {
+    return smem_desc(base + wgi * kWgRows * kPanelBytes + (kk / 4) * kRowsPanelBytes + (kk % 4) * 32, 16, kGroupBytes);
+  };
+  auto tile_kmajor = [&](uint32_t tile, int kk) {
+    return smem_desc(tile + (kk / 4) * kTilePanelBytes + (kk % 4) * 32, 16, kGroupBytes);
+  };
+  auto tile_mn = [&](uint32_t tile, int kk) { return smem_desc(tile + kk * 16 * kPanelBytes, kTilePanelBytes, kGroupBytes); };
+  auto rows_mn = [&](uint32_t base, int kr) { return smem_desc(base + kr * 16 * kPanelBytes, kRowsPanelBytes, kGroupBytes); };
+  // Warpgroup 0 forms dV = P^T dO, warpgroup 1 dK = dS^T Q.
+  const uint32_t kv_a = wgi == 0 ? p_addr : ds_addr, kv_b = wgi == 0 ? do_addr : q_addr;
+  char* kv_acc = static_cast<char*>(wgi == 0 ? p.dv_acc : p.dk_acc) + (size_t)blockIdx.y * S * kD * (p.deterministic ? 8 : 4);
+  const double* kv_fixed = p.fixed_scale + (wgi == 0 ? 1 : 0);
+  const int key0 = 16 * (warp % 4);
+
+  float dq[kD / 8][4];
+#pragma unroll
+  for (int nd = 0; nd < kD / 8; ++nd) dq[nd][0] = dq[nd][1] = dq[nd][2] = dq[nd][3] = 0.f;
+  float gamma_sum[2] = {0.f, 0.f};
+
+  for (int t = 0; t < n_tiles; ++t) {
+    const int stage = t % kStages;
+    const uint32_t k_tile = k_addr + stage * kTileBytes, v_tile = v_addr + stage * kTileBytes;
+    cp_async_wait<1>();  // tile t (and Q, dO) has landed; tile t + 1 may still be in flight
+    fence_proxy_async();
+    // Also frees the stage loaded below (tile t - 1: every warpgroup waited for its products)
+    // and sP / sDS / sColSum (tile t - 1's dK/dV products and du sums are done).
+    __syncthreads();
+    if (t + 2 < n_tiles) load_tile(t + 2, (t + 2) % kStages, key_next);
+    cp_async_commit();  // possibly empty: keeps the group count uniform
+    key_next = tile_key(t + 3);
+
+    float s[kTileN / 8][4], dp[kTileN / 8][4];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) Wgmma<Elem>::ss_n64(s, rows_kmajor(q_addr, kk), tile_kmajor(k_tile, kk), kk > 0);
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) Wgmma<Elem>::ss_n64(dp, rows_kmajor(do_addr, kk), tile_kmajor(v_tile, kk), kk > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(s);
+    fence_regs(dp);
+
+    const bool listed = t >= n_win;
+    float col[kTileN / 8][2] = {};  // gamma of the soft selected entries, summed over this thread's two rows
+    if (!listed) {
+      const int j0 = w0 + t * kTileN;
+      // Most window tiles lie inside every row's window (j <= i and j > i - W for all pairs).
+      const bool inside = j0 + kTileN - 1 <= i0 && j0 > i1 - 1 - W;
+#pragma unroll
+      for (int nb = 0; nb < kTileN / 8; ++nb) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int h = c >> 1;
+          const int behind = qi[h] - (j0 + 8 * nb + 2 * quad + (c & 1));  // i - j
+          const float e = inside || static_cast<unsigned>(behind) < static_cast<unsigned>(W)
+                              ? exp2f(fmaf(s[nb][c], p.scale_log2, -lse2[h]))
+                              : 0.f;
+          s[nb][c] = e;                           // P (gate 1)
+          dp[nb][c] = e * (dp[nb][c] - dsum[h]);  // dS
+        }
+      }
+    } else {
+      const int* start = sStart + stage * kTileN;
+      const int* end = sEnd + stage * kTileN;
+      const float* u = sU + stage * kTileN;
+#pragma unroll
+      for (int nb = 0; nb < kTileN / 8; ++nb) {
+#pragma unroll
+        for (int e2 = 0; e2 < 2; ++e2) {
+          const int cj = 8 * nb + 2 * quad + e2;
+          const int start_j = start[cj], end_j = end[cj];
+          const float u_j = u[cj];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int c = 2 * h + e2;
+            const bool sel = start_j <= qi[h] && qi[h] < end_j;
+            const float e = sel ? exp2f(fmaf(s[nb][c], p.scale_log2, -lse2[h])) : 0.f;
+            const float gate = __saturatef(u_j - tau[h]);
+            const float gamma = e * (dp[nb][c] - dsum[h]);
+            const bool soft = sel && u_j > tau[h] && (u_j < tau1[h] || (u_j == tau1[h] && !tau1_exact[h]));
+            if (soft) {
+              gamma_sum[h] += gamma;
+              col[nb][e2] += gamma;
+            }
+            s[nb][c] = gate * e;       // P
+            dp[nb][c] = gate * gamma;  // dS
+          }
+        }
+      }
+    }
+
+    // P and dS to shared memory (for dV and dK); dS as A fragments for dQ += dS K.
+    uint32_t ds_frag[kTileN / 16][4];
+#pragma unroll
+    for (int nb = 0; nb < kTileN / 8; ++nb) {
+      const uint32_t p_lo = pack2<Elem>(s[nb][0], s[nb][1]), p_hi = pack2<Elem>(s[nb][2], s[nb][3]);
+      const uint32_t d_lo = pack2<Elem>(dp[nb][0], dp[nb][1]), d_hi = pack2<Elem>(dp[nb][2], dp[nb][3]);
+      const uint32_t in_chunk = 4 * quad;
+      *reinterpret_cast<uint32_t*>(sP + (swz<kTileN / 8>(r_lo, nb) + in_chunk) / 2) = p_lo;
+      *reinterpret_cast<uint32_t*>(sP + (swz<kTileN / 8>(r_lo + 8, nb) + in_chunk) / 2) = p_hi;
+      *reinterpret_cast<uint32_t*>(sDS + (swz<kTileN / 8>(r_lo, nb) + in_chunk) / 2) = d_lo;
+      *reinterpret_cast<uint32_t*>(sDS + (swz<kTileN / 8>(r_lo + 8, nb) + in_chunk) / 2) = d_hi;
+      ds_frag[nb / 2][(nb & 1) * 2 + 0] = d_lo;
+      ds_frag[nb / 2][(nb & 1) * 2 + 1] = d_hi;
+    }
+    // dQ += dS K on the tensor cores while the column sums and the barrier below proceed.
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kTileN / 16; ++kk) {
+      if constexpr (kD == 128) {
+        Wgmma<Elem>::rs_n128(dq, ds_frag[kk], tile_mn(k_tile, kk));
+      } else {
+        Wgmma<Elem>::rs_n64(dq, ds_frag[kk], tile_mn(k_tile, kk));
+      }
+    }
+    wgmma_commit();
+    if (listed) {  // column sums over the warp's 16 rows: lanes of one quad position share columns
+#pragma unroll
+      for (int nb = 0; nb < kTileN / 8; ++nb) {
+#pragma unroll
+        for (int e2 = 0; e2 < 2; ++e2) {
+          float v = col[nb][e2];
+          v += __shfl_xor_sync(kFull, v, 4);
+          v += __shfl_xor_sync(kFull, v, 8);
+          v += __shfl_xor_sync(kFull, v, 16);
+          if (g == 0) sColSum[warp * kTileN + 8 * nb + 2 * quad + e2] = v;
+        }
+      }
+    }
+    fence_proxy_async();  // the P / dS stores above are read by wgmma (the async proxy)
+    __syncthreads();      // P, dS and the column sums of every warp are in shared memory
+
+    // ---- this warpgroup's half of the key-major products: 64 keys x D of dV or dK ----
+    float acc[kD / 8][4];
+    wgmma_fence();
+#pragma unroll
+    for (int kr = 0; kr < kRows / 16; ++kr) {
+      if constexpr (kD == 128) {
+        Wgmma<Elem>::ss_n128_tt(acc, rows_mn(kv_a, kr), rows_mn(kv_b, kr), kr > 0);
+      } else {
+        Wgmma<Elem>::ss_n64_tt(acc, rows_mn(kv_a, kr), rows_mn(kv_b, kr), kr > 0);
+      }
+    }
+    wgmma_commit();
+    if (listed && tid < kTileN) {  // the tile's per-key score terms while the tensor cores work
+      float v = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) v += sColSum[w * kTileN + tid];  // fixed order
+      const int pos = (t - n_win) * kTileN + tid;
+      if (pos < count) {
+        if (p.deterministic) {
+          p.du_part[((size_t)bh * p.n_blocks + blk) * p.cap + pos] = v;
+        } else {
+          atomicAdd(p.du + (size_t)bh * S + sKey[stage * kTileN + tid], v);
+        }
+      }
+    }
+    wgmma_wait<0>();  // dQ and this tile's dV / dK done: ds_frag and the K stage are free
+    fence_regs(acc);
+    fence_regs(dq);
+    fence_regs(ds_frag);
+    add_tile<kD, kD / 8>(acc, kv_acc, sKey + stage * kTileN, key0, 0, lane, p.deterministic, kv_fixed);
+  }
+  cp_async_wait<0>();
+
+  // ---- epilogue: dq rows and the per-row sums of gamma ----
+  Elem* dq_out = static_cast<Elem*>(p.dq);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float gs = gamma_sum[h];
+    gs += __shfl_xor_sync(kFull, gs, 1);
+    gs += __shfl_xor_sync(kFull, gs, 2);
+    if (qi[h] >= S) continue;
+    const size_t row = ((size_t)b * p.q_heads + head_of[h]) * S + qi[h];
+    Elem* dst = dq_out + row * kD;
+#pragma unroll
+    for (int nd = 0; nd < kD / 8; ++nd) {
+      *reinterpret_cast<uint32_t*>(dst + 8 * nd + 2 * quad) = pack2<Elem>(dq[nd][2 * h] * p.scale, dq[nd][2 * h + 1] * p.scale);
+    }
+    if (quad == 0) p.gamma_rows[row] = gs;
+  }
+}
+
+}  // namespace wg
+
 // rowsum(dout * out) for every row: D / 8 threads per row, each one 16-byte chunk of both.
 template <int kD, typename Elem>
 __global__ void __launch_bounds__(256) bwd_dot_kernel(const BwdDotParams p) {
@@ -461,9 +793,10 @@ __global__ void __launch_bounds__(256) bwd_dot_kernel(const BwdDotParams p) {
 }
 
 template <int kD, typename Elem>
-cudaError_t launch(const AttnBwdParams& p, cudaStream_t stream) {
-  return launch_with_smem(attention_bwd_kernel<kD, Elem>, dim3(p.n_blocks, p.batch * p.kv_heads), kThreads, Traits<kD>::kSmemBytes,
-                          stream, p);
+cudaError_t launch(const AttnBwdParams& p, int bh_count, cudaStream_t stream) {
+  const dim3 grid(p.n_blocks, bh_count);
+  if (p.kernel == 1) return launch_with_smem(attention_bwd_kernel<kD, Elem>, grid, kThreads, Traits<kD>::kSmemBytes, stream, p);
+  return launch_with_smem(wg::attention_bwd_kernel<kD, Elem>, grid, kThreads, wg::Traits<kD>::kSmemBytes, stream, p);
 }
 
 template <int kD, typename Elem>
@@ -484,10 +817,10 @@ cudaError_t launch_bwd_dot(const BwdDotParams& p, cudaStream_t stream) {
   return cudaErrorInvalidValue;
 }
 
-cudaError_t launch_attention_bwd(const AttnBwdParams& p, int head_dim, cudaStream_t stream) {
-  if (p.n_blocks == 0 || p.batch * p.kv_heads == 0) return cudaSuccess;
-  if (head_dim == 128) return p.is_bf16 ? launch<128, __nv_bfloat16>(p, stream) : launch<128, __half>(p, stream);
-  if (head_dim == 64) return p.is_bf16 ? launch<64, __nv_bfloat16>(p, stream) : launch<64, __half>(p, stream);
+cudaError_t launch_attention_bwd(const AttnBwdParams& p, int head_dim, int bh_count, cudaStream_t stream) {
+  if (p.n_blocks == 0 || bh_count == 0) return cudaSuccess;
+  if (head_dim == 128) return p.is_bf16 ? launch<128, __nv_bfloat16>(p, bh_count, stream) : launch<128, __half>(p, bh_count, stream);
+  if (head_dim == 64) return p.is_bf16 ? launch<64, __nv_bfloat16>(p, bh_count, stream) : launch<64, __half>(p, bh_count, stream);
   return cudaErrorInvalidValue;
 }
 

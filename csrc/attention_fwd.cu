@@ -25,6 +25,7 @@
 #include "ptx.h"
 #include "sparsek_params.h"
 #include "tile_plan.h"
+#include "wgmma.h"
 
 namespace sparsek {
 namespace {
@@ -35,8 +36,6 @@ constexpr int kWarpgroups = kRows / kWgRows;
 constexpr int kThreads = kWarpgroups * 128;
 constexpr int kTileN = 64;             // keys per tile: the N of S = Q K^T, the K of O += P V
 constexpr int kStages = 4;             // ring slots: tiles t+1, t+2 in flight, t in use, t-1 in P.V
-constexpr int kPanel = 64;             // elements per 128-byte swizzled row of an operand panel
-constexpr int kAlign = 1024;           // the 128-byte swizzle repeats every 8 rows = 1024 bytes
 constexpr float kLn2 = 0.69314718055994531f;
 
 template <int kD>
@@ -49,102 +48,6 @@ struct Traits {
       kAlign + (kRows * kD + 2 * kStages * kTileElems) * 2 + kStages * kTileN * (2 * sizeof(int) + sizeof(float));
 };
 static_assert(kThreads % kTileN == 0, "whole loader threads per key row");
-
-// Element offset of 16-byte chunk `chunk` of row `row` in a (kOperandRows x D) operand stored the
-// way wgmma reads it with the 128-byte swizzle: D / 64 column panels of kOperandRows rows x 128
-// bytes, chunk c of row r at position c ^ (r % 8) within its row.
-template <int kOperandRows>
-__device__ __forceinline__ int sw128(int row, int chunk) {
-  return (chunk >> 3) * (kOperandRows * kPanel) + row * kPanel + (((chunk & 7) ^ (row & 7)) << 3);
-}
-
-// wgmma shared-memory matrix descriptor: start address, leading and stride byte offsets (all in
-// 16-byte units), swizzle mode 1 = 128 bytes.
-__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lead_bytes, uint32_t stride_bytes) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(lead_bytes >> 4) << 16) |
-         (static_cast<uint64_t>(stride_bytes >> 4) << 32) | (1ull << 62);
-}
-
-// cp.async writes through the generic proxy, wgmma reads through the async proxy: each writer
-// fences before the barrier that publishes its rows.
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-
-// Ties registers an in-flight wgmma reads or writes (accumulators, A fragments) to the wgmma
-// waits, so the compiler neither reads, rewrites nor reuses them before the wait.
-template <typename R, int N>
-__device__ __forceinline__ void fence_regs(R (&r)[N][4]) {
-  static_assert(std::is_same_v<R, float> || std::is_same_v<R, uint32_t>, "32-bit float or integer registers");
-#pragma unroll
-  for (int i = 0; i < N; ++i) {
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      if constexpr (std::is_same_v<R, float>) {
-        asm volatile("" : "+f"(r[i][c])::"memory");
-      } else {
-        asm volatile("" : "+r"(r[i][c])::"memory");
-      }
-    }
-  }
-}
-
-#define SPARSEK_ACC4(d, i) "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])
-#define SPARSEK_ACC32(d)                                                                              \
-  SPARSEK_ACC4(d, 0), SPARSEK_ACC4(d, 1), SPARSEK_ACC4(d, 2), SPARSEK_ACC4(d, 3), SPARSEK_ACC4(d, 4), \
-      SPARSEK_ACC4(d, 5), SPARSEK_ACC4(d, 6), SPARSEK_ACC4(d, 7)
-#define SPARSEK_ACC64(d)                                                                                \
-  SPARSEK_ACC32(d), SPARSEK_ACC4(d, 8), SPARSEK_ACC4(d, 9), SPARSEK_ACC4(d, 10), SPARSEK_ACC4(d, 11),   \
-      SPARSEK_ACC4(d, 12), SPARSEK_ACC4(d, 13), SPARSEK_ACC4(d, 14), SPARSEK_ACC4(d, 15)
-#define SPARSEK_REGS32                                                                                   \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, " \
-  "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
-#define SPARSEK_REGS64                                                                                   \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, " \
-  "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, "   \
-  "%42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, "   \
-  "%62, %63}"
-
-template <typename Elem>
-struct Wgmma;
-
-// One instantiation per input type: PTX spells the type in the opcode.
-#define SPARSEK_WGMMA(ELEM, TYPE)                                                                              \
-  template <>                                                                                                  \
-  struct Wgmma<ELEM> {                                                                                         \
-    /* d (64 x 64) (+)= A (64 x 16, shared) B (16 x 64, shared, K-major) */                                  \
-    static __device__ __forceinline__ void ss_n64(float (&d)[8][4], uint64_t a, uint64_t b, int accumulate) { \
-      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                \
-                   "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " SPARSEK_REGS32              \
-                   ", %32, %33, p, 1, 1, 0, 0;\n}\n"                                                           \
-                   : SPARSEK_ACC32(d)                                                                          \
-                   : "l"(a), "l"(b), "r"(accumulate));                                                         \
-    }                                                                                                          \
-    /* d (64 x 64) += A (64 x 16, registers) B (16 x 64, shared, MN-major) */                                \
-    static __device__ __forceinline__ void rs_n64(float (&d)[8][4], const uint32_t (&a)[4], uint64_t b) {     \
-      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                \
-                   "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " SPARSEK_REGS32              \
-                   ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                            \
-                   : SPARSEK_ACC32(d)                                                                          \
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(1));                              \
-    }                                                                                                          \
-    /* d (64 x 128) += A (64 x 16, registers) B (16 x 128, shared, MN-major) */                              \
-    static __device__ __forceinline__ void rs_n128(float (&d)[16][4], const uint32_t (&a)[4], uint64_t b) {   \
-      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                \
-                   "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " " SPARSEK_REGS64             \
-                   ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                                            \
-                   : SPARSEK_ACC64(d)                                                                          \
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(1));                              \
-    }                                                                                                          \
-  };
-SPARSEK_WGMMA(__nv_bfloat16, "bf16")
-SPARSEK_WGMMA(__half, "f16")
-#undef SPARSEK_WGMMA
 
 template <int kD, typename Elem>
 __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnParams p) {

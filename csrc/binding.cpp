@@ -240,11 +240,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
   return {out, lse};
 }
 
-// Backward attention. Returns dq (q's dtype), the dk and dv accumulators (float32, or int64 fixed
-// point at the scales in fixed_scale when deterministic; dk without the softmax scale), the
-// per-key term of d scores (deterministic: per block and list place, (B*Hkv, n_blocks, cap);
-// otherwise summed, (B, Hkv, S)) and gamma's per-row sums (B, Hq, S). The caller finishes dk,
-// dv and d scores (sparsek/_cuda.py).
+// Backward attention. Returns dq, dk and dv (the inputs' dtype), the per-key term of d scores
+// (deterministic: per block and list place, (B*Hkv, n_blocks, cap); otherwise summed,
+// (B, Hkv, S)) and gamma's per-row sums (B, Hq, S). The caller finishes d scores
+// (sparsek/_cuda.py). kernel: 2 = warpgroup MMA, 1 = the mma.sync version (for comparison);
+// acc_budget: bytes of dk/dv accumulators per launch chunk.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& dout,         // (B, Hq, S, D)
     const at::Tensor& q,            // (B, Hq, S, D)
@@ -259,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const at::Tensor& block_count,  // (B * Hkv, n_blocks) int32
     int64_t window, double scale, int64_t block_q, bool deterministic,
     const std::optional<at::Tensor>& fixed_scale,  // (2,) float64: dk, dv (deterministic only)
-    bool poison) {
+    bool poison, int64_t kernel, int64_t acc_budget) {
   const AttnShape shape = check_attention(q, k, v, scores, tau, end, block_keys, block_count, scale, block_q);
   const auto [B, Hq, S, D, Hkv, group, n_blocks] = shape;
   for (const auto* t : {&dout, &out, &lse}) {
@@ -271,6 +271,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
                 ", got ", out.scalar_type(), " ", out.sizes());
   SPARSEK_CHECK(lse.sizes() == at::IntArrayRef({B, Hq, S}) && lse.scalar_type() == at::kFloat, "lse must be float32 ",
                 at::IntArrayRef({B, Hq, S}), ", got ", lse.scalar_type(), " ", lse.sizes());
+  SPARSEK_CHECK(kernel == 1 || kernel == 2, "kernel must be 1 (mma.sync) or 2 (warpgroup MMA), got ", kernel);
+  SPARSEK_CHECK(acc_budget > 0, "acc_budget must be positive, got ", acc_budget);
   if (deterministic) {
     SPARSEK_CHECK(fixed_scale.has_value() && fixed_scale->is_cuda() && fixed_scale->device() == q.device() &&
                       fixed_scale->scalar_type() == at::kDouble && fixed_scale->numel() == 2 && fixed_scale->is_contiguous(),
@@ -292,10 +294,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   cudaError_t err = sparsek::launch_bwd_dot(dot, stream);
   TORCH_CHECK(err == cudaSuccess, sparsek_msg::build("sparsek_cuda: backward dot launch failed: ", cudaGetErrorString(err)));
 
+  // dk and dv are summed in float32 (int64 fixed point when deterministic) accumulators. The
+  // (batch, kv head) pairs run in chunks whose accumulators fit in acc_budget bytes (at least one
+  // pair per chunk); each chunk's sums are converted into dk and dv before the next one starts,
+  // so the accumulators never grow with B * Hkv (512 MiB at long-64k otherwise).
+  const int64_t BH = B * Hkv;
+  const int64_t acc_bytes_per_bh = 2 * S * D * (deterministic ? 8 : 4);
+  const int64_t chunk = std::clamp<int64_t>(acc_budget / std::max<int64_t>(acc_bytes_per_bh, 1), 1, std::max<int64_t>(BH, 1));
   const auto acc_opts = q.options().dtype(deterministic ? at::kLong : at::kFloat);
   at::Tensor dq = at::empty({B, Hq, S, D}, q.options());
-  at::Tensor dk_acc = at::zeros({B, Hkv, S, D}, acc_opts);
-  at::Tensor dv_acc = at::zeros({B, Hkv, S, D}, acc_opts);
+  at::Tensor dk = at::empty({B, Hkv, S, D}, k.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dv = at::empty({B, Hkv, S, D}, v.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dk_acc = at::empty({chunk, S, D}, acc_opts);
+  at::Tensor dv_acc = at::empty({chunk, S, D}, acc_opts);
   const int64_t cap = block_keys.size(2);
   at::Tensor du = deterministic ? at::zeros({B * Hkv, n_blocks, cap}, q.options().dtype(at::kFloat))
                                 : at::zeros({B, Hkv, S}, q.options().dtype(at::kFloat));
@@ -319,9 +330,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   p.gamma_rows = gamma_rows.data_ptr<float>();
   p.scale = static_cast<float>(scale);
   p.deterministic = deterministic;
-  err = sparsek::launch_attention_bwd(p, static_cast<int>(D), stream);
-  TORCH_CHECK(err == cudaSuccess, sparsek_msg::build("sparsek_cuda: backward attention launch failed: ", cudaGetErrorString(err)));
-  return {dq, dk_acc, dv_acc, du, gamma_rows};
+  p.kernel = static_cast<int>(kernel);
+  const at::Tensor dk_rows = dk.view({BH, S, D}), dv_rows = dv.view({BH, S, D});
+  for (int64_t c0 = 0; c0 < BH; c0 += chunk) {
+    const int64_t n = std::min(chunk, BH - c0);
+    at::Tensor dk_part = dk_acc.narrow(0, 0, n), dv_part = dv_acc.narrow(0, 0, n);
+    dk_part.zero_();
+    dv_part.zero_();
+    p.bh_offset = static_cast<int>(c0);
+    err = sparsek::launch_attention_bwd(p, static_cast<int>(D), static_cast<int>(n), stream);
+    TORCH_CHECK(err == cudaSuccess, sparsek_msg::build("sparsek_cuda: backward attention launch failed: ", cudaGetErrorString(err)));
+    if (deterministic) {  // one rounding from the exact integer sums: value = acc / fixed_scale
+      dk_rows.narrow(0, c0, n).copy_(dk_part.to(at::kDouble).mul_(scale).div_(fixed_scale->select(0, 0)));
+      dv_rows.narrow(0, c0, n).copy_(dv_part.to(at::kDouble).div_(fixed_scale->select(0, 1)));
+    } else {
+      dk_rows.narrow(0, c0, n).copy_(dk_part.mul_(scale));
+      dv_rows.narrow(0, c0, n).copy_(dv_part);
+    }
+  }
+  return {dq, dk, dv, du, gamma_rows};
 }
 
 }  // namespace
@@ -334,7 +361,8 @@ TORCH_LIBRARY(sparsek_cuda, m) {
   m.def(
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor scores, Tensor tau, "
       "Tensor end, Tensor block_keys, Tensor block_count, int window, float scale, int block_q, bool deterministic, "
-      "Tensor? fixed_scale=None, bool poison=False) -> (Tensor dq, Tensor dk_acc, Tensor dv_acc, Tensor du, Tensor gamma_rows)");
+      "Tensor? fixed_scale=None, bool poison=False, int kernel=2, int acc_budget=268435456) -> (Tensor dq, Tensor dk, "
+      "Tensor dv, Tensor du, Tensor gamma_rows)");
 }
 
 TORCH_LIBRARY_IMPL(sparsek_cuda, CUDA, m) {

@@ -77,11 +77,14 @@ struct AttnBwdParams {
   const int* block_keys;  // (B * Hkv, n_blocks, cap)
   const int* block_count; // (B * Hkv, n_blocks)
   void* dq;               // (B, Hq, S, D) contiguous, q's dtype
-  // (B, Hkv, S, D) contiguous accumulators of dk / scale and dv: float32 summed with atomics, or,
-  // when deterministic, int64 fixed point (value * fixed_scale[0 or 1], rounded), whose sums do
-  // not depend on the order of the additions.
+  // (gridDim.y, S, D) contiguous accumulators of dk / scale and dv for the (batch, kv head) pairs
+  // bh_offset .. bh_offset + gridDim.y - 1 of this launch: float32 summed with atomics, or, when
+  // deterministic, int64 fixed point (value * fixed_scale[0 or 1], rounded), whose sums do not
+  // depend on the order of the additions. The host launches the pairs in chunks so that the
+  // accumulators stay small (docs/perf-notes.md, backward memory).
   void* dk_acc;
   void* dv_acc;
+  int bh_offset;
   const double* fixed_scale;  // [2] device: fixed-point scales of dk_acc and dv_acc (deterministic only)
   // Per-key term of d scores: sum over rows of gamma for the soft selected keys. Not
   // deterministic: atomically added to du (B * Hkv, S). Deterministic: each block writes its
@@ -105,6 +108,7 @@ struct AttnBwdParams {
   float scale_log2;  // scale * log2(e)
   bool is_bf16;
   bool deterministic;
+  int kernel;        // 2: warpgroup MMA (default), 1: the mma.sync version (kept for comparison)
 };
 
 // rowsum(dout * out) per row, in float32: the D_i of dS = P (dP - D_i).
@@ -121,7 +125,8 @@ struct BwdDotParams {
 cudaError_t launch_selection(const SelectParams& p, cudaStream_t stream);
 cudaError_t launch_attention_fwd(const AttnParams& p, int head_dim, cudaStream_t stream);
 cudaError_t launch_bwd_dot(const BwdDotParams& p, cudaStream_t stream);
-cudaError_t launch_attention_bwd(const AttnBwdParams& p, int head_dim, cudaStream_t stream);
+// Launches the (batch, kv head) pairs bh_offset .. bh_offset + bh_count - 1.
+cudaError_t launch_attention_bwd(const AttnBwdParams& p, int head_dim, int bh_count, cudaStream_t stream);
 
 // Rows of the attention tile, shared by the host (block_q = kAttnRows / group) and the kernel.
 constexpr int kAttnRows = 128;

@@ -165,19 +165,29 @@ def backward(grad_out, q, k, v, scores, out, lse, tau, end, keys, count, window:
     deterministic = torch.are_deterministic_algorithms_enabled()
     fixed = _fixed_point_scales(grad_out, q, v, Hq // Hkv, S) if deterministic else None
     with annotate("attention_bwd"):
-        dq, dk_acc, dv_acc, du_key, gamma_rows = cuda.attention_bwd(
+        dq, dk, dv, du_key, gamma_rows = cuda.attention_bwd(
             grad_out, q, k, v, out, lse, scores, tau, end, keys.view(B * Hkv, *keys.shape[2:]), count.view(B * Hkv, -1),
-            window, scale, block_q, deterministic, fixed,
+            window, scale, block_q, deterministic, fixed, kernel=backward_kernel(), acc_budget=BACKWARD_ACC_BUDGET,
         )
     if deterministic:
-        dk = (dk_acc.double() * (scale / fixed[0])).to(k.dtype)
-        dv = (dv_acc.double() / fixed[1]).to(v.dtype)
         du_key = _sum_list_places(du_key, keys, count, S)
-    else:
-        dk = (dk_acc * scale).to(k.dtype)
-        dv = dv_acc.to(v.dtype)
     du = du_key.double() - tau_term(gamma_rows, scores, tau, window, Hkv)
     return dq, dk, dv, du.to(scores.dtype)
+
+
+# Bytes of the backward's float32 dk/dv accumulators per launch: the (batch, kv head) pairs run
+# in chunks of this size (csrc/binding.cpp), so the step's extra memory does not grow with them
+# (SPARSEK_BWD_ACC_MIB overrides it, for measuring what the chunking costs).
+BACKWARD_ACC_BUDGET = int(os.environ.get("SPARSEK_BWD_ACC_MIB", "256")) << 20
+
+
+def backward_kernel() -> int:
+    """2: the warpgroup-MMA backward kernel (default); 1: the mma.sync one, kept so both can be
+    timed in one run (SPARSEK_BWD_KERNEL=1)."""
+    value = os.environ.get("SPARSEK_BWD_KERNEL", "2")
+    if value not in ("1", "2"):
+        raise ValueError(f"SPARSEK_BWD_KERNEL must be 1 or 2, got {value!r}")
+    return int(value)
 
 
 def _fixed_point_scales(grad_out, q, v, group: int, S: int):

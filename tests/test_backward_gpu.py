@@ -19,6 +19,7 @@ import torch
 
 import sparsek
 from conftest import assert_sanitizer_clean, cuda_kernels
+from sparsek import _cuda
 from sparsek import reference as ref
 from sparsek import selection as sel_mod
 from tolerances import BWD_MAX, BWD_NORM
@@ -132,9 +133,12 @@ SHAPES = [  # B, Hq, Hkv, S, D, topk, window
 ]
 
 
+@pytest.mark.parametrize("kernel", ["2", "1"], ids=["wgmma", "mma-sync"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-Hq{}-Hkv{}-S{}-D{}-K{}-W{}".format(*s))
-def test_gradients_match_reference(shape, dtype):
+def test_gradients_match_reference(shape, dtype, kernel, monkeypatch):
+    """Both backward kernels: the warpgroup-MMA one (the default) and the mma.sync one."""
+    monkeypatch.setenv("SPARSEK_BWD_KERNEL", kernel)
     cuda_kernels()
     B, Hq, Hkv, S, D, topk, window = shape
     q, k, v, u, grad = _inputs(sum(shape), B, Hq, Hkv, S, D, dtype)
@@ -147,6 +151,27 @@ def test_constant_scores(dtype):
     cuda_kernels()
     q, k, v, u, grad = _inputs(11, 1, 8, 2, 400, 128, dtype, constant=True)
     _check(_kernel_grads(q, k, v, u, grad, 30, 10), _reference_grads(q, k, v, u, grad, 30, 10), dtype)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_accumulator_chunks(deterministic, monkeypatch):
+    """With an accumulator budget of one byte every (batch, kv head) pair runs as its own launch
+    (bh_offset > 0, the accumulators reused): the gradients still match, bitwise so in the
+    deterministic mode, where the chunking must not change a single sum."""
+    cuda_kernels()
+    q, k, v, u, grad = _inputs(17, 2, 6, 3, 333, 128, torch.bfloat16)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        whole = _kernel_grads(q, k, v, u, grad, 40, 24)
+        monkeypatch.setattr(_cuda, "BACKWARD_ACC_BUDGET", 1)
+        chunked = _kernel_grads(q, k, v, u, grad, 40, 24)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    _check(chunked, _reference_grads(q, k, v, u, grad, 40, 24), torch.bfloat16, "one pair per launch: ")
+    if deterministic:
+        for name, a, b in zip(NAMES, whole, chunked):
+            assert torch.equal(a, b), f"{name}: chunked launches changed a deterministic gradient"
 
 
 def test_random_sweep():

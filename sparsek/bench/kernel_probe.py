@@ -105,7 +105,12 @@ def probe_train(name: str, peaks: dict) -> list[dict]:
     bwd_work = BACKWARD_OVER_FORWARD * work
     kernel_args = (grad, q, k, v, out, lse, u, tau, end, keys.view(B * Hkv, *keys.shape[2:]), count.view(B * Hkv, -1),
                    case.window, scale, block_q, False, None)
-    add("backward kernels (dot + attention)", _bench(lambda: ops.attention_bwd(*kernel_args)), bwd_work)
+    # Both kernels in one run (the mma.sync v1 kept for this comparison), and the default kernel
+    # in one launch with accumulators for every (batch, kv head) pair: what the chunking costs.
+    budget = _cuda.BACKWARD_ACC_BUDGET
+    for kernel, label, acc in ((1, "mma.sync", budget), (2, "wgmma", budget), (2, "wgmma, unchunked", 1 << 60)):
+        run = lambda kernel=kernel, acc=acc: ops.attention_bwd(*kernel_args, kernel=kernel, acc_budget=acc)
+        add(f"backward kernels, {label} (dot + attention + dk/dv conversion)", _bench(run), bwd_work)
     bwd = lambda: _cuda.backward(grad, q, k, v, u, out, lse, tau, end, keys, count, case.window, scale)
     add("backward (op)", _bench(bwd), bwd_work)
     torch.use_deterministic_algorithms(True)
