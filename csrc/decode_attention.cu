@@ -25,7 +25,8 @@
 // inputs) in place of ring slot p % window, and the live candidate slots (all but the spare) among
 // the first max(0, p + 1 - window). With window >= 1 this kernel runs first and lets the step's
 // update start as soon as every CTA has read (p, tau, spare, status): the update writes only what
-// this kernel no longer reads (csrc/decode_params.h).
+// this kernel no longer reads (csrc/decode_params.h). A row masked out by `active` (a free serving
+// slot) attends nothing and writes zeros; the update leaves its state alone.
 
 #include <cstdint>
 
@@ -141,6 +142,7 @@ struct PairMeta {
   int spare;    // the candidate slot not in use
   float tau;    // rounded to the score dtype, as the reference computes the gates
   int poisoned;
+  int inactive;  // a masked-out row: no slot is attended and the output is zeros
 };
 
 template <int kHeadDim, bool kIsBf16>
@@ -192,9 +194,11 @@ __global__ void __maxnreg__(kMaxRegisters) decode_attention_kernel(const DecodeA
     m.pos = p.after_update ? len - 1 : len;
     m.spare = p.spare[pair];
     m.tau = static_cast<float>(p.tau[pair]);
+    m.inactive = p.active != nullptr && !p.active[b];
     // A poisoned pair (overflow, non-finite score: see status codes) answers NaN, never a guess.
     // Beside the update, this step's own bad score has not reached the status yet: check it here.
-    m.poisoned = code != kDecodeOk || !isfinite(unew) || len == INT32_MAX;
+    // A masked-out row's score is not an input (it may hold NaN), and its output is zeros.
+    m.poisoned = !m.inactive && (code != kDecodeOk || !isfinite(unew) || len == INT32_MAX);
     s_meta = m;
   }
   __syncthreads();
@@ -203,7 +207,7 @@ __global__ void __maxnreg__(kMaxRegisters) decode_attention_kernel(const DecodeA
 
   const int K = p.topk, W = p.window;
   // valid slots: [0, nvalid) except the spare; the window ring fills first, then the candidates
-  const int nvalid = meta.pos < W ? meta.pos + 1 : W + min(meta.pos - W + 1, K + 1);
+  const int nvalid = meta.inactive ? 0 : meta.pos < W ? meta.pos + 1 : W + min(meta.pos - W + 1, K + 1);
   const int spare_slot = W + meta.spare;
   const int own_slot = W > 0 ? meta.pos % W : -1;  // the query's own key replaces this ring slot
   const int s_begin = split * p.slots_per_split;
@@ -371,10 +375,11 @@ __global__ void __maxnreg__(kMaxRegisters) decode_attention_kernel(const DecodeA
   }
 
   const bool poisoned = meta.poisoned;
+  const bool inactive = meta.inactive;  // nothing attended: the sums are 0 and the output is 0
   Elem* out_row = static_cast<Elem*>(p.out) + b * p.out_batch_stride + static_cast<int64_t>(head0 + head) * p.out_head_stride + d0;
   if (p.num_splits == 1) {
     if (head < nheads) {
-      const float inv = poisoned ? CUDART_NAN_F : 1.0f / cta_sum;
+      const float inv = poisoned ? CUDART_NAN_F : inactive ? 0.0f : 1.0f / cta_sum;
 #pragma unroll
       for (int d = 0; d < kDims; ++d) acc[d] *= inv;
       store_row_piece<kIsBf16, kDims>(out_row, acc);
@@ -419,7 +424,7 @@ __global__ void __maxnreg__(kMaxRegisters) decode_attention_kernel(const DecodeA
     }
   }
   if (head < nheads) {
-    const float inv = poisoned ? CUDART_NAN_F : 1.0f / all_sum;
+    const float inv = poisoned ? CUDART_NAN_F : inactive ? 0.0f : 1.0f / all_sum;
 #pragma unroll
     for (int d = 0; d < kDims; ++d) acc[d] *= inv;
     store_row_piece<kIsBf16, kDims>(out_row, acc);

@@ -17,7 +17,9 @@
 //   slot_pos   (B, Hkv, topk + 1) i32  position of each candidate slot (tie rule of the top-k)
 //   spare      (B, Hkv) i32            the candidate slot not in use
 //   win_score  (B, Hkv, window) f32    score of each window slot (needed when it leaves the window)
-//   soft       (B, Hkv, C) f32         every candidate score u > tau, unordered; C = soft_capacity
+//   soft       (B, Hkv, C) f32         every candidate score u > tau, unordered; C = soft_capacity,
+//                                      the tensor's size (the Python cache grows it between steps,
+//                                      before a step could need more: the kernels never resize)
 //   soft_count (B, Hkv) i32            how many entries of `soft` are in use
 //   tau        (B, Hkv) f64            the exact SparseK threshold of the current candidates
 //   lengths    (B, Hkv) i32            tokens seen (the next token's position)
@@ -43,7 +45,9 @@ namespace sparsek {
 
 // status codes (status[pair][0]); detail = status[pair][1]
 constexpr int kDecodeOk = 0;
-constexpr int kDecodeSoftOverflow = 1;  // detail: soft entries needed (> soft_capacity)
+// detail: soft entries needed (> soft_capacity). The step is refused, not half-done: the pair's
+// state is the one before the step (the soft set at most permuted), only the status changes.
+constexpr int kDecodeSoftOverflow = 1;
 constexpr int kDecodeSolverStuck = 2;   // detail: soft entries when the threshold walk gave up
 constexpr int kDecodePositionOverflow = 3;  // detail: the position (int32 positions ran out)
 constexpr int kDecodeNonFiniteScore = 4;    // detail: the position of the token with that score
@@ -97,6 +101,9 @@ struct DecodeUpdateParams {
   int* status;         // (B, Hkv, 2)
 
   DecodeNewToken token;
+  // (B,) or nullptr (every row steps): a row that is false (a free serving slot) is left exactly
+  // as it is, and its inputs, which may hold anything, are never read
+  const bool* active;
 
   int batch, kv_heads, head_dim;
   int elem_bytes;  // 2 (fp16/bf16): the update only moves rows, it never does arithmetic on them
@@ -121,6 +128,9 @@ struct DecodeAttentionParams {
   // the query's own key and value (window >= 1: they replace ring slot p % window) and score (a
   // non-finite score poisons this step's output too)
   DecodeNewToken token;
+  // (B,) or nullptr (every row steps): a row that is false attends nothing, reads none of its
+  // inputs' values into a result and writes zeros (the update leaves its state alone)
+  const bool* active;
   void* out;  // (B, Hq, 1, D), rows contiguous and 16-byte aligned
   int64_t out_batch_stride, out_head_stride;
 

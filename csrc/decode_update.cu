@@ -177,6 +177,8 @@ __global__ void __launch_bounds__(kThreads) decode_update_kernel(const DecodeUpd
   extern __shared__ float staged[];
 
   const int h = blockIdx.x, b = blockIdx.y;
+  // A masked-out row (a free serving slot) keeps its state; its inputs may hold anything (NaN).
+  if (p.active != nullptr && !p.active[b]) return;
   const int64_t pair = static_cast<int64_t>(b) * p.kv_heads + h;
   const int tid = threadIdx.x;
   int* status = p.status + pair * 2;
@@ -354,6 +356,10 @@ __global__ void __launch_bounds__(kThreads) decode_update_kernel(const DecodeUpd
         }
         const bool keep_x = static_cast<double>(ux) > tau_new;
         const int new_count = kept_total + (keep_x ? 1 : 0);
+        // Only when nothing was dropped (kept_total == count == soft_capacity), so the compaction
+        // above only permuted the set: refusing here leaves the pair's state as it was before the
+        // step. The Python cache grows the soft set before a step could get here; this catches
+        // steps it could not see (CUDA graph replays past what reserve() made room for).
         if (new_count > p.soft_capacity) {
           if (tid == 0) {
             status[1] = new_count;
