@@ -14,9 +14,11 @@ The state of one (batch, kv head) pair (docs/decode.md derives all of it) always
 * the **soft set**: every candidate score ``u > tau``, unordered, in an array of ``soft_capacity``
   entries to start with. ``tau`` never decreases, so a key with ``u <= tau`` has gate 0 now and
   forever and is dropped; the keys that remain are exactly what the next ``tau`` depends on. Its
-  size is not bounded by ``topk`` in general (equal scores all share the soft band): the reference
-  path doubles the array when it must (the key/value slots never grow), the CUDA path reports an
-  overflow through the status (its kernels cannot grow it yet). Never a silent approximation.
+  size is not bounded by ``topk`` in general (equal scores all share the soft band): the cache
+  doubles the array when it must (the key/value slots never grow), before a step that could need
+  it. The reference path reads the sizes every step; the CUDA path keeps an upper bound on the
+  host (a step adds at most one entry) and reads them back only when that bound runs out of room,
+  so its steps need no host synchronisation. Never a silent approximation.
 * ``tau`` (float64, exact), the candidate slots' scores and positions (the tie rule of the top-k:
   score, then the larger position), the window slots' scores, the token count and a status.
 
@@ -57,9 +59,12 @@ BACKENDS = ("auto", "reference", "cuda")
 # i.i.d. normal with std >= 1) the soft set holds 1.1-2.6 x topk keys up to 128k tokens; scores
 # packed closer than the gate's unit band need more (docs/decode.md, "The soft set").
 DEFAULT_SOFT_FACTOR = 4
-# How often (in steps) a CUDA cache reads its status back to raise on overflow; each check is a
-# host synchronisation, and between checks a failed sequence answers NaN (never a wrong number).
+# How often (in steps) a CUDA cache reads its status back to raise on a failed sequence; each check
+# is a host synchronisation, and between checks a failed sequence answers NaN (never a wrong number).
 DEFAULT_CHECK_INTERVAL = 64
+# CUDA path: when the soft set's room is read back (the host's bound on its size ran out), it doubles
+# if less than 1/SOFT_HEADROOM of it is free, so the next read back is at least that many steps away.
+SOFT_HEADROOM = 8
 MAX_SPLITS = 64  # kDecodeMaxSplits in csrc/decode_params.h
 INT32_MAX = 2**31 - 1
 
@@ -72,14 +77,15 @@ STATUS_NONFINITE_SCORE = 4
 
 
 class SparseKCacheError(RuntimeError):
-    """A decode cache cannot continue exactly (its soft set overflowed, a score was not finite,
-    positions ran out). The affected sequences answer NaN until the cache is rebuilt."""
+    """A decode cache cannot continue exactly (a score was not finite, positions ran out, or a step
+    that could not grow the soft set -- compiled, or replayed from a CUDA graph -- found it full).
+    The affected sequences answer NaN until their slot is refilled or the cache rebuilt."""
 
 
 @dataclass
 class DecodeState:
-    """The tensors of a decode cache. All have a fixed size except the soft set, which the reference
-    path doubles when the scores pack into the threshold's unit band; the key/value slots never grow."""
+    """The tensors of a decode cache. All have a fixed size except the soft set, which the cache
+    doubles when the scores pack into the threshold's unit band; the key/value slots never grow."""
 
     k_slots: Tensor  # (B, Hkv, W + K + 1, D): [0, W) window ring, [W, W + K + 1) candidate slots
     v_slots: Tensor  # (B, Hkv, W + K + 1, D)
@@ -167,9 +173,13 @@ def _detached(where: str, *tensors: Tensor) -> tuple:
 
 
 def _rows16(t: Tensor) -> Tensor:
-    """t (B, H, 1, D) with a contiguous last dim and 16-byte aligned rows (the kernels' loads)."""
+    """t (B, H, 1, D) with a contiguous last dim and 16-byte aligned rows (the kernels' loads).
+    Inside torch.compile the address is not known: the strides are checked, the binding checks the
+    rest and names the argument."""
     es = t.element_size()
-    ok = t.stride(-1) == 1 and (t.stride(0) * es) % 16 == 0 and (t.stride(1) * es) % 16 == 0 and t.data_ptr() % 16 == 0
+    ok = t.stride(-1) == 1 and (t.stride(0) * es) % 16 == 0 and (t.stride(1) * es) % 16 == 0
+    if ok and not torch.compiler.is_compiling():
+        ok = t.data_ptr() % 16 == 0
     return t if ok else t.contiguous()
 
 
@@ -414,6 +424,40 @@ def _(q, k_new, v_new, score_new, active, k_slots, v_slots, slot_score, slot_pos
     return q.new_empty(q.shape)
 
 
+# The CUDA kernels' operators (csrc/binding.cpp, decode section) under torch.compile: their fake
+# implementations give the output's shape; the state is updated in place, as their schemas declare
+# (Tensor(a!)), so functionalization handles it like any mutating op. Registered when the kernels
+# are loaded (SparseKCache._cuda_ops).
+
+
+def _fake_decode_step(q, k_new, v_new, score_new, k_slots, v_slots, slot_score, slot_pos, spare, win_score, soft,
+                      soft_count, tau, lengths, status, counters, topk, window, scale, num_splits=0, active=None):
+    return q.new_empty(q.shape)  # (B, Hq, 1, D) contiguous, like the kernel's output
+
+
+def _fake_decode_update(*args, **kwargs):
+    return None
+
+
+def _fake_decode_attention(q, *args, **kwargs):
+    return q.new_empty(q.shape)
+
+
+_fakes_registered: set[str] = set()
+
+
+def register_cuda_fakes(namespace: str = "sparsek_cuda") -> None:
+    """Register the fakes of ``namespace``'s decode operators once (the tests pass a stand-in
+    namespace with the same schemas)."""
+    if namespace in _fakes_registered:
+        return
+    for name, fake in (("decode_step", _fake_decode_step), ("decode_update", _fake_decode_update),
+                       ("decode_attention", _fake_decode_attention)):
+        if hasattr(getattr(torch.ops, namespace), name):
+            torch.library.register_fake(f"{namespace}::{name}")(fake)
+    _fakes_registered.add(namespace)
+
+
 def _fixed_overflow_message(b: int, h: int, needed: int, capacity: int) -> str:
     return (f"{_FN}: the soft set of batch {b}, kv head {h} needs {needed} entries but holds {capacity}, and this "
             f"step cannot grow it (inside torch.compile its size is fixed, as it is for reference_step called "
@@ -422,11 +466,11 @@ def _fixed_overflow_message(b: int, h: int, needed: int, capacity: int) -> str:
 
 
 def _overflow_message(b: int, h: int, needed: int, capacity: int) -> str:
-    return (f"{_FN}: the soft set of batch {b}, kv head {h} needs {needed} entries but soft_capacity={capacity}. "
-            f"Every candidate score within the threshold's unit band stays in it, so scores packed closer than "
-            f"1 apart need more room; rebuild the cache with a larger soft_capacity (4 bytes per entry per "
-            f"sequence and kv head): the CUDA path cannot grow it yet (the reference path does). The sequence's "
-            f"outputs are NaN until then.")
+    return (f"{_FN}: the soft set of batch {b}, kv head {h} needs {needed} entries but holds {capacity}, and the "
+            f"step that found it full could not grow it (a compiled step, or a CUDA graph replay: the host does "
+            f"not see those steps). Call cache.reserve(steps) before the compiled region or the capture, for "
+            f"every step run there (eager steps grow the soft set themselves). That step was refused and the "
+            f"sequence's outputs are NaN until its slot is refilled (evict, prefill_slot) or the cache rebuilt.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,15 +491,16 @@ class SparseKCache:
         device: where the cache lives.
         score_dtype: float32 (float64 is accepted for float64 caches, reference only).
         soft_capacity: initial room for candidate scores above tau per (batch, kv head); default
-            4 * topk; must exceed topk. The reference path doubles the room when a context needs
-            more (``soft_allocated`` is the room now); the CUDA path raises ``SparseKCacheError``
-            instead, as its kernels cannot grow it yet (see docs/decode.md).
+            4 * topk; must exceed topk. The cache doubles the room when a context or a step could
+            need more (``soft_allocated`` is the room now; see docs/decode.md). Compiled steps and
+            CUDA graph replays cannot grow it: ``reserve(steps)`` before them.
         scale: softmax scale, default head_dim ** -0.5.
         backend: "auto" (CUDA kernels when they support the cache, else the reference with a
             warning), "cuda" (raise if the kernels cannot run) or "reference".
         check_interval: CUDA path: read the status back every this many steps (a host
-            synchronisation) and raise on a failed sequence; 0 = only when ``check()`` is called
-            (for CUDA graphs). The reference checks every step.
+            synchronisation, which also refreshes the soft set's size bound) and raise on a failed
+            sequence; 0 = only when ``check()`` is called (for CUDA graphs). The reference checks
+            every step.
         num_splits: CUDA path: splits of the slots per (batch, kv head); 0 = automatic.
 
     Use ``SparseKCache.from_prefill(k, v, scores, ...)`` to start from a context. In a serving loop
@@ -531,8 +576,14 @@ class SparseKCache:
         )
         self.batch, self.kv_heads, self.head_dim = B, H, D
         self.dtype, self.score_dtype, self.device = dtype, score_dtype, dev
-        self._counters: dict[int, Tensor] = {}  # CUDA split-K counters per head-chunk count
+        self._counters: Tensor | None = None  # CUDA split-K arrival counters (see _counters_for)
         self._steps = 0
+        # CUDA path: an upper bound on every sequence's soft-set size, kept on the host (a step adds at
+        # most one entry), so a step knows without a device read whether it could run out of room;
+        # None = unknown (after steps the host did not see: compiled, captured), read back when needed
+        self._soft_bound: int | None = 0
+        self._graphed = False  # a step was captured in a CUDA graph: its replays are invisible here
+        self._step_op = None
         # probing builds the extension (minutes, once), so a requested reference skips it
         reason = "the reference was requested" if backend == "reference" else self._cuda_reason()
         if backend == "cuda" and reason is not None:
@@ -540,6 +591,10 @@ class SparseKCache:
         if backend == "auto" and reason is not None and dev.type == "cuda":
             _warn_once(reason)
         self.backend = "cuda" if reason is None else "reference"
+        if self.backend == "cuda":
+            # the operator itself, looked up once: torch.compile traces a call to it, not the lookup
+            self._step_op = self._cuda_ops().decode_step
+            self._counters = torch.zeros(B * H, dtype=torch.int32, device=dev)  # query groups of up to 8 heads
 
     # -- construction from a context --------------------------------------------------------
 
@@ -558,8 +613,7 @@ class SparseKCache:
         """The cache after the context (k, v, scores); the next ``step`` is position ``lengths[b]``.
 
         ``options`` are the constructor's keyword arguments (soft_capacity, scale, backend, ...).
-        On the reference path the soft set starts larger than soft_capacity when the context needs
-        it; on the CUDA path that raises ``SparseKCacheError``.
+        The soft set starts larger than soft_capacity when the context needs it.
         """
         for name, t in (("k", k), ("v", v), ("scores", scores)):
             if not isinstance(t, Tensor):
@@ -599,8 +653,8 @@ class SparseKCache:
     ) -> None:
         """Start a new sequence in slot b from its prompt of L tokens (L = 0: an empty sequence),
         replacing whatever the slot held; the other slots are not touched. Its next ``step`` is
-        position L. Refused arguments (and, on the CUDA path, a prompt whose soft set needs more
-        than ``soft_allocated``) raise before the slot changes."""
+        position L. Refused arguments raise before the slot changes; a prompt whose soft set needs
+        more than ``soft_allocated`` grows it first (for every slot: one tensor)."""
         B, H, D = self.batch, self.kv_heads, self.head_dim
         b = _check_int("b", b, 0, B - 1)
         if not isinstance(k, Tensor) or k.dim() != 3 or k.shape[0] != H or k.shape[2] != D:
@@ -628,11 +682,13 @@ class SparseKCache:
 
     def reserve(self, steps: int) -> None:
         """Make room in the soft set for ``steps`` more steps of every sequence (each step adds at
-        most one entry). A compiled region cannot grow the soft set (its shape is part of the
-        graph), so call this before one that runs ``steps`` steps. Reference path only: on the
-        CUDA path a reserve that needs more room raises ``SparseKCacheError``."""
+        most one entry); reads the sizes back (a host synchronisation). A compiled region or a CUDA
+        graph cannot grow the soft set (its tensor is part of the graph), so call this before one
+        that runs ``steps`` steps, and before capturing (capture again if the soft set grows
+        later: ``soft_allocated`` changes)."""
         steps = _check_int("steps", steps, 0)
-        self._make_room(self.state.soft_count.long() + steps, 0, "(reserving room for the next steps)")
+        largest = self._make_room(self.state.soft_count.long() + steps) - steps
+        self._soft_bound = max(largest, 0)
 
     def _fill(self, k: Tensor, v: Tensor, scores: Tensor, L: Tensor, first: int = 0) -> None:
         """Write the state of the sequences (k, v, scores) after L tokens into rows [first, first + n).
@@ -661,7 +717,9 @@ class SparseKCache:
         # soft set: every candidate score above tau
         keep = cand > tau.unsqueeze(-1)  # -inf never passes
         count = keep.sum(-1)  # (n_seq, H)
-        self._make_room(count, first, "(while building the cache from the context)")
+        largest = self._make_room(count)
+        if self._soft_bound is not None:
+            self._soft_bound = max(self._soft_bound, largest)
         st, C = self.state, self.soft_allocated
 
         # window: slot r holds the last position q < L with q % W == r (none when q < 0)
@@ -721,31 +779,33 @@ class SparseKCache:
         """Entries the soft set holds per (batch, kv head) now: soft_capacity, or more after growth."""
         return self.state.soft.shape[-1]
 
-    def _make_room(self, needed: Tensor, first: int, during: str) -> None:
-        """Make the soft set hold needed (n, Hkv) entries for rows [first, first + n).
+    def _make_room(self, needed: Tensor | int) -> int:
+        """Make the soft set hold ``needed`` entries (per sequence and kv head as a tensor, or one
+        number for all); returns the largest need (a host read when it is a tensor).
 
-        Reference path: the room doubles until it suffices (amortised: every entry is copied O(1)
-        times over a cache's life), for every row at once (the soft set is one (B, Hkv, C) tensor);
-        nothing else grows. CUDA path: raise SparseKCacheError, as its kernels cannot grow it yet.
+        The room doubles until it suffices (amortised: every entry is copied O(1) times over a
+        cache's life), for every row at once (the soft set is one (B, Hkv, C) tensor); nothing
+        else grows. Never called where the host cannot run (inside torch.compile, during a capture).
         """
         C = self.soft_allocated
-        if needed.numel() == 0 or int(needed.max()) <= C:
-            return
-        if self.backend == "cuda":
-            b, h = (needed > C).nonzero()[0].tolist()
-            raise SparseKCacheError(_overflow_message(first + b, h, int(needed[b, h]), C).replace(
-                "The sequence's outputs are NaN until then.", during))
-        target = int(needed.max())
+        target = needed if isinstance(needed, int) else (int(needed.max()) if needed.numel() else 0)
+        if target <= C:
+            return target
         if target > INT32_MAX:
             _fail(f"the soft set would need {target} entries per (batch, kv head); positions are int32")
         grown = C
         while grown < target:
             grown *= 2
         grown = min(grown, INT32_MAX)
+        if self._graphed:
+            warnings.warn(f"sparsek: SparseKCache's soft set grows from {C} to {grown} entries per (batch, kv head): "
+                          f"a CUDA graph captured before replays on the old tensor; capture it again "
+                          f"(reserve(steps) before capturing makes room up front)", RuntimeWarning, stacklevel=3)
         st = self.state
         soft = torch.zeros(*st.soft.shape[:-1], grown, dtype=st.soft.dtype, device=st.soft.device)
         soft[..., :C] = st.soft
         st.soft = soft
+        return target
 
     # -- stepping ------------------------------------------------------------------------------
 
@@ -766,9 +826,11 @@ class SparseKCache:
         already builds the batch row by row and knows which rows are real; an evicted slot holds an
         empty sequence, which a step without a mask starts from its token.
 
-        Reference path, outside torch.compile: the soft set grows first if this step could need
-        it. Inside torch.compile this runs the ``sparsek::decode_step`` operator with the soft set's
-        size fixed (see ``reserve``).
+        Outside torch.compile and CUDA graph capture the soft set grows first if this step could
+        need it (the reference path reads the sizes back every step; the CUDA path only when its
+        host-side bound runs out). A compiled or captured step runs its operator
+        (``sparsek::decode_step``, ``sparsek_cuda::decode_step``) with the soft set's size fixed
+        (see ``reserve``).
         """
         B, H, D = self.batch, self.kv_heads, self.head_dim
         if not isinstance(q, Tensor) or q.dim() != 4 or q.shape[0] != B or q.shape[2] != 1 or q.shape[3] != D:
@@ -793,38 +855,62 @@ class SparseKCache:
             active = torch.ones(B, dtype=torch.bool, device=self.device)
         if not torch.compiler.is_compiling():  # both read values back; a compiled step cannot
             self.check()  # a failed cache stays failed
-            self._make_room(self.state.soft_count.long() + 1, 0, "(before a step)")  # a step adds at most one
+            self._make_room(self.state.soft_count.long() + 1)  # a step adds at most one
         st = self.state
         return decode_step_op(q, k_new, v_new, score_new, active, st.k_slots, st.v_slots, st.slot_score, st.slot_pos,
                               st.spare, st.win_score, st.soft, st.soft_count, st.tau, st.lengths, self.topk, self.window,
                               self.scale)
 
     def _cuda_step(self, q: Tensor, k_new: Tensor, v_new: Tensor, score_new: Tensor, active: Tensor | None) -> Tensor:
-        """The kernels' step. They have no mask: with ``active``, the inactive rows' state is copied
-        aside first and put back after (a host sync to find the rows, and about twice their
-        key/value slots of memory traffic), and their outputs are zeroed."""
-        self._steps += 1
-        idle = None
-        if active is not None:
-            idle = (~active).nonzero().flatten()
-            if idle.numel() == 0:
-                idle = None
-        saved = None if idle is None else [t.index_select(0, idle) for t in self.state.tensors()]
-        out = self._cuda_ops().decode_step(
-            _rows16(q), _rows16(k_new), _rows16(v_new), score_new.contiguous(), *self.state.tensors(),
-            self._counters_for(q.shape[1]), self.topk, self.window, self.scale, self.num_splits)
-        if idle is not None:
-            for t, kept in zip(self.state.tensors(), saved):
-                t.index_copy_(0, idle, kept)
-            out.index_fill_(0, idle, 0)
-        if self.check_interval and self._steps % self.check_interval == 0:
-            self.check()
+        """The kernels' step (they take the mask: inactive rows keep their state and answer zeros).
+
+        The soft set must have room for one more entry per sequence before the step. The host keeps
+        an upper bound on its size (each step adds at most one entry) and reads the sizes back only
+        when that bound reaches the room (or after steps it did not see); then the room doubles
+        while less than 1/SOFT_HEADROOM of it is free, so such reads are at least that many steps
+        apart. Compiled and captured steps cannot read or grow anything: they run on the room that
+        ``reserve`` made (an overflow there refuses the step and sets the status, see ``check``).
+        """
+        op = self._step_op if self._step_op is not None else self._cuda_ops().decode_step
+        compiling = torch.compiler.is_compiling()
+        capturing = not compiling and self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if capturing:
+            if self._soft_bound is None or self._soft_bound >= self.soft_allocated:
+                raise SparseKCacheError(f"{_FN}: call cache.reserve(steps) before capturing a step in a CUDA graph: "
+                                        f"the soft set cannot grow during a capture or its replays, and the cache "
+                                        f"does not know that it has room")
+            self._graphed = True
+        if compiling or capturing:
+            self._soft_bound = None  # the host does not see these steps (replays, compiled calls)
+        else:
+            if self._graphed or self._soft_bound is None or self._soft_bound >= self.soft_allocated:
+                self._read_room()
+            self._soft_bound += 1
+        st = self.state
+        out = op(_rows16(q), _rows16(k_new), _rows16(v_new), score_new.contiguous(), *st.tensors(),
+                 self._counters_for(q.shape[1]), self.topk, self.window, self.scale, self.num_splits,
+                 None if active is None else active.contiguous())
+        if not (compiling or capturing):
+            self._steps += 1
+            if self.check_interval and self._steps % self.check_interval == 0:
+                self.check()
         return out
 
+    def _read_room(self) -> None:
+        """CUDA path: read the largest soft set back (a host synchronisation), make room for the next
+        step with headroom (doubling while less than 1/SOFT_HEADROOM is free) and reset the bound."""
+        largest = int(self.state.soft_count.max())
+        self._make_room(largest + max(1, self.soft_allocated // SOFT_HEADROOM))
+        self._soft_bound = largest
+
     def check(self) -> None:
-        """Raise SparseKCacheError if any sequence failed (reads the status: a host sync on CUDA)."""
+        """Raise SparseKCacheError if any sequence failed (reads the status: a host sync on CUDA).
+        The same read refreshes the CUDA path's bound on the soft set's size (not after a capture:
+        a graph's replays stay invisible, so eager steps then read the sizes themselves)."""
         code = self.state.status[..., 0]
-        if not bool((code != STATUS_OK).any()):
+        failed, largest = torch.stack([(code != STATUS_OK).any().to(torch.int32), self.state.soft_count.max()]).tolist()
+        self._soft_bound = largest
+        if not failed:
             return
         b, h = (code != STATUS_OK).nonzero()[0].tolist()
         c, detail = (int(x) for x in self.state.status[b, h].tolist())
@@ -849,9 +935,9 @@ class SparseKCache:
     @property
     def nbytes(self) -> int:
         """Bytes of the whole state now: the key/value slots and every per-slot array are fixed at
-        construction; only the soft set can grow (reference path, see ``soft_allocated``)."""
+        construction; only the soft set can grow (see ``soft_allocated``)."""
         return sum(t.numel() * t.element_size() for t in self.state.tensors()) + sum(
-            t.numel() * t.element_size() for t in self._counters.values())
+            t.numel() * t.element_size() for t in ([] if self._counters is None else [self._counters]))
 
     @staticmethod
     def bytes_per_sequence(kv_heads: int, head_dim: int, *, topk: int, window: int, dtype=torch.bfloat16,
@@ -887,11 +973,16 @@ class SparseKCache:
 
     @staticmethod
     def _cuda_ops():
-        return _cuda.ops()
+        ops = _cuda.ops()
+        register_cuda_fakes()
+        return ops
 
     def _counters_for(self, q_heads: int) -> Tensor:
         """Split-K arrival counters, one per (batch, kv head, head chunk); zero between launches."""
         chunks = -(-(q_heads // self.kv_heads) // 8)  # kDecodeHeadsPerCta query heads per CTA
-        if chunks not in self._counters:
-            self._counters[chunks] = torch.zeros(self.batch * self.kv_heads * chunks, dtype=torch.int32, device=self.device)
-        return self._counters[chunks]
+        n = self.batch * self.kv_heads * chunks
+        # one buffer, allocated with the cache for groups of up to 8 query heads, so a compiled step
+        # finds it in place (a dict of buffers per chunk count made torch.compile guard on its keys)
+        if self._counters is None or self._counters.numel() < n:
+            self._counters = torch.zeros(n, dtype=torch.int32, device=self.device)
+        return self._counters[:n]

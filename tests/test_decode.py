@@ -316,25 +316,121 @@ def test_continuous_batching_matches_the_prefill_of_each_sequence():
 
 
 class _StandInKernels:
-    """torch.ops.sparsek_cuda on the CPU for the CUDA path's own logic: decode_step steps every row
-    with the reference (the kernels have no mask) and leaves NaN where an idle row's inputs hold it."""
+    """torch.ops.sparsek_cuda on the CPU for the CUDA path's own logic: decode_step is the reference
+    step with the kernels' argument list (the mask included)."""
 
     @staticmethod
     def decode_step(q, k_new, v_new, score_new, *rest):
-        *state, _counters, topk, window, scale, _num_splits = rest
-        return reference_step(decode.DecodeState(*state), q, k_new, v_new, score_new, topk, window, scale)
+        *state, _counters, topk, window, scale, _num_splits, active = rest
+        return reference_step(decode.DecodeState(*state), q, k_new, v_new, score_new, topk, window, scale, active)
+
+
+def _as_cuda_path(cache, monkeypatch, op=None):
+    """The cache's CUDA-path logic (the soft set's host-side bound, growth, the mask, compile and
+    capture handling) around a stand-in for the kernels' operator."""
+    monkeypatch.setattr(SparseKCache, "_cuda_ops", staticmethod(lambda: _StandInKernels))
+    cache.backend, cache._step_op = "cuda", op
+    cache._counters = torch.zeros(cache.batch * cache.kv_heads, dtype=torch.int32)  # as a CUDA cache allocates them
+    return cache
 
 
 def test_the_cuda_paths_slot_handling_on_stand_in_kernels(monkeypatch):
-    """What the CUDA path adds around its kernels (stepping every row, then putting the idle rows'
-    state back and zeroing their outputs), checked with the same scheduler; room for the zeros
-    request is given up front, as the CUDA path cannot grow the soft set."""
-    cache = SparseKCache(3, 2, 8, topk=6, window=4, dtype=torch.float64, score_dtype=torch.float64, soft_capacity=128,
-                         backend="reference", check_interval=1)
-    monkeypatch.setattr(SparseKCache, "_cuda_ops", staticmethod(lambda: _StandInKernels))
-    cache.backend = "cuda"
+    """The CUDA path's step with the same scheduler, on the reference in place of the kernels. The
+    stand-in never grows the soft set (reference_step raises when it is full), so the zeros request
+    passes only if the host-side bound grows it in time, with no status check to help
+    (check_interval=0)."""
+    cache = SparseKCache(3, 2, 8, topk=6, window=4, dtype=torch.float64, score_dtype=torch.float64, backend="reference",
+                         check_interval=0)
+    _as_cuda_path(cache, monkeypatch)
     _serve(cache, Hq=4)
-    assert cache.soft_allocated == 128 and cache._steps > 0
+    assert cache.soft_allocated > cache.soft_capacity and cache._steps > 0
+
+
+def test_the_cuda_path_reads_the_soft_set_back_only_when_its_bound_runs_out(monkeypatch):
+    # equal scores: every step adds a soft entry, the worst case for the bound
+    K, S = 64, 1500
+    q, k, v, _ = _sequence(1, 2, 1, S, 8, "normal")
+    u = torch.zeros(1, 1, S, dtype=torch.float64)
+    expected = sparsek.sparsek_attention(q, k, v, u, topk=K, window=8)
+    cache = SparseKCache.from_prefill(k[:, :, :700], v[:, :, :700], u[:, :, :700], topk=K, window=8,
+                                      backend="reference", check_interval=0)
+    _as_cuda_path(cache, monkeypatch)
+    reads = []
+    read_room = SparseKCache._read_room
+    monkeypatch.setattr(SparseKCache, "_read_room", lambda self: (reads.append(self.soft_allocated), read_room(self)))
+    for i in range(700, S):
+        out = cache.step(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], u[:, :, i])
+        torch.testing.assert_close(out, expected[:, :, i : i + 1], atol=1e-12, rtol=1e-12, msg=lambda m: f"step {i}: {m}")
+    assert int(cache.state.soft_count) == S - 8 + 1 and cache.soft_allocated == 2048
+    # from_prefill left 693 entries in a room of 1024: the bound reached the room once in 800 steps,
+    # and that one read back doubled it (less than 1/SOFT_HEADROOM was free)
+    assert reads == [1024]
+
+
+def _binding_schema(name: str) -> str:
+    """The schema csrc/binding.cpp's decode section declares for sparsek_cuda::<name>."""
+    text = (Path(__file__).resolve().parents[1] / "csrc" / "binding.cpp").read_text()
+    section = text[text.index("// ---- decode"):]
+    for call in re.findall(r'm\.def\(\s*((?:"[^"]*"\s*)+)\)', section):
+        schema = "".join(re.findall(r'"([^"]*)"', call))
+        if schema.startswith(name + "("):
+            return schema
+    raise AssertionError(f"no schema for {name} in csrc/binding.cpp")
+
+
+@pytest.fixture(scope="module")
+def stand_in_op():
+    """sparsek_decode_cpu::decode_step: the kernels' schema (read from csrc/binding.cpp) with the
+    reference step as its CPU implementation and sparsek.decode's fake, so that torch.compile of
+    the CUDA path's step can be traced here as it is on the GPU."""
+    lib = torch.library.Library("sparsek_decode_cpu", "DEF")
+    lib.define(_binding_schema("decode_step"))
+
+    def impl(q, k_new, v_new, score_new, k_slots, v_slots, slot_score, slot_pos, spare, win_score, soft, soft_count, tau,
+             lengths, status, counters, topk, window, scale, num_splits=0, active=None):
+        st = decode.DecodeState(k_slots, v_slots, slot_score, slot_pos, spare, win_score, soft, soft_count, tau, lengths,
+                                status)
+        return reference_step(st, q, k_new, v_new, score_new, topk, window, scale, active)
+
+    lib.impl("decode_step", impl, "CPU")
+    decode.register_cuda_fakes("sparsek_decode_cpu")
+    yield torch.ops.sparsek_decode_cpu.decode_step
+    lib._destroy()
+
+
+def test_a_compiled_cuda_path_step_traces_the_kernels_operator(stand_in_op, monkeypatch):
+    # what a compiled CUDA step runs, on the CPU: the fake and the declared mutations carry the
+    # state through functionalization; the host-side bound is marked unknown, not guarded on
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    B, Hq, Hkv, S, D, K, W, P = 2, 4, 2, 90, 8, 6, 4, 40
+    q, k, v, u = _sequence(B, Hq, Hkv, S, D, "normal")
+    build = lambda: SparseKCache.from_prefill(k[:, :, :P], v[:, :, :P], u[:, :, :P], topk=K, window=W,
+                                              lengths=[P, P - 7], backend="reference", check_interval=0)
+    eager, compiled = build(), _as_cuda_path(build(), monkeypatch, stand_in_op)
+    compiled.reserve(S)
+    counter = CompileCounterWithBackend("aot_eager")
+
+    @torch.compile(fullgraph=True, backend=counter)
+    def step(cache, q, k, v, u, active):
+        return cache.step(q, k, v, u, active=active)
+
+    start = torch.tensor([P, P - 7])
+    for s in range(S - P):
+        pos = start + s
+        active = torch.tensor([True, s % 3 != 1])
+        args = (_at(q, pos), _at(k, pos), _at(v, pos), _at(u.unsqueeze(-1), pos)[..., 0], active)
+        torch.testing.assert_close(step(compiled, *args), eager.step(*args), atol=0, rtol=0, msg=lambda m: f"step {s}: {m}")
+        assert compiled._soft_bound is None  # the host did not see the step
+        start = start - (~active).long()
+    for a, b in zip(compiled.state.tensors(), eager.state.tensors()):
+        if a.shape == b.shape:  # the reserved soft set is larger
+            assert torch.equal(a, b)
+    assert torch.equal(compiled.state.soft[..., : eager.soft_allocated], eager.state.soft)
+    assert counter.frame_count == 1
+    x = (q[:, :, :1], k[:, :, :1], v[:, :, :1], u[:, :, 0])  # any token: only the room is checked
+    compiled.step(*x)  # eager: reads the sizes back
+    assert compiled._soft_bound is not None
 
 
 def test_prefill_slot_leaves_the_other_slots_alone():
