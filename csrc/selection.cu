@@ -17,6 +17,7 @@
 #include <math_constants.h>
 
 #include "sparsek_params.h"
+#include "selection_api.h"
 
 namespace sparsek {
 namespace {
@@ -28,6 +29,9 @@ constexpr int kListThreads = 32;        // one warp compacts one block's key lis
 constexpr int kEndThreads = 256;
 constexpr int kMaxBand = 12288;        // keys a walker keeps in shared memory (144 KB)
 constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kSanitizeThreads = 256;
+constexpr int kPoisonThreads = 256;
+constexpr int kPoisonCtasPerRow = 4;   // a finite row costs these CTAs one load each
 
 template <typename T>
 __device__ T block_sum(T v, T* scratch) {
@@ -136,39 +140,29 @@ __device__ void walk_chunk(const Band& band, const float* scores, float* tau_out
   }
 }
 
-__global__ void __launch_bounds__(kWalkThreads, 1) chunk_walk_kernel(SelectParams p, int band_cap) {
-  const int row = blockIdx.y;
-  const int S = p.seq_len, K = p.topk;
-  const int n0 = K + 1 + blockIdx.x * p.chunk;
-  const int n_end = min(n0 + p.chunk, p.n_max + 1);
-  const float* sorted = p.sorted + (size_t)row * S;
-  const int* key_at = p.key_at + (size_t)row * S;
-  const float* scores = p.scores + (size_t)row * S;
-  const int* pos = p.pos + (size_t)row * S;
-  float* tau_out = p.tau + (size_t)row * S;
-  int* kth_out = p.kth + (size_t)row * (S + 1);
+// What the top-down scan of a chunk found (step 1 of both chunk kernels).
+struct ChunkScan {
+  int seen_end;  // keys present by the chunk end down to the stop: the band's size when it fits
+  int from;      // lowest sorted position scanned
+  int kth_slot;  // descending band slot of the K-th best key present at n0
+  int kth0;      // sorted position of that key
+  int k1;        // sorted position of the (K+1)-th best key present at n0
+};
 
+// 1. One pass down from the top. Keys present at n0 (index < n0) give the K-th and (K+1)-th best;
+//    keys present by the chunk end (index < n_end) go to the shared band, descending. The pass
+//    stops once the scores fall to u_(K+1) - 1: tau(n0) lies in [u_(K+1) - 1, u_(K)) (below it
+//    K+1 keys are saturated; at u_(K) at most K-1 keys are above) and tau only grows, so lower
+//    keys never contribute during this chunk. band_pos may be null (the search does not keep it).
+__device__ ChunkScan scan_band(const float* sorted, const int* key_at, int S, int K, int n0, int n_end, float* band_val,
+                               int* band_idx, int* band_pos, int* chunk_slot, int chunk, int band_cap) {
   __shared__ int s_count0[kWarps], s_count_end[kWarps];
   __shared__ int s_found[2];
   __shared__ int s_kth_slot;
-  __shared__ double s_dscratch[kWarps];
-  __shared__ long long s_lscratch[kWarps];
-  extern __shared__ __align__(16) unsigned char s_band_raw[];
-  float* band_val = reinterpret_cast<float*>(s_band_raw);
-  int* band_idx = reinterpret_cast<int*>(band_val + band_cap);
-  int* band_pos = band_idx + band_cap;
-  int* chunk_slot = band_pos + band_cap;  // p.chunk entries
-
-  for (int c = threadIdx.x; c < p.chunk; c += kWalkThreads) chunk_slot[c] = -1;
-
-  // 1. One pass down from the top. Keys present at n0 (index < n0) give the K-th and (K+1)-th
-  //    best; keys present by the chunk end (index < n_end) go to the shared band, descending.
-  //    The pass stops once the scores fall to u_(K+1) - 1: tau(n0) lies in [u_(K+1) - 1, u_(K))
-  //    (below it K+1 keys are saturated; at u_(K) at most K-1 keys are above) and tau only
-  //    grows, so lower keys never contribute during this chunk.
+  for (int c = threadIdx.x; c < chunk; c += kWalkThreads) chunk_slot[c] = -1;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int seen0 = 0, seen_end = 0;
-  int from = 0;  // lowest sorted position scanned
+  int from = 0;
   __syncthreads();
   for (int base = S - 1; base >= 0; base -= kWalkThreads) {
     const int q = base - threadIdx.x;
@@ -203,7 +197,7 @@ __global__ void __launch_bounds__(kWalkThreads, 1) chunk_walk_kernel(SelectParam
       if (slot < band_cap) {
         band_val[slot] = sorted[q];
         band_idx[slot] = key;
-        band_pos[slot] = q;
+        if (band_pos != nullptr) band_pos[slot] = q;
         if (key >= n0) chunk_slot[key - n0] = slot;
       }
     }
@@ -213,9 +207,24 @@ __global__ void __launch_bounds__(kWalkThreads, 1) chunk_walk_kernel(SelectParam
     __syncthreads();
     if (seen0 > K && (double)sorted[from] <= (double)sorted[s_found[1]] - 1.0) break;
   }
-  const bool in_shared = seen_end <= band_cap;  // else walk the row in global memory
-  const int kth0 = s_found[0];
-  const double u_k = sorted[kth0], u_k1 = sorted[s_found[1]];
+  return {seen_end, from, s_kth_slot, s_found[0], s_found[1]};
+}
+
+// Steps 2-5 of the walk: the state at n0 by bisection, then one thread walks the chunk. in_shared:
+// the band fits in shared memory (else the walk reads the row in global memory).
+__device__ void solve_and_walk(const SelectParams& p, int row, int n0, int n_end, const ChunkScan& scan, bool in_shared,
+                               const float* band_val, const int* band_idx, const int* band_pos, const int* chunk_slot) {
+  __shared__ double s_dscratch[kWarps];
+  __shared__ long long s_lscratch[kWarps];
+  const int S = p.seq_len, K = p.topk;
+  const float* sorted = p.sorted + (size_t)row * S;
+  const int* key_at = p.key_at + (size_t)row * S;
+  const float* scores = p.scores + (size_t)row * S;
+  const int* pos = p.pos + (size_t)row * S;
+  float* tau_out = p.tau + (size_t)row * S;
+  int* kth_out = p.kth + (size_t)row * (S + 1);
+  const int seen_end = scan.seen_end, from = scan.from;
+  const double u_k = sorted[scan.kth0], u_k1 = sorted[scan.k1];
 
   // f(t) = sum of clip(u - t, 0, 1) over the keys present at n0, as counts and a sum:
   // saturated (u >= t + 1), soft (t < u < t + 1) and the soft keys' scores.
@@ -263,22 +272,224 @@ __global__ void __launch_bounds__(kWalkThreads, 1) chunk_walk_kernel(SelectParam
   // 5. Walk the chunk.
   if (in_shared) {
     const SharedBand band{band_val, band_idx, band_pos, chunk_slot, n0, seen_end};
-    walk_chunk(band, scores, tau_out, kth_out, p.window, K, n0, n_end, tau0, seen_end - 1 - s_kth_slot, cU, cF, sF);
+    walk_chunk(band, scores, tau_out, kth_out, p.window, K, n0, n_end, tau0, seen_end - 1 - scan.kth_slot, cU, cF, sF);
   } else {
     const GlobalBand band{sorted, key_at, pos, S};
-    walk_chunk(band, scores, tau_out, kth_out, p.window, K, n0, n_end, tau0, kth0, cU, cF, sF);
+    walk_chunk(band, scores, tau_out, kth_out, p.window, K, n0, n_end, tau0, scan.kth0, cU, cF, sF);
   }
+}
+
+// The walk: one CTA per chunk of p.chunk prefix lengths, one thread walking it serially.
+__global__ void __launch_bounds__(kWalkThreads, 1) chunk_walk_kernel(SelectParams p, int band_cap) {
+  const int row = blockIdx.y;
+  const int S = p.seq_len;
+  const int n0 = p.topk + 1 + blockIdx.x * p.chunk;
+  const int n_end = min(n0 + p.chunk, p.n_max + 1);
+  extern __shared__ __align__(16) unsigned char s_band_raw[];
+  float* band_val = reinterpret_cast<float*>(s_band_raw);
+  int* band_idx = reinterpret_cast<int*>(band_val + band_cap);
+  int* band_pos = band_idx + band_cap;
+  int* chunk_slot = band_pos + band_cap;  // p.chunk entries
+  const ChunkScan scan = scan_band(p.sorted + (size_t)row * S, p.key_at + (size_t)row * S, S, p.topk, n0, n_end, band_val,
+                                   band_idx, band_pos, chunk_slot, p.chunk, band_cap);
+  solve_and_walk(p, row, n0, n_end, scan, scan.seen_end <= band_cap, band_val, band_idx, band_pos, chunk_slot);
+}
+
+// ---- the search: every prefix length of a chunk solved by its own thread ----
+//
+// f_n(t) = sum over the keys present at n (index < n) of clip(u - t, 0, 1) is the function of
+// the keys present at n0 (prefix counts and sums over the band, so O(log band) per evaluation)
+// plus the chunk's own keys n0 .. n - 1 (at most kSearchChunk - 1, read from shared memory).
+// Its breakpoints are the band's scores v and v - 1 (keys below the band lie under the floor,
+// which every tau of the chunk exceeds). Thread n finds, by binary search over the band,
+//   a1 = last slot with f(v_a1) <= K        (slot 0, the top score, always qualifies: f = 0),
+//   b1 = last slot with f(v_b1 - 1) <= K    (-1 if none; the last slot never qualifies),
+// so the smallest breakpoint with f <= K is b_hi = min(v_a1, v_b1 - 1) and the one below it
+// b_lo = max(v_(a1+1), v_(b1+1) - 1). On (b_lo, b_hi) f is linear and crosses K, and the
+// closed form of sparsek/selection.py on that piece gives tau: the reference's own formula,
+// in float64. kth(n), the K-th best key present at n, is a third binary search over the band's
+// prefix counts. No thread depends on another: no serial walk.
+constexpr int kSearchChunk = kWalkThreads;  // prefix lengths per CTA, one per thread
+// Keys a search CTA keeps in shared memory (20 bytes each: score, index, prefix count, prefix
+// sum in float64), within the 227 KB an SM gives one CTA. A chunk whose band is larger runs the
+// walk with the band in global memory instead (same results, slower).
+constexpr int kSearchMaxBand = 10752;
+
+struct SearchSmem {
+  double* sum;      // (m + 1) prefix sums of the scores of the keys present at n0, in band order
+  float* band_val;  // (cap) descending
+  int* band_idx;    // (cap)
+  int* cnt;         // (m + 1) prefix counts of the keys present at n0
+  int* chunk_slot;  // (kSearchChunk) band slot of key n0 + c, -1 below the floor
+  float* chunk_u;   // (kSearchChunk) score of key n0 + c, -inf below the floor
+
+  static size_t bytes(int cap) {
+    return (size_t)(cap + 1) * sizeof(double) + (size_t)cap * (sizeof(float) + sizeof(int)) + (size_t)(cap + 1) * sizeof(int) +
+           (size_t)kSearchChunk * (sizeof(int) + sizeof(float));
+  }
+  __device__ static SearchSmem carve(unsigned char* raw, int cap) {
+    SearchSmem s;
+    s.sum = reinterpret_cast<double*>(raw);
+    s.band_val = reinterpret_cast<float*>(s.sum + cap + 1);
+    s.band_idx = reinterpret_cast<int*>(s.band_val + cap);
+    s.cnt = s.band_idx + cap;
+    s.chunk_slot = s.cnt + cap + 1;
+    s.chunk_u = reinterpret_cast<float*>(s.chunk_slot + kSearchChunk);
+    return s;
+  }
+};
+
+// Saturated count, soft count and soft sum of the keys present at n (= n0 + extra) at threshold t.
+struct Masses {
+  long long cU, cF;
+  double sF;
+};
+
+__device__ Masses masses_at(const SearchSmem& s, int m, int extra, double t) {
+  // Slots with v >= t + 1 (saturated) and with v > t (saturated or soft), v descending.
+  const double t1 = t + 1.0;
+  int lo = 0, hi = m;
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if ((double)s.band_val[mid] >= t1) lo = mid + 1; else hi = mid;
+  }
+  const int a_sat = lo;
+  hi = m;
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if ((double)s.band_val[mid] > t) lo = mid + 1; else hi = mid;
+  }
+  const int a_zero = lo;
+  Masses r{s.cnt[a_sat], s.cnt[a_zero] - s.cnt[a_sat], s.sum[a_zero] - s.sum[a_sat]};
+  for (int c = 0; c < extra; ++c) {
+    const double x = s.chunk_u[c];
+    if (x >= t1) ++r.cU;
+    else if (x > t) { ++r.cF; r.sF += x; }
+  }
+  return r;
+}
+
+__device__ bool f_at_most(const SearchSmem& s, int m, int extra, double t, int K) {
+  const Masses r = masses_at(s, m, extra, t);
+  return (double)r.cU + r.sF - (double)r.cF * t <= (double)K;
+}
+
+// Exclusive prefix count and sum over the band of the keys present at n0 (index < n0): each
+// thread sums a contiguous run of slots, a block scan gives the runs' offsets.
+__device__ void prefix_present0(const SearchSmem& s, int m, int n0) {
+  __shared__ int s_wc[kWarps];
+  __shared__ double s_ws[kWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int per = (m + kWalkThreads - 1) / kWalkThreads;
+  const int a0 = min(m, threadIdx.x * per), a1 = min(m, a0 + per);
+  int c = 0;
+  double sum = 0.0;
+  for (int a = a0; a < a1; ++a) {
+    if (s.band_idx[a] < n0) { ++c; sum += (double)s.band_val[a]; }
+  }
+  int ci = c;  // inclusive scan within the warp
+  double si = sum;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int cn = __shfl_up_sync(kFullMask, ci, o);
+    const double sn = __shfl_up_sync(kFullMask, si, o);
+    if (lane >= o) { ci += cn; si += sn; }
+  }
+  if (lane == 31) { s_wc[warp] = ci; s_ws[warp] = si; }
+  __syncthreads();
+  int c_run = ci - c;
+  double s_run = si - sum;
+  for (int w = 0; w < warp; ++w) { c_run += s_wc[w]; s_run += s_ws[w]; }
+  for (int a = a0; a < a1; ++a) {
+    s.cnt[a] = c_run;
+    s.sum[a] = s_run;
+    if (s.band_idx[a] < n0) { ++c_run; s_run += (double)s.band_val[a]; }
+  }
+  if (threadIdx.x == kWalkThreads - 1) {
+    int c_all = 0;
+    double s_all = 0.0;
+    for (int w = 0; w < kWarps; ++w) { c_all += s_wc[w]; s_all += s_ws[w]; }
+    s.cnt[m] = c_all;
+    s.sum[m] = s_all;
+  }
+  __syncthreads();
+}
+
+__global__ void __launch_bounds__(kWalkThreads, 1) chunk_search_kernel(SelectParams p, int band_cap) {
+  const int row = blockIdx.y;
+  const int S = p.seq_len, K = p.topk;
+  const int n0 = K + 1 + blockIdx.x * kSearchChunk;
+  const int n_end = min(n0 + kSearchChunk, p.n_max + 1);
+  extern __shared__ __align__(16) unsigned char s_search_raw[];
+  const SearchSmem s = SearchSmem::carve(s_search_raw, band_cap);
+  const ChunkScan scan = scan_band(p.sorted + (size_t)row * S, p.key_at + (size_t)row * S, S, K, n0, n_end, s.band_val,
+                                   s.band_idx, nullptr, s.chunk_slot, kSearchChunk, band_cap);
+  const int m = scan.seen_end;
+  if (m > band_cap) {  // the band does not fit: the walk, reading the row in global memory
+    solve_and_walk(p, row, n0, n_end, scan, false, nullptr, nullptr, nullptr, nullptr);
+    return;
+  }
+  // A chunk key below the floor never matters to the chunk (as for the keys below the band): -inf
+  // keeps it out of every sum, so f has no breakpoint that the band does not hold.
+  const float* scores = p.scores + (size_t)row * S;
+  // Query n reads keys n0 .. n - 1, so key n_end - 1 (which is S when window = 0) is never read.
+  for (int c = threadIdx.x; c < n_end - 1 - n0; c += kWalkThreads) {
+    s.chunk_u[c] = s.chunk_slot[c] >= 0 ? scores[n0 + c] : -CUDART_INF_F;
+  }
+  prefix_present0(s, m, n0);  // its barriers also publish chunk_u
+
+  const int n = n0 + threadIdx.x;
+  if (n >= n_end) return;
+  const int extra = n - n0;  // keys n0 .. n - 1 join the present keys of n0
+  int lo = 0, hi = m;        // stage 1: f(v_lo) <= K, f(v_a) > K for a >= hi
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) >> 1;
+    if (f_at_most(s, m, extra, (double)s.band_val[mid], K)) lo = mid; else hi = mid;
+  }
+  const int a1 = lo;
+  lo = -1;  // stage 2: f(v_lo - 1) <= K (lo = -1: none), f(v_b - 1) > K for b >= hi
+  hi = m - 1;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) >> 1;
+    if (f_at_most(s, m, extra, (double)s.band_val[mid] - 1.0, K)) lo = mid; else hi = mid;
+  }
+  const int b1 = lo;
+  double b_hi = (double)s.band_val[a1];
+  if (b1 >= 0) b_hi = fmin(b_hi, (double)s.band_val[b1] - 1.0);
+  double b_lo = (double)s.band_val[b1 + 1] - 1.0;
+  if (a1 + 1 < m) b_lo = fmax(b_lo, (double)s.band_val[a1 + 1]);
+  const Masses r = masses_at(s, m, extra, 0.5 * (b_lo + b_hi));
+  const double tau = r.cF > 0 ? (r.sF - (double)(K - r.cU)) / (double)r.cF : b_hi;
+  p.tau[(size_t)row * S + n + p.window - 1] = (float)tau;
+
+  // kth(n): the first slot a with K present keys at slots <= a (present at n0, or chunk keys < n).
+  lo = -1;
+  hi = m - 1;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) >> 1;
+    int count = s.cnt[mid + 1];
+    for (int c = 0; c < extra; ++c) {
+      const int slot = s.chunk_slot[c];
+      count += (slot >= 0 && slot <= mid) ? 1 : 0;
+    }
+    if (count >= K) hi = mid; else lo = mid;
+  }
+  p.kth[(size_t)row * (S + 1) + n] = p.pos[(size_t)row * S + s.band_idx[hi]];
 }
 
 // tau = -inf for queries whose prefix fits in topk, and the end of every key's selected run:
 // key j is selected for prefix lengths [j + 1, N_j), N_j = first n with kth(n) above pos(j).
-__global__ void __launch_bounds__(kEndThreads) end_kernel(SelectParams p) {
+// A row flagged in `nonfinite` (scores with a NaN or an infinity) gets tau = NaN everywhere: its
+// selection was made from sanitised scores and means nothing, and poison_rows_kernel reads the
+// NaN to poison the row's attention output.
+__global__ void __launch_bounds__(kEndThreads) end_kernel(SelectParams p, const int* nonfinite) {
   const int row = blockIdx.y;
   const int j = blockIdx.x * kEndThreads + threadIdx.x;
   const int S = p.seq_len, K = p.topk, W = p.window;
   if (j >= S) return;
   const int i = j;  // as a query: tau is -inf while n_i = i - W + 1 <= K
-  if (i - W + 1 <= K || i - W + 1 > p.n_max) p.tau[(size_t)row * S + i] = -CUDART_INF_F;
+  if (nonfinite != nullptr && nonfinite[row] != 0) p.tau[(size_t)row * S + i] = CUDART_NAN_F;
+  else if (i - W + 1 <= K || i - W + 1 > p.n_max) p.tau[(size_t)row * S + i] = -CUDART_INF_F;
 
   const int* kth = p.kth + (size_t)row * (S + 1);
   const int pj = p.pos[(size_t)row * S + j];
@@ -345,11 +556,61 @@ __global__ void __launch_bounds__(kListThreads) block_lists_kernel(SelectParams 
   if (lane == 0) p.block_count[(size_t)row * p.n_blocks + blk] = count;
 }
 
+
+// ---- non-finite scores, without a host synchronisation ----
+// Bit tests rather than isfinite/isnan: the kernels build with --use_fast_math.
+__device__ __forceinline__ bool is_finite_bits(float x) { return (__float_as_uint(x) & 0x7f800000u) != 0x7f800000u; }
+__device__ __forceinline__ bool is_nan_bits(float x) { return (__float_as_uint(x) & 0x7fffffffu) > 0x7f800000u; }
+
+// clean = scores with every NaN or infinity replaced by 0, and nonfinite[row] = 1 for a row that
+// had one (nonfinite starts zeroed): the selection then runs on finite numbers (no pointer of
+// the walk or the search can run off on a NaN) and the row's outputs are poisoned afterwards.
+__global__ void __launch_bounds__(kSanitizeThreads) sanitize_kernel(const float* scores, float* clean, int* nonfinite, int S) {
+  const int row = blockIdx.y;
+  const int j = blockIdx.x * kSanitizeThreads + threadIdx.x;
+  bool bad = false;
+  if (j < S) {
+    const float x = scores[(size_t)row * S + j];
+    bad = !is_finite_bits(x);
+    clean[(size_t)row * S + j] = bad ? 0.f : x;
+  }
+  if (__syncthreads_or(bad) && threadIdx.x == 0) nonfinite[row] = 1;
+}
+
+// NaN over the attention output and lse of every row whose tau is NaN (end_kernel's mark of
+// non-finite scores; a finite row has tau = -inf at query 0, which has no candidate beyond topk).
+// CTAs of a finite row read one float and leave.
+__global__ void __launch_bounds__(kPoisonThreads) poison_rows_kernel(const float* tau, int S, uint16_t* out,
+                                                                    long long out_per_row, float* lse,
+                                                                    long long lse_per_row) {
+  const int row = blockIdx.y;
+  if (!is_nan_bits(tau[(size_t)row * S])) return;
+  // 0x7fff is a quiet NaN in both float16 and bfloat16.
+  constexpr uint16_t kNaN16 = 0x7fff;
+  const long long stride = (long long)gridDim.x * kPoisonThreads;
+  for (long long e = (long long)blockIdx.x * kPoisonThreads + threadIdx.x; e < out_per_row; e += stride) {
+    out[row * out_per_row + e] = kNaN16;
+  }
+  for (long long e = (long long)blockIdx.x * kPoisonThreads + threadIdx.x; e < lse_per_row; e += stride) {
+    lse[row * lse_per_row + e] = CUDART_NAN_F;
+  }
+}
+
 }  // namespace
 
-cudaError_t launch_selection(const SelectParams& p, cudaStream_t stream) {
+cudaError_t launch_selection_with(const SelectParams& p, SelectAlgo algo, const int* nonfinite, cudaStream_t stream) {
   if (p.rows == 0 || p.seq_len == 0) return cudaSuccess;
-  if (p.n_chunks > 0) {
+  if (algo == SelectAlgo::kSearch && p.n_max > p.topk) {
+    const int band_cap = p.seq_len < kSearchMaxBand ? p.seq_len : kSearchMaxBand;
+    const size_t smem = SearchSmem::bytes(band_cap);
+    if (cudaError_t e = cudaFuncSetAttribute(chunk_search_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        e != cudaSuccess) {
+      return e;
+    }
+    const int n_chunks = (p.n_max - p.topk + kSearchChunk - 1) / kSearchChunk;
+    chunk_search_kernel<<<dim3(n_chunks, p.rows), kWalkThreads, smem, stream>>>(p, band_cap);
+    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  } else if (algo == SelectAlgo::kWalk && p.n_chunks > 0) {
     // The shared band holds at most every key of the row (12 bytes each) plus the chunk's slots;
     // past kMaxBand keys a chunk that needs more walks in global memory instead.
     const int band_cap = p.seq_len < kMaxBand ? p.seq_len : kMaxBand;
@@ -361,13 +622,33 @@ cudaError_t launch_selection(const SelectParams& p, cudaStream_t stream) {
     chunk_walk_kernel<<<dim3(p.n_chunks, p.rows), kWalkThreads, smem, stream>>>(p, band_cap);
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   }
-  end_kernel<<<dim3((p.seq_len + kEndThreads - 1) / kEndThreads, p.rows), kEndThreads, 0, stream>>>(p);
+  end_kernel<<<dim3((p.seq_len + kEndThreads - 1) / kEndThreads, p.rows), kEndThreads, 0, stream>>>(p, nonfinite);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   if (p.block_keys != nullptr) {
     block_lists_kernel<<<dim3(p.n_blocks, p.rows), kListThreads, 0, stream>>>(p);
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   }
   return cudaSuccess;
+}
+
+cudaError_t launch_selection(const SelectParams& p, cudaStream_t stream) {
+  return launch_selection_with(p, SelectAlgo::kSearch, nullptr, stream);
+}
+
+cudaError_t launch_sanitize_scores(const float* scores, float* clean, int* nonfinite, int rows, int seq_len, cudaStream_t stream) {
+  if (rows == 0 || seq_len == 0) return cudaSuccess;
+  sanitize_kernel<<<dim3((seq_len + kSanitizeThreads - 1) / kSanitizeThreads, rows), kSanitizeThreads, 0, stream>>>(
+      scores, clean, nonfinite, seq_len);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_poison_rows(const float* tau, int rows, int seq_len, void* out, long long out_per_row, float* lse,
+                               long long lse_per_row, cudaStream_t stream) {
+  if (rows == 0 || seq_len == 0) return cudaSuccess;
+  const dim3 grid(kPoisonCtasPerRow, rows);
+  poison_rows_kernel<<<grid, kPoisonThreads, 0, stream>>>(tau, seq_len, static_cast<uint16_t*>(out), out_per_row, lse,
+                                                         lse_per_row);
+  return cudaGetLastError();
 }
 
 }  // namespace sparsek

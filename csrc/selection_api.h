@@ -1,0 +1,33 @@
+// The selection's launchers beyond launch_selection (sparsek_params.h): which algorithm fills
+// tau and kth, and the device-side handling of non-finite scores (no host synchronisation, so a
+// forward can be captured in a CUDA graph). Plain CUDA types only, like sparsek_params.h.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "sparsek_params.h"
+
+namespace sparsek {
+
+// How tau and kth are computed per prefix length (end and the block lists follow from kth):
+//   kWalk:   one CTA per chunk bisects the chunk's start state, then one thread walks the chunk;
+//   kSearch: one thread per prefix length searches the sorted row's breakpoints (the default).
+// Both give the same kth (integers, so the same end and lists) and tau to float64 rounding.
+enum class SelectAlgo : int { kWalk = 0, kSearch = 1 };
+
+// launch_selection with a chosen algorithm. nonfinite (rows) int32 or null: a row marked 1 gets
+// tau = NaN everywhere (its selection, made from sanitised scores, means nothing).
+cudaError_t launch_selection_with(const SelectParams& p, SelectAlgo algo, const int* nonfinite, cudaStream_t stream);
+
+// clean (rows, S) = scores with NaN and +-inf replaced by 0; nonfinite[row] = 1 where the row had
+// one. nonfinite must start zeroed.
+cudaError_t launch_sanitize_scores(const float* scores, float* clean, int* nonfinite, int rows, int seq_len,
+                                   cudaStream_t stream);
+
+// NaN over out (rows, out_per_row) 16-bit elements and lse (rows, lse_per_row) of every row
+// whose tau (rows, S) starts with NaN: one row per (batch, kv head), its GQA group's heads
+// contiguous in a (B, Hq, S, D) output.
+cudaError_t launch_poison_rows(const float* tau, int rows, int seq_len, void* out, long long out_per_row, float* lse,
+                               long long lse_per_row, cudaStream_t stream);
+
+}  // namespace sparsek
