@@ -27,6 +27,12 @@ def check_int(fn: str, name: str, value, minimum: int) -> int:
     return value
 
 
+def check_bool(fn: str, name: str, value) -> bool:
+    if not isinstance(value, bool):
+        _fail(fn, f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}", TypeError)
+    return value
+
+
 def check_topk_window(fn: str, topk, window) -> None:
     """topk >= 1 and window >= 0, both within the int32 range the kernels index with."""
     for name, value, minimum in (("topk", topk, 1), ("window", window, 0)):
@@ -96,8 +102,8 @@ def check_attention_args(fn: str, q, k, v, scores, topk, window, scale) -> float
 
 
 def check_finite_scores(fn: str, scores: Tensor) -> None:
-    """Non-finite scores would make tau and the gates undefined. On a GPU this costs one
-    host synchronisation; SPARSEK_SKIP_FINITE_CHECK=1 turns it off for production loops."""
+    """Non-finite scores would make tau and the gates undefined. On a GPU this costs one host
+    synchronisation; sparsek_attention(..., check_finite=False) checks on the device instead."""
     if not bool(torch.isfinite(scores).all()):
         bad = (~torch.isfinite(scores)).nonzero()[0].tolist()
         value = scores[tuple(bad)].item()

@@ -1,0 +1,142 @@
+"""The forward without a host synchronisation (run on the GPU machine; skipped without a GPU):
+captured in a CUDA graph and replayed on new inputs, non-finite scores poisoned on the device,
+and the parallel selection search against the serial walk it replaces (SPARSEK_SELECT=walk)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparsek
+from conftest import cuda_kernels
+from sparsek import _cuda
+from sparsek import selection as sel_mod
+
+pytestmark = pytest.mark.gpu
+
+
+def _inputs(seed, B, Hq, Hkv, S, D, dtype=torch.bfloat16, ties=False):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, S, D, generator=gen).to("cuda", dtype)
+    k = torch.randn(B, Hkv, S, D, generator=gen).to("cuda", dtype)
+    v = torch.randn(B, Hkv, S, D, generator=gen).to("cuda", dtype)
+    u = torch.randn(B, Hkv, S, generator=gen).cumsum(-1) * 0.05 + torch.randn(B, Hkv, S, generator=gen)
+    if ties:
+        u = torch.round(u * 4) / 4
+    return q, k, v, u.float().cuda()
+
+
+@pytest.mark.parametrize("check_finite", [False, True], ids=["check_finite=False", "check_finite=True"])
+def test_forward_captured_in_a_cuda_graph(check_finite):
+    """check_finite=True is skipped during the capture (a capture cannot synchronise)."""
+    cuda_kernels()
+    topk, window = 40, 16
+    static = _inputs(1, 2, 8, 2, 300, 128)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (build, allocator) outside the capture
+        for _ in range(2):
+            sparsek.sparsek_attention(*static, topk=topk, window=window, check_finite=check_finite)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = sparsek.sparsek_attention(*static, topk=topk, window=window, check_finite=check_finite, return_lse=True)
+    for seed in (2, 3):
+        fresh = _inputs(seed, 2, 8, 2, 300, 128)
+        for dst, src in zip(static, fresh):
+            dst.copy_(src)
+        graph.replay()
+        torch.cuda.synchronize()
+        want, want_lse = sparsek.sparsek_attention(*fresh, topk=topk, window=window, return_lse=True)
+        assert torch.equal(out, want), f"replay {seed}: output differs from eager"
+        assert torch.equal(lse, want_lse), f"replay {seed}: lse differs from eager"
+    # Non-finite scores in a replay: NaN over that (batch, kv head), the rest as eager.
+    static[3][1, 0, 123] = float("nan")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.isnan(out[1, :4]).all() and torch.isnan(lse[1, :4]).all()
+    assert not torch.isnan(out[0]).any() and not torch.isnan(out[1, 4:]).any()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_non_finite_scores_give_nan_rows(bad):
+    cuda_kernels()
+    topk, window = 24, 8
+    q, k, v, u = _inputs(4, 2, 8, 2, 257, 64)
+    good_out, good_lse = sparsek.sparsek_attention(q, k, v, u, topk=topk, window=window, return_lse=True)
+    u_bad = u.clone()
+    u_bad[0, 1, 100] = bad
+    u_bad[1, 0, 0] = bad
+    with pytest.raises(ValueError, match=r"scores must be finite, got .* at index \(0, 1, 100\)"):
+        sparsek.sparsek_attention(q, k, v, u_bad, topk=topk, window=window)
+    out, lse = sparsek.sparsek_attention(q, k, v, u_bad, topk=topk, window=window, return_lse=True, check_finite=False)
+    torch.cuda.synchronize()
+    poisoned = [(0, slice(4, 8)), (1, slice(0, 4))]  # (batch, query heads of the kv head)
+    for b, heads in poisoned:
+        assert torch.isnan(out[b, heads]).all() and torch.isnan(lse[b, heads]).all(), (b, heads)
+    for b, heads in [(0, slice(0, 4)), (1, slice(4, 8))]:  # untouched rows: exactly as before
+        assert torch.equal(out[b, heads], good_out[b, heads]) and torch.equal(lse[b, heads], good_lse[b, heads])
+    tau = torch.ops.sparsek.attention_fwd(q, k, v, u_bad, topk, window, 64**-0.5, False)[2]
+    assert torch.isnan(tau[0, 1]).all() and torch.isnan(tau[1, 0]).all()
+    assert not torch.isnan(tau[0, 0]).any() and not torch.isnan(tau[1, 1]).any()
+
+
+SELECT_CASES = [  # B, H, S, topk, window, scores
+    (2, 3, 700, 31, 5, "walk"),
+    (1, 4, 3000, 129, 64, "ties"),  # flat roots and equal breakpoints
+    (1, 2, 5000, 512, 256, "walk"),  # the seed case's topk and window, several chunks
+    (1, 2, 2000, 1, 0, "ties"),
+    (1, 2, 600, 900, 0, "walk"),  # topk >= every prefix
+    # every score within a unit of the others: chunks past 10752 keys (kSearchMaxBand) overflow
+    # the search's shared band and run the walk in global memory inside the search kernel
+    (1, 2, 16384, 10000, 0, "narrow"),
+]
+
+
+def _select(u, topk, window, block_q, algo, monkeypatch):
+    monkeypatch.setenv("SPARSEK_SELECT", algo)
+    out = _cuda.ops().select(u, topk, window, block_q, True)
+    torch.cuda.synchronize()
+    return out
+
+
+@pytest.mark.parametrize("case", SELECT_CASES, ids=lambda c: "B{}-H{}-S{}-K{}-W{}-{}".format(*c))
+def test_search_matches_walk_and_reference(case, monkeypatch):
+    B, H, S, topk, window, kind = case
+    cuda_kernels()
+    gen = torch.Generator().manual_seed(S + topk)
+    u = torch.randn(B, H, S, generator=gen).cumsum(-1) * 0.05 + torch.randn(B, H, S, generator=gen)
+    if kind == "ties":
+        u = torch.round(u * 4) / 4
+    if kind == "narrow":
+        u = torch.rand(B, H, S, generator=gen) * 0.5
+    u = u.float().cuda()
+    block_q = 32
+    walk = _select(u, topk, window, block_q, "walk", monkeypatch)
+    search = _select(u, topk, window, block_q, "search", monkeypatch)
+    assert torch.equal(search[1], walk[1]), "end differs between search and walk"
+    assert torch.equal(search[3], walk[3]), "block counts differ"
+    for r in range(B * H):  # list order: the same scan in both, so the same lists
+        for blk in range(search[3].shape[1]):
+            n = int(search[3][r, blk])
+            assert torch.equal(search[2][r, blk, :n], walk[2][r, blk, :n]), (r, blk)
+    assert torch.equal(torch.isfinite(search[0]), torch.isfinite(walk[0]))
+    finite = torch.isfinite(walk[0])
+    torch.testing.assert_close(search[0][finite], walk[0][finite], rtol=2e-6, atol=1e-6)
+    sel = sel_mod.select(u, topk, window)
+    assert torch.equal(search[1], sel.end), "end differs from the reference"
+    torch.testing.assert_close(search[0][finite], sel.tau[finite], rtol=2e-6, atol=1e-6)
+
+
+def test_search_long_64k_matches_walk(monkeypatch):
+    """long-64k's selection (B1 Hkv8 S65536, topk 2048, window 512): end bit for bit."""
+    cuda_kernels()
+    from sparsek.bench.cases import get_case, make_inputs
+
+    case = get_case("long-64k")
+    u = make_inputs(case).scores
+    walk = _select(u, case.topk, case.window, 32, "walk", monkeypatch)
+    search = _select(u, case.topk, case.window, 32, "search", monkeypatch)
+    assert torch.equal(search[1], walk[1]) and torch.equal(search[3], walk[3])
+    finite = torch.isfinite(walk[0])
+    torch.testing.assert_close(search[0][finite], walk[0][finite], rtol=2e-6, atol=1e-6)
