@@ -42,9 +42,11 @@ std::string build(const Args&... args) {
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <optional>
 
+#include "selection_api.h"
 #include "sparsek_params.h"
 
 #define SPARSEK_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, sparsek_msg::build("sparsek_cuda: ", __VA_ARGS__))
@@ -56,6 +58,13 @@ namespace {
 // Prefix lengths walked by one CTA of the selection. Each CTA first scans up to S sorted
 // positions to rebuild its start state, so the scans cost O(S^2 / chunk) per row while the
 // serial walk costs O(chunk): grow the chunk with S, within [256, 2048].
+// SPARSEK_SELECT=walk runs the serial walk (the kernel before the search) instead of the search,
+// read per call so one process can time both.
+sparsek::SelectAlgo select_algo() {
+  const char* name = std::getenv("SPARSEK_SELECT");
+  return name != nullptr && std::string(name) == "walk" ? sparsek::SelectAlgo::kWalk : sparsek::SelectAlgo::kSearch;
+}
+
 int64_t select_chunk(int64_t S) {
   int64_t chunk = 256;
   while (chunk < 2048 && chunk * 128 < S) chunk *= 2;
@@ -74,8 +83,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_cuda(
   const int64_t B = scores.size(0), H = scores.size(1), S = scores.size(2);
   SPARSEK_CHECK(S < std::numeric_limits<int>::max() / 2, "sequence length ", S, " is too long for int32 indices");
   const c10::cuda::CUDAGuard guard(scores.device());
-  const at::Tensor u = scores.contiguous();
-  const auto iopt = u.options().dtype(at::kInt);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor raw = scores.contiguous();
+  const auto iopt = raw.options().dtype(at::kInt);
+
+  // Non-finite scores are found on the device, without a host synchronisation (the op stays
+  // capturable in a CUDA graph): the selection runs on a copy with them replaced by 0, and their
+  // rows come out with tau = NaN, which poison_rows turns into NaN attention outputs.
+  at::Tensor nonfinite = at::zeros({B * H}, iopt);
+  at::Tensor u = at::empty_like(raw);
+  cudaError_t err = sparsek::launch_sanitize_scores(raw.data_ptr<float>(), u.data_ptr<float>(), nonfinite.data_ptr<int>(),
+                                                    static_cast<int>(B * H), static_cast<int>(S), stream);
+  TORCH_CHECK(err == cudaSuccess, sparsek_msg::build("sparsek_cuda: scores check launch failed: ", cudaGetErrorString(err)));
 
   // A stable ascending sort keeps equal scores in index order: the larger index ranks higher,
   // which is the tie rule of the top-k.
@@ -122,9 +141,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_cuda(
   p.block_q = static_cast<int>(block_q);
   p.n_blocks = static_cast<int>(n_blocks);
   p.cap = static_cast<int>(cap);
-  const cudaError_t err = sparsek::launch_selection(p, c10::cuda::getCurrentCUDAStream());
+  err = sparsek::launch_selection_with(p, select_algo(), nonfinite.data_ptr<int>(), stream);
   TORCH_CHECK(err == cudaSuccess, sparsek_msg::build("sparsek_cuda: selection launch failed: ", cudaGetErrorString(err)));
   return {tau, end, keys, count};
+}
+
+// NaN over out and lse of every (batch, kv head) whose tau select marked with NaN (non-finite
+// scores), in place: the attention kernel itself never sees a NaN gate (its gates saturate).
+void poison_rows_cuda(const at::Tensor& tau,  // (B, Hkv, S) float32, from select
+                      at::Tensor& out,        // (B, Hq, S, D) float16/bfloat16, contiguous
+                      at::Tensor& lse) {      // (B, Hq, S) float32, contiguous
+  SPARSEK_CHECK_CUDA("tau", tau);
+  SPARSEK_CHECK(tau.dim() == 3 && tau.scalar_type() == at::kFloat && tau.is_contiguous(), "tau must be contiguous float32 (B, Hkv, S)");
+  const int64_t B = tau.size(0), Hkv = tau.size(1), S = tau.size(2);
+  SPARSEK_CHECK(out.dim() == 4 && out.size(0) == B && out.size(2) == S && out.size(1) % std::max<int64_t>(Hkv, 1) == 0 &&
+                    out.is_contiguous() && out.element_size() == 2 && out.device() == tau.device(),
+                "out must be a contiguous 16-bit (B, Hq, S, D) tensor on ", tau.device(), ", got ", out.sizes());
+  SPARSEK_CHECK(lse.sizes() == at::IntArrayRef({B, out.size(1), S}) && lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
+                    lse.device() == tau.device(),
+                "lse must be contiguous float32 (B, Hq, S), got ", lse.sizes());
+  const c10::cuda::CUDAGuard guard(tau.device());
+  const int64_t rows = B * Hkv;
+  const int64_t per_row = rows > 0 ? out.numel() / rows : 0;
+  const cudaError_t err = sparsek::launch_poison_rows(tau.data_ptr<float>(), static_cast<int>(rows), static_cast<int>(S),
+                                                      out.data_ptr(), per_row, lse.data_ptr<float>(),
+                                                      rows > 0 ? lse.numel() / rows : 0, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, sparsek_msg::build("sparsek_cuda: poison launch failed: ", cudaGetErrorString(err)));
 }
 
 // Rows must be 16-byte aligned with a contiguous last dim for the 16-byte cp.async copies.
@@ -271,7 +313,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
                 ", got ", out.scalar_type(), " ", out.sizes());
   SPARSEK_CHECK(lse.sizes() == at::IntArrayRef({B, Hq, S}) && lse.scalar_type() == at::kFloat, "lse must be float32 ",
                 at::IntArrayRef({B, Hq, S}), ", got ", lse.scalar_type(), " ", lse.sizes());
-  SPARSEK_CHECK(kernel == 1 || kernel == 2, "kernel must be 1 (mma.sync) or 2 (warpgroup MMA), got ", kernel);
+  SPARSEK_CHECK(kernel >= 1 && kernel <= 3, "kernel must be 1 (mma.sync), 2 (warpgroup MMA) or 3 (pipelined), got ", kernel);
   SPARSEK_CHECK(acc_budget > 0, "acc_budget must be positive, got ", acc_budget);
   if (deterministic) {
     SPARSEK_CHECK(fixed_scale.has_value() && fixed_scale->is_cuda() && fixed_scale->device() == q.device() &&
@@ -355,6 +397,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
 
 TORCH_LIBRARY(sparsek_cuda, m) {
   m.def("select(Tensor scores, int topk, int window, int block_q, bool poison=False) -> (Tensor tau, Tensor end, Tensor block_keys, Tensor block_count)");
+  m.def("poison_rows(Tensor tau, Tensor(a!) out, Tensor(b!) lse) -> ()");
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor scores, Tensor tau, Tensor end, Tensor block_keys, "
       "Tensor block_count, int window, float scale, int block_q, bool poison=False) -> (Tensor out, Tensor lse)");
@@ -367,6 +410,7 @@ TORCH_LIBRARY(sparsek_cuda, m) {
 
 TORCH_LIBRARY_IMPL(sparsek_cuda, CUDA, m) {
   m.impl("select", &select_cuda);
+  m.impl("poison_rows", &poison_rows_cuda);
   m.impl("attention_fwd", &attention_fwd_cuda);
   m.impl("attention_bwd", &attention_bwd_cuda);
 }
@@ -381,6 +425,7 @@ TORCH_LIBRARY_IMPL(sparsek_cuda, CUDA, m) {
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <optional>
 
 #include "decode_params.h"
 
@@ -469,12 +514,19 @@ sparsek::DecodeNewToken new_token(const DecodeShape& s, const at::Tensor& k_new,
   return token;
 }
 
+// The step's row mask, checked: (B,) bool, or nullptr when every row steps.
+const bool* active_rows(const DecodeShape& s, const std::optional<at::Tensor>& active) {
+  if (!active.has_value()) return nullptr;
+  check_state(*active, "active", at::kBool, {s.B}, s.device);
+  return active->data_ptr<bool>();
+}
+
 // The update's launch parameters, every argument checked (nothing is launched here).
 // concurrent: to be launched right after the step's attention kernel, beside it (window >= 1).
 sparsek::DecodeUpdateParams plan_update(const DecodeShape& s, const sparsek::DecodeNewToken& token, at::Tensor& k_slots,
                                         at::Tensor& v_slots, at::Tensor& slot_score, at::Tensor& slot_pos, at::Tensor& spare,
                                         at::Tensor& win_score, at::Tensor& soft, at::Tensor& soft_count, at::Tensor& tau,
-                                        at::Tensor& lengths, at::Tensor& status, bool concurrent) {
+                                        at::Tensor& lengths, at::Tensor& status, const bool* active, bool concurrent) {
   check_state(slot_pos, "slot_pos", at::kInt, {s.B, s.Hkv, s.topk + 1}, s.device);
   check_state(win_score, "win_score", at::kFloat, {s.B, s.Hkv, s.window}, s.device);
   DECODE_CHECK(soft.dim() == 3, "soft must be (B, Hkv, soft_capacity), got ", soft.sizes());
@@ -498,6 +550,7 @@ sparsek::DecodeUpdateParams plan_update(const DecodeShape& s, const sparsek::Dec
   params.lengths = lengths.data_ptr<int>();
   params.status = status.data_ptr<int>();
   params.token = token;
+  params.active = active;
   params.batch = static_cast<int>(s.B);
   params.kv_heads = static_cast<int>(s.Hkv);
   params.head_dim = static_cast<int>(s.D);
@@ -547,7 +600,8 @@ AttentionPlan plan_attention(const DecodeShape& s, const at::Tensor& q, const at
 at::Tensor launch_attention(const DecodeShape& s, const AttentionPlan& plan, const at::Tensor& q,
                             const sparsek::DecodeNewToken& token, const at::Tensor& k_slots,
                             const at::Tensor& v_slots, const at::Tensor& slot_score, const at::Tensor& spare, const at::Tensor& tau,
-                            const at::Tensor& lengths, const at::Tensor& status, at::Tensor& counters, double scale) {
+                            const at::Tensor& lengths, const at::Tensor& status, const bool* active, at::Tensor& counters,
+                            double scale) {
   const int64_t Hq = plan.Hq, group = plan.group, head_chunks = plan.head_chunks, work_items = plan.work_items;
   const int64_t splits = plan.splits, slots_per_split = plan.slots_per_split;
   const bool is_bf16 = plan.is_bf16;
@@ -572,6 +626,7 @@ at::Tensor launch_attention(const DecodeShape& s, const AttentionPlan& plan, con
   params.lengths = lengths.data_ptr<int>();
   params.status = status.data_ptr<int>();
   params.token = token;
+  params.active = active;
   params.out = out.data_ptr();
   params.out_batch_stride = out.stride(0);
   params.out_head_stride = out.stride(1);
@@ -606,19 +661,23 @@ at::Tensor decode_step_cuda(const at::Tensor& q,          // (B, Hq, 1, D)
                             const at::Tensor& score_new,  // (B, Hkv) float32
                             at::Tensor k_slots, at::Tensor v_slots, at::Tensor slot_score, at::Tensor slot_pos, at::Tensor spare,
                             at::Tensor win_score, at::Tensor soft, at::Tensor soft_count, at::Tensor tau, at::Tensor lengths,
-                            at::Tensor status, at::Tensor counters, int64_t topk, int64_t window, double scale, int64_t num_splits) {
+                            at::Tensor status, at::Tensor counters, int64_t topk, int64_t window, double scale, int64_t num_splits,
+                            const std::optional<at::Tensor>& active) {  // (B,) bool or None: every row steps
   const DecodeShape s = check_cache(k_slots, v_slots, slot_score, spare, tau, lengths, status, topk, window);
   const c10::cuda::CUDAGuard guard(s.device);
   // every argument is checked before anything is launched: a refused step changes nothing
   const AttentionPlan plan = plan_attention(s, q, counters, scale, num_splits);
   const sparsek::DecodeNewToken token = new_token(s, k_new, v_new, score_new);
+  const bool* rows = active_rows(s, active);
   const sparsek::DecodeUpdateParams update = plan_update(s, token, k_slots, v_slots, slot_score, slot_pos, spare, win_score,
-                                                         soft, soft_count, tau, lengths, status, /*concurrent=*/window > 0);
+                                                         soft, soft_count, tau, lengths, status, rows, /*concurrent=*/window > 0);
   if (window == 0) {
     launch_update(update);
-    return launch_attention(s, plan, q, token, k_slots, v_slots, slot_score, spare, tau, lengths, status, counters, scale);
+    return launch_attention(s, plan, q, token, k_slots, v_slots, slot_score, spare, tau, lengths, status, rows, counters,
+                            scale);
   }
-  at::Tensor out = launch_attention(s, plan, q, token, k_slots, v_slots, slot_score, spare, tau, lengths, status, counters, scale);
+  at::Tensor out =
+      launch_attention(s, plan, q, token, k_slots, v_slots, slot_score, spare, tau, lengths, status, rows, counters, scale);
   launch_update(update);
   return out;
 }
@@ -633,7 +692,7 @@ void decode_update_cuda(const at::Tensor& k_new, const at::Tensor& v_new, const 
   const c10::cuda::CUDAGuard guard(s.device);
   const sparsek::DecodeNewToken token = new_token(s, k_new, v_new, score_new);
   launch_update(plan_update(s, token, k_slots, v_slots, slot_score, slot_pos, spare, win_score, soft, soft_count, tau, lengths,
-                            status, /*concurrent=*/false));
+                            status, /*active=*/nullptr, /*concurrent=*/false));
 }
 
 // The attention alone, without an update: window >= 1, query position = lengths (before the
@@ -646,7 +705,8 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_new, c
   const c10::cuda::CUDAGuard guard(s.device);
   const AttentionPlan plan = plan_attention(s, q, counters, scale, num_splits);
   const sparsek::DecodeNewToken token = new_token(s, k_new, v_new, score_new);
-  return launch_attention(s, plan, q, token, k_slots, v_slots, slot_score, spare, tau, lengths, status, counters, scale);
+  return launch_attention(s, plan, q, token, k_slots, v_slots, slot_score, spare, tau, lengths, status, /*active=*/nullptr,
+                          counters, scale);
 }
 
 }  // namespace sparsek_decode_binding
@@ -656,7 +716,7 @@ TORCH_LIBRARY_FRAGMENT(sparsek_cuda, m) {
       "decode_step(Tensor q, Tensor k_new, Tensor v_new, Tensor score_new, Tensor(a!) k_slots, Tensor(b!) v_slots, "
       "Tensor(c!) slot_score, Tensor(d!) slot_pos, Tensor(e!) spare, Tensor(f!) win_score, Tensor(g!) soft, "
       "Tensor(h!) soft_count, Tensor(i!) tau, Tensor(j!) lengths, Tensor(k!) status, Tensor(l!) counters, int topk, "
-      "int window, float scale, int num_splits=0) -> Tensor");
+      "int window, float scale, int num_splits=0, Tensor? active=None) -> Tensor");
   m.def(
       "decode_update(Tensor k_new, Tensor v_new, Tensor score_new, Tensor(a!) k_slots, Tensor(b!) v_slots, "
       "Tensor(c!) slot_score, Tensor(d!) slot_pos, Tensor(e!) spare, Tensor(f!) win_score, Tensor(g!) soft, "

@@ -139,7 +139,9 @@ def forward(q, k, v, scores, topk: int, window: int, scale: float):
 
     q (B, Hq, S, D), k and v (B, Hkv, S, D) float16/bfloat16, scores (B, Hkv, S) float32.
     block_keys (B, Hkv, n_blocks, cap) and block_count (B, Hkv, n_blocks) are the selection's
-    per-block key lists, kept for the backward.
+    per-block key lists, kept for the backward. Non-finite scores are not an error here: the
+    rows (batch, kv head) that hold one get NaN in out, lse and tau. No host synchronisation, so
+    the call can be captured in a CUDA graph.
     """
     cuda = ops()
     B, Hkv = k.shape[:2]
@@ -148,6 +150,9 @@ def forward(q, k, v, scores, topk: int, window: int, scale: float):
         tau, end, keys, count = cuda.select(scores, topk, window, block_q)
     with annotate("attention"):
         out, lse = cuda.attention_fwd(q, k, v, scores, tau, end, keys, count, window, scale, block_q)
+        # Rows whose scores hold a NaN or an infinity come out of select with tau = NaN; this puts
+        # NaN over their out and lse on the device (no host sync): never a finite wrong answer.
+        cuda.poison_rows(tau, out, lse)
     return out, lse, tau, end, keys.view(B, Hkv, *keys.shape[1:]), count.view(B, Hkv, -1)
 
 
@@ -185,8 +190,8 @@ def backward_kernel() -> int:
     """2: the warpgroup-MMA backward kernel (default); 1: the mma.sync one, kept so both can be
     timed in one run (SPARSEK_BWD_KERNEL=1)."""
     value = os.environ.get("SPARSEK_BWD_KERNEL", "2")
-    if value not in ("1", "2"):
-        raise ValueError(f"SPARSEK_BWD_KERNEL must be 1 or 2, got {value!r}")
+    if value not in ("1", "2", "3"):
+        raise ValueError(f"SPARSEK_BWD_KERNEL must be 1, 2 or 3, got {value!r}")
     return int(value)
 
 
