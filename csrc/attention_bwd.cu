@@ -772,6 +772,355 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
 
 }  // namespace wg
 
+namespace wg_pipe {
+
+constexpr int kStages = 2;  // K/V: tile t in use, t + 1 in flight
+constexpr int kKeySlots = 3;  // key indices: tile t + 1 loading, t in use, t - 1 in its dK/dV atomics
+constexpr int kWgRows = 64;
+
+template <int kD>
+struct Traits {
+  static constexpr int kChunks = kD / 8;
+  static constexpr int kLoadersPerRow = kThreads / kTileN;
+  static constexpr int kChunksPerThread = kChunks / kLoadersPerRow;
+  static constexpr int kTileElems = kTileN * kD;
+  static constexpr int kSmemBytes = kAlign + (2 * kRows * kD + 2 * kStages * kTileElems + 2 * 2 * kRows * kTileN) * 2  // Q, dO, K, V, 2 x (P, dS)
+                                    + kKeySlots * kTileN * 4 + kStages * kTileN * 3 * 4  // key; start, end, u
+                                    + 2 * kWarps * kTileN * 4                            // 2 x column sums of gamma
+                                    + kRows * 4;                                         // per-row sums of gamma
+};
+
+// Not for the deterministic mode (its int64 atomics need registers the pipeline does not have;
+// the host runs v2 there).
+template <int kD, typename Elem>
+__global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBwdParams p) {
+  using T = Traits<kD>;
+  constexpr int kC = T::kChunks;
+  constexpr uint32_t kPanelBytes = kPanel * 2;
+  constexpr uint32_t kTileBytes = T::kTileElems * 2;
+  constexpr uint32_t kGroupBytes = 8 * kPanelBytes;          // 8 swizzled rows
+  constexpr uint32_t kTilePanelBytes = kTileN * kPanelBytes;  // one 64-column panel of a K/V tile
+  constexpr uint32_t kRowsPanelBytes = kRows * kPanelBytes;   // one 64-column panel of Q / dO; all of P / dS
+
+  extern __shared__ unsigned char smem_raw[];
+  // The swizzle is a function of the absolute shared address: start the operands on a 1024 B line.
+  const uint32_t raw_addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  unsigned char* smem = smem_raw + ((kAlign - (raw_addr & (kAlign - 1))) & (kAlign - 1));
+  Elem* sQ = reinterpret_cast<Elem*>(smem);
+  Elem* sDO = sQ + kRows * kD;
+  Elem* sK = sDO + kRows * kD;
+  Elem* sV = sK + kStages * T::kTileElems;
+  Elem* sP = sV + kStages * T::kTileElems;     // [2]: P of tiles t (being written) and t - 1 (in dV)
+  Elem* sDS = sP + 2 * kRows * kTileN;          // [2]: likewise dS
+  int* sKey = reinterpret_cast<int*>(sDS + 2 * kRows * kTileN);  // [t % 3][key row]: key index, -1 = padding
+  int* sStart = sKey + kKeySlots * kTileN;                        // [stage]: j + W
+  int* sEnd = sStart + kStages * kTileN;
+  float* sU = reinterpret_cast<float*>(sEnd + kStages * kTileN);
+  float* sColSum = sU + kStages * kTileN;  // [t % 2][warp][key]: column sums of gamma over the warp's rows
+  float* sGammaRows = sColSum + 2 * kWarps * kTileN;  // [row]: sum of gamma over the row's soft selected keys
+
+  const int blk = blockIdx.x;
+  const int bh = blockIdx.y + p.bh_offset;
+  const int b = bh / p.kv_heads, hkv = bh % p.kv_heads;
+  const int S = p.seq_len, W = p.window;
+  const int i0 = blk * p.block_q, i1 = min(S, i0 + p.block_q);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, quad = lane & 3;
+  const int wgi = warp / 4;
+
+  const Elem* k_base = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + hkv * p.k_head_stride;
+  const Elem* v_base = static_cast<const Elem*>(p.v) + b * p.v_batch_stride + hkv * p.v_head_stride;
+  const float* scores = p.scores + (size_t)bh * S;
+  const int* ends = p.end + (size_t)bh * S;
+
+  const TilePlan<kTileN> plan(p.block_keys, p.block_count, bh, blk, p.n_blocks, p.cap, i0, i1, W);
+  const int w0 = plan.w0, n_win = plan.n_win, count = plan.count, n_tiles = plan.n_tiles;
+
+  const int my_row = tid / T::kLoadersPerRow, my_part = tid % T::kLoadersPerRow;
+  const uint32_t k_addr = smem_addr(sK), v_addr = smem_addr(sV);
+  auto tile_key = [&](int t) { return plan.key(t, my_row); };
+  auto load_tile = [&](int t, int stage, int j) {
+    const bool ok = j >= 0;
+    const int64_t jj = ok ? j : 0;
+    const Elem* ksrc = k_base + jj * p.k_row_stride + my_part * T::kChunksPerThread * 8;
+    const Elem* vsrc = v_base + jj * p.v_row_stride + my_part * T::kChunksPerThread * 8;
+    const uint32_t kdst = k_addr + stage * kTileBytes, vdst = v_addr + stage * kTileBytes;
+#pragma unroll
+    for (int c = 0; c < T::kChunksPerThread; ++c) {
+      // (recomputed per tile rather than kept: the registers are needed by the pipeline)
+      const uint32_t off = 2 * sw128<kTileN>(my_row, my_part * T::kChunksPerThread + c);
+      cp_async16(kdst + off, ksrc + c * 8, ok);
+      cp_async16(vdst + off, vsrc + c * 8, ok);
+    }
+    if (my_part == 0) {
+      const int m = stage * kTileN + my_row;
+      sKey[(t % kKeySlots) * kTileN + my_row] = j;
+      if (t >= n_win) {  // window tiles need no per-key data
+        if (ok) {
+          sStart[m] = j + W;
+          cp_async4(&sEnd[m], ends + j);
+          cp_async4(&sU[m], scores + j);
+        } else {
+          sStart[m] = S;  // padding: selected by no row (i < S)
+          sEnd[m] = -1;
+          sU[m] = 0.f;
+        }
+      }
+    }
+  };
+
+  // ---- prologue: Q and dO rows (zero beyond S) with tile 0, then tile 1 ----
+  const Elem* dout = static_cast<const Elem*>(p.dout);
+  const Elem* q_base = static_cast<const Elem*>(p.q) + b * p.q_batch_stride;
+  for (int c = tid; c < kRows * kC; c += kThreads) {
+    const int r = c / kC, ch = c % kC;
+    const int i = i0 + r % p.block_q, head = hkv * p.group + r / p.block_q;
+    const bool ok = i < S;
+    const int64_t ii = ok ? i : 0;
+    const int off = sw128<kRows>(r, ch);
+    cp_async16(smem_addr(sQ + off), q_base + head * p.q_head_stride + ii * p.q_row_stride + ch * 8, ok);
+    cp_async16(smem_addr(sDO + off), dout + (((size_t)b * p.q_heads + head) * S + ii) * kD + ch * 8, ok);
+  }
+  if (n_tiles > 0) load_tile(0, 0, tile_key(0));
+  cp_async_commit();
+  int key_next = tile_key(1);
+
+  // Per-thread rows (wgmma accumulator layout): warp w holds rows 16w .. 16w + 15, this thread
+  // rows r_lo = 16w + lane/4 and r_lo + 8.
+  const int r_lo = warp * 16 + g;
+  int qi[2];
+  float lse2[2], dsum[2], tau[2], tau1[2];
+  bool tau1_exact[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = r_lo + 8 * h;
+    qi[h] = i0 + r % p.block_q;
+    const size_t row = ((size_t)b * p.q_heads + hkv * p.group + r / p.block_q) * S + qi[h];
+    const bool ok = qi[h] < S;
+    const float lse = ok ? p.lse[row] : CUDART_INF_F;
+    lse2[h] = isfinite(lse) ? lse * kLog2e : CUDART_INF_F;
+    dsum[h] = ok ? p.dsum[row] : 0.f;
+    tau[h] = ok ? p.tau[(size_t)bh * S + qi[h]] : 0.f;
+    tau1[h] = __fadd_rd(tau[h], 1.f);
+    tau1_exact[h] = tau1[h] == __fadd_ru(tau[h], 1.f);
+  }
+
+  // Descriptors (see the forward kernel): A operands of S and dP are this warpgroup's 64 rows of Q
+  // / dO (K-major); B operands K / V tiles (K-major). dQ += dS K reads the K tile MN-major (keys
+  // are the reduction). dV = P^T dO and dK = dS^T Q read P / dS and dO / Q MN-major, the 128 rows
+  // being the reduction: a k-step of 16 rows is 16 swizzled 128-byte rows further.
+  const uint32_t q_addr = smem_addr(sQ), do_addr = smem_addr(sDO);
+  const uint32_t p_addr = smem_addr(sP), ds_addr = smem_addr(sDS);
+  auto rows_kmajor = [&](uint32_t base, int kk) {
+    return smem_desc(base + wgi * kWgRows * kPanelBytes + (kk / 4) * kRowsPanelBytes + (kk % 4) * 32, 16, kGroupBytes);
+  };
+  auto tile_kmajor = [&](uint32_t tile, int kk) {
+    return smem_desc(tile + (kk / 4) * kTilePanelBytes + (kk % 4) * 32, 16, kGroupBytes);
+  };
+  auto tile_mn = [&](uint32_t tile, int kk) { return smem_desc(tile + kk * 16 * kPanelBytes, kTilePanelBytes, kGroupBytes); };
+  auto rows_mn = [&](uint32_t base, int kr) { return smem_desc(base + kr * 16 * kPanelBytes, kRowsPanelBytes, kGroupBytes); };
+  // Warpgroup 0 forms dV = P^T dO, warpgroup 1 dK = dS^T Q.
+  const uint32_t kv_a = wgi == 0 ? p_addr : ds_addr, kv_b = wgi == 0 ? do_addr : q_addr;
+
+  float dq[kD / 8][4];
+#pragma unroll
+  for (int nd = 0; nd < kD / 8; ++nd) dq[nd][0] = dq[nd][1] = dq[nd][2] = dq[nd][3] = 0.f;
+  float acc[kD / 8][4];  // this warpgroup's dV or dK of the previous tile (64 keys x D)
+  // (formed at each use: a 64-bit pointer held across the pipeline costs registers it needs)
+  auto add_kv = [&](int u) {
+    char* base = static_cast<char*>(wgi == 0 ? p.dv_acc : p.dk_acc) + (size_t)blockIdx.y * S * kD * (4);
+    add_tile<kD, kD / 8>(acc, base, sKey + (u % kKeySlots) * kTileN, 16 * (warp % 4), 0, lane, false,
+                         p.fixed_scale + (wgi == 0 ? 1 : 0));
+  };
+  // Per-row sums of gamma over the soft selected keys live in shared memory (sGammaRows, one
+  // value per row, owned by the row's quad): two registers fewer across the pipeline.
+  if (quad == 0) sGammaRows[r_lo] = sGammaRows[r_lo + 8] = 0.f;  // by the rows' owners: no barrier needed
+  constexpr uint32_t kPdsBytes = kRows * kTileN * 2;  // one P (or dS) buffer
+
+  // dV / dK of tile u (its P and dS in buffer u % 2): issued as one wgmma group.
+  auto issue_kv = [&](int u) {
+    const uint32_t a = kv_a + (u & 1) * kPdsBytes;
+    wgmma_fence();
+#pragma unroll
+    for (int kr = 0; kr < kRows / 16; ++kr) {
+      if constexpr (kD == 128) {
+        Wgmma<Elem>::ss_n128_tt(acc, rows_mn(a, kr), rows_mn(kv_b, kr), kr > 0);
+      } else {
+        Wgmma<Elem>::ss_n64_tt(acc, rows_mn(a, kr), rows_mn(kv_b, kr), kr > 0);
+      }
+    }
+    wgmma_commit();
+  };
+  // The per-key score terms of list tile u from the column sums every warp wrote (after a barrier).
+  auto add_du = [&](int u) {
+    if (u < n_win || tid >= kTileN) return;
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) v += sColSum[((u & 1) * kWarps + w) * kTileN + tid];  // fixed order
+    const int pos = (u - n_win) * kTileN + tid;
+    if (pos < count) atomicAdd(p.du + (size_t)bh * S + sKey[(u % kKeySlots) * kTileN + tid], v);
+  };
+
+  // Software pipeline, one barrier per tile: while tile t's masks and softmax gradient run on the
+  // ALUs, the tensor cores form tile t - 1's dV and dK; then tile t's dQ product runs while tile
+  // t - 1's atomics are issued, and it must finish before its K stage is refilled.
+  for (int t = 0; t < n_tiles; ++t) {
+    const int stage = t % kStages;
+    const uint32_t k_tile = k_addr + stage * kTileBytes, v_tile = v_addr + stage * kTileBytes;
+    cp_async_wait<0>();  // tile t (and Q, dO) has landed
+    fence_proxy_async();
+    // Publishes tile t, P / dS and the column sums of tile t - 1; every warp finished tile t - 1's
+    // products that read the stage refilled below (its dQ was waited for at the end of t - 1).
+    __syncthreads();
+    if (t + 1 < n_tiles) load_tile(t + 1, (t + 1) % kStages, key_next);
+    cp_async_commit();
+    key_next = tile_key(t + 2);
+    if (t > 0) add_du(t - 1);
+
+    float s[kTileN / 8][4], dp[kTileN / 8][4];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) Wgmma<Elem>::ss_n64(s, rows_kmajor(q_addr, kk), tile_kmajor(k_tile, kk), kk > 0);
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) Wgmma<Elem>::ss_n64(dp, rows_kmajor(do_addr, kk), tile_kmajor(v_tile, kk), kk > 0);
+    wgmma_commit();
+    if (t > 0) {
+      issue_kv(t - 1);
+      wgmma_wait<1>();  // S and dP done; tile t - 1's dV / dK may still run
+    } else {
+      wgmma_wait<0>();
+    }
+    fence_regs(s);
+    fence_regs(dp);
+
+    float* col_sums = sColSum + ((t & 1) * kWarps + warp) * kTileN;
+    const bool listed = t >= n_win;
+    if (!listed) {
+      const int j0 = w0 + t * kTileN;
+      // Most window tiles lie inside every row's window (j <= i and j > i - W for all pairs).
+      const bool inside = j0 + kTileN - 1 <= i0 && j0 > i1 - 1 - W;
+#pragma unroll
+      for (int nb = 0; nb < kTileN / 8; ++nb) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int h = c >> 1;
+          const int behind = qi[h] - (j0 + 8 * nb + 2 * quad + (c & 1));  // i - j
+          const float e = inside || static_cast<unsigned>(behind) < static_cast<unsigned>(W)
+                              ? exp2f(fmaf(s[nb][c], p.scale_log2, -lse2[h]))
+                              : 0.f;
+          s[nb][c] = e;                           // P (gate 1)
+          dp[nb][c] = e * (dp[nb][c] - dsum[h]);  // dS
+        }
+      }
+    } else {
+      const int* start = sStart + stage * kTileN;
+      const int* end = sEnd + stage * kTileN;
+      const float* u = sU + stage * kTileN;
+      float row_gamma[2] = {0.f, 0.f};
+#pragma unroll
+      for (int nb = 0; nb < kTileN / 8; ++nb) {
+#pragma unroll
+        for (int e2 = 0; e2 < 2; ++e2) {
+          const int cj = 8 * nb + 2 * quad + e2;
+          const int start_j = start[cj], end_j = end[cj];
+          const float u_j = u[cj];
+          float col = 0.f;  // gamma of the soft selected entries of this column, this thread's two rows
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int c = 2 * h + e2;
+            const bool sel = start_j <= qi[h] && qi[h] < end_j;
+            const float e = sel ? exp2f(fmaf(s[nb][c], p.scale_log2, -lse2[h])) : 0.f;
+            const float gate = __saturatef(u_j - tau[h]);
+            const float gamma = e * (dp[nb][c] - dsum[h]);
+            const bool soft = sel && u_j > tau[h] && (u_j < tau1[h] || (u_j == tau1[h] && !tau1_exact[h]));
+            if (soft) {
+              row_gamma[h] += gamma;
+              col += gamma;
+            }
+            s[nb][c] = gate * e;       // P
+            dp[nb][c] = gate * gamma;  // dS
+          }
+          // column sum over the warp's 16 rows: lanes of one quad position share the column
+          col += __shfl_xor_sync(kFull, col, 4);
+          col += __shfl_xor_sync(kFull, col, 8);
+          col += __shfl_xor_sync(kFull, col, 16);
+          if (g == 0) col_sums[cj] = col;
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {  // the quad's sum, added by its first lane (the row's owner)
+        float gs = row_gamma[h];
+        gs += __shfl_xor_sync(kFull, gs, 1);
+        gs += __shfl_xor_sync(kFull, gs, 2);
+        if (quad == 0) sGammaRows[r_lo + 8 * h] += gs;
+      }
+    }
+
+    // P and dS of tile t into buffer t % 2 (its last reader, tile t - 2's dV / dK, finished in
+    // iteration t - 1); dS as A fragments for dQ += dS K.
+    Elem* p_buf = sP + (t & 1) * kRows * kTileN;
+    Elem* ds_buf = sDS + (t & 1) * kRows * kTileN;
+    uint32_t ds_frag[kTileN / 16][4];
+#pragma unroll
+    for (int nb = 0; nb < kTileN / 8; ++nb) {
+      const uint32_t p_lo = pack2<Elem>(s[nb][0], s[nb][1]), p_hi = pack2<Elem>(s[nb][2], s[nb][3]);
+      const uint32_t d_lo = pack2<Elem>(dp[nb][0], dp[nb][1]), d_hi = pack2<Elem>(dp[nb][2], dp[nb][3]);
+      const uint32_t in_chunk = 4 * quad;
+      *reinterpret_cast<uint32_t*>(p_buf + (swz<kTileN / 8>(r_lo, nb) + in_chunk) / 2) = p_lo;
+      *reinterpret_cast<uint32_t*>(p_buf + (swz<kTileN / 8>(r_lo + 8, nb) + in_chunk) / 2) = p_hi;
+      *reinterpret_cast<uint32_t*>(ds_buf + (swz<kTileN / 8>(r_lo, nb) + in_chunk) / 2) = d_lo;
+      *reinterpret_cast<uint32_t*>(ds_buf + (swz<kTileN / 8>(r_lo + 8, nb) + in_chunk) / 2) = d_hi;
+      ds_frag[nb / 2][(nb & 1) * 2 + 0] = d_lo;
+      ds_frag[nb / 2][(nb & 1) * 2 + 1] = d_hi;
+    }
+    fence_proxy_async();  // the P / dS stores are read by wgmma (the async proxy) in iteration t + 1
+    // Tile t - 1's dV / dK are done; its atomics run while this tile's dQ product does. (Reading
+    // them after a wait_group 1 with the dQ product in flight instead makes ptxas serialise every
+    // wgmma of the kernel: warning C7514.)
+    wgmma_wait<0>();
+    fence_regs(acc);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kTileN / 16; ++kk) {
+      if constexpr (kD == 128) {
+        Wgmma<Elem>::rs_n128(dq, ds_frag[kk], tile_mn(k_tile, kk));
+      } else {
+        Wgmma<Elem>::rs_n64(dq, ds_frag[kk], tile_mn(k_tile, kk));
+      }
+    }
+    wgmma_commit();
+    if (t > 0) add_kv(t - 1);
+    wgmma_wait<0>();  // dQ done: ds_frag and the K stage are free
+    fence_regs(dq);
+    fence_regs(ds_frag);
+  }
+  cp_async_wait<0>();
+  if (n_tiles > 0) {  // the last tile's dV / dK and score terms
+    __syncthreads();
+    add_du(n_tiles - 1);
+    issue_kv(n_tiles - 1);
+    wgmma_wait<0>();
+    fence_regs(acc);
+    add_kv(n_tiles - 1);
+  }
+
+  // ---- epilogue: dq rows and the per-row sums of gamma ----
+  Elem* dq_out = static_cast<Elem*>(p.dq);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    if (qi[h] >= S) continue;
+    const size_t row = ((size_t)b * p.q_heads + hkv * p.group + (r_lo + 8 * h) / p.block_q) * S + qi[h];
+    Elem* dst = dq_out + row * kD;
+#pragma unroll
+    for (int nd = 0; nd < kD / 8; ++nd) {
+      *reinterpret_cast<uint32_t*>(dst + 8 * nd + 2 * quad) = pack2<Elem>(dq[nd][2 * h] * p.scale, dq[nd][2 * h + 1] * p.scale);
+    }
+    if (quad == 0) p.gamma_rows[row] = sGammaRows[r_lo + 8 * h];
+  }
+}
+
+}  // namespace wg_pipe
+
 // rowsum(dout * out) for every row: D / 8 threads per row, each one 16-byte chunk of both.
 template <int kD, typename Elem>
 __global__ void __launch_bounds__(256) bwd_dot_kernel(const BwdDotParams p) {
@@ -796,6 +1145,11 @@ template <int kD, typename Elem>
 cudaError_t launch(const AttnBwdParams& p, int bh_count, cudaStream_t stream) {
   const dim3 grid(p.n_blocks, bh_count);
   if (p.kernel == 1) return launch_with_smem(attention_bwd_kernel<kD, Elem>, grid, kThreads, Traits<kD>::kSmemBytes, stream, p);
+  if (p.kernel == 3) {
+    if (!p.deterministic) {
+      return launch_with_smem(wg_pipe::attention_bwd_kernel<kD, Elem>, grid, kThreads, wg_pipe::Traits<kD>::kSmemBytes, stream, p);
+    }
+  }
   return launch_with_smem(wg::attention_bwd_kernel<kD, Elem>, grid, kThreads, wg::Traits<kD>::kSmemBytes, stream, p);
 }
 

@@ -101,3 +101,63 @@ def test_a_setup_flag_other_than_0_or_1_is_refused(tmp_path):
     res = subprocess.run([sys.executable, str(REPO / "setup.py"), "--name"], capture_output=True, text=True,
                          env={**os.environ, "SPARSEK_BUILD_CUDA": "yes"}, cwd=tmp_path, timeout=120)
     assert res.returncode != 0 and "SPARSEK_BUILD_CUDA must be 0 or 1, got 'yes'" in res.stderr
+
+
+# One forward + backward on the kernels from an installed package, checked against the float64
+# reference on the CPU; a fallback to the reference warns, and RuntimeWarning is an error here.
+_RUN_ON_GPU = """
+import warnings, torch, sparsek, sparsek._cuda as c
+from sparsek import reference as ref, selection as sel_mod
+warnings.simplefilter("error", RuntimeWarning)
+print("sparsek from", sparsek.__file__)
+g = torch.Generator().manual_seed(0)
+q, k, v = (torch.randn(1, h, 333, 128, generator=g) for h in (8, 2, 2))
+u = torch.randn(1, 2, 333, generator=g)
+leaves = [t.cuda().bfloat16().requires_grad_() for t in (q, k, v)] + [u.cuda().requires_grad_()]
+out = sparsek.sparsek_attention(*leaves, topk=40, window=16)
+out.backward(torch.ones_like(out))
+torch.cuda.synchronize()
+want, _ = ref.attention_dense(*(t.detach().cpu().double() for t in leaves), 40, 16, 128 ** -0.5)
+err = (out.detach().cpu().double() - want).abs().max().item()
+grads_finite = all(bool(torch.isfinite(t.grad).all()) for t in leaves)
+print("max abs error", err, "grads finite", grads_finite)
+assert err < 3e-2 and grads_finite
+print("extension", c.prebuilt() or "just in time")
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("aot", [True, False], ids=["ahead-of-time", "just-in-time"])
+def test_installed_wheel_runs_the_kernels_on_the_gpu(aot, installed, tmp_path_factory, tmp_path):
+    """On a GPU machine, from an installed wheel and outside the source tree: the ahead-of-time
+    wheel's binary, or the plain wheel's packaged sources built just in time (into an empty
+    extension cache, so nothing built from the checkout is reused), run forward and backward."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if aot:
+        reason = _cuda_build_tools()
+        if reason:
+            pytest.skip(reason)
+        wheels, target = tmp_path_factory.mktemp("gpu-aot-wheels"), tmp_path_factory.mktemp("gpu-aot-site")
+        env = {**os.environ, "SPARSEK_BUILD_CUDA": "1", "MAX_JOBS": os.environ.get("MAX_JOBS", "2")}
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                        str(wheels), str(REPO)], check=True, capture_output=True, timeout=3600, env=env)
+        (wheel,) = wheels.glob("sparsek-*.whl")
+        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                       check=True, capture_output=True, timeout=600)
+    else:
+        target = installed
+    env = {**os.environ, "PYTHONPATH": str(target), "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}
+    res = subprocess.run([sys.executable, "-c", _RUN_ON_GPU], capture_output=True, text=True, timeout=1800, env=env,
+                         cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr[-4000:]
+    assert f"sparsek from {target}" in res.stdout
+    if aot:
+        assert f"extension {target / 'sparsek'}" in res.stdout and "_C" in res.stdout
+        assert "building the CUDA kernels" not in res.stderr
+    else:
+        assert "extension just in time" in res.stdout
+        assert res.stderr.count("sparsek: building the CUDA kernels for sm_90a") == 1, res.stderr
