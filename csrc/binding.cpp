@@ -58,11 +58,12 @@ namespace {
 // Prefix lengths walked by one CTA of the selection. Each CTA first scans up to S sorted
 // positions to rebuild its start state, so the scans cost O(S^2 / chunk) per row while the
 // serial walk costs O(chunk): grow the chunk with S, within [256, 2048].
-// SPARSEK_SELECT=walk runs the serial walk (the kernel before the search) instead of the search,
-// read per call so one process can time both.
+// The serial walk is the default: the parallel search (SPARSEK_SELECT=search) gives the same
+// selection but measured 2.4-3x slower on an H100 (docs/perf-notes.md, selection v2). Read per
+// call so one process can time both.
 sparsek::SelectAlgo select_algo() {
   const char* name = std::getenv("SPARSEK_SELECT");
-  return name != nullptr && std::string(name) == "walk" ? sparsek::SelectAlgo::kWalk : sparsek::SelectAlgo::kSearch;
+  return name != nullptr && std::string(name) == "search" ? sparsek::SelectAlgo::kSearch : sparsek::SelectAlgo::kWalk;
 }
 
 int64_t select_chunk(int64_t S) {
@@ -313,7 +314,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
                 ", got ", out.scalar_type(), " ", out.sizes());
   SPARSEK_CHECK(lse.sizes() == at::IntArrayRef({B, Hq, S}) && lse.scalar_type() == at::kFloat, "lse must be float32 ",
                 at::IntArrayRef({B, Hq, S}), ", got ", lse.scalar_type(), " ", lse.sizes());
-  SPARSEK_CHECK(kernel >= 1 && kernel <= 3, "kernel must be 1 (mma.sync), 2 (warpgroup MMA) or 3 (pipelined), got ", kernel);
+  SPARSEK_CHECK(kernel == 1 || kernel == 2, "kernel must be 1 (mma.sync) or 2 (warpgroup MMA), got ", kernel);
   SPARSEK_CHECK(acc_budget > 0, "acc_budget must be positive, got ", acc_budget);
   if (deterministic) {
     SPARSEK_CHECK(fixed_scale.has_value() && fixed_scale->is_cuda() && fixed_scale->device() == q.device() &&

@@ -190,8 +190,8 @@ def backward_kernel() -> int:
     """2: the warpgroup-MMA backward kernel (default); 1: the mma.sync one, kept so both can be
     timed in one run (SPARSEK_BWD_KERNEL=1)."""
     value = os.environ.get("SPARSEK_BWD_KERNEL", "2")
-    if value not in ("1", "2", "3"):
-        raise ValueError(f"SPARSEK_BWD_KERNEL must be 1, 2 or 3, got {value!r}")
+    if value not in ("1", "2"):
+        raise ValueError(f"SPARSEK_BWD_KERNEL must be 1 or 2, got {value!r}")
     return int(value)
 
 

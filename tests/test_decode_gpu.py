@@ -449,7 +449,8 @@ def test_a_capture_without_room_is_refused():
 
 def test_decode_step_op_passes_opcheck():
     _, cache, inputs = _stepping(GRAPH_SHAPE)
-    *args, active = inputs(0)
+    q, k_new, v_new, score_new, active = inputs(0)
     st = cache.state
-    op_args = (*args, *st.tensors(), cache._counters_for(GRAPH_SHAPE[1]), cache.topk, cache.window, cache.scale, 0, active)
+    # the raw op takes score_new as (B, Hkv); cache.step also accepts (B, Hkv, 1) and squeezes it
+    op_args = (q, k_new, v_new, score_new[..., 0], *st.tensors(), cache._counters_for(GRAPH_SHAPE[1]), cache.topk, cache.window, cache.scale, 0, active)
     torch.library.opcheck(torch.ops.sparsek_cuda.decode_step.default, op_args)

@@ -108,8 +108,7 @@ def probe_train(name: str, peaks: dict) -> list[dict]:
     # Both kernels in one run (the mma.sync v1 kept for this comparison), and the default kernel
     # in one launch with accumulators for every (batch, kv head) pair: what the chunking costs.
     budget = _cuda.BACKWARD_ACC_BUDGET
-    for kernel, label, acc in ((1, "mma.sync", budget), (2, "wgmma", budget), (3, "wgmma pipelined", budget),
-                               (2, "wgmma, unchunked", 1 << 60)):
+    for kernel, label, acc in ((1, "mma.sync", budget), (2, "wgmma", budget), (2, "wgmma, unchunked", 1 << 60)):
         run = lambda kernel=kernel, acc=acc: ops.attention_bwd(*kernel_args, kernel=kernel, acc_budget=acc)
         add(f"backward kernels, {label} (dot + attention + dk/dv conversion)", _bench(run), bwd_work)
     bwd = lambda: _cuda.backward(grad, q, k, v, u, out, lse, tau, end, keys, count, case.window, scale)
