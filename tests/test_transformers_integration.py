@@ -91,12 +91,59 @@ def test_generate_with_and_without_cache_agree():
     assert torch.equal(no_cache, with_cache)
 
 
-def test_padding_mask_is_refused():
+def _eager_twin(model):
+    torch.manual_seed(123)
+    eager = AutoModelForCausalLM.from_config(tiny_config("eager"), attn_implementation="eager", dtype=torch.float32).eval()
+    eager.load_state_dict(model.state_dict(), strict=False)
+    return eager
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_equals_each_sequence_alone(side):
+    """Each padded sequence gives, at its real tokens, what it gives unpadded (sparse topk), and with
+    topk >= S the padded batch equals eager attention at the real tokens."""
+    model = sparsek_model(topk=6, window=3).eval()
+    ids = tokens(B=3)
+    lengths = [S, S - 5, 7]
+    mask = torch.zeros_like(ids)
+    for b, n in enumerate(lengths):
+        mask[b, S - n :] = 1 if side == "left" else 0
+        if side == "right":
+            mask[b, :n] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+        for b, n in enumerate(lengths):
+            real = slice(S - n, S) if side == "left" else slice(0, n)
+            alone = model(input_ids=ids[b : b + 1, real]).logits[0]
+            torch.testing.assert_close(got[b, real], alone, rtol=1e-5, atol=1e-5)
+    dense = sparsek_model(topk=S, window=0).eval()
+    with torch.no_grad():
+        got = dense(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+        want = _eager_twin(dense)(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
+
+
+def test_batched_generation_with_left_padding_matches_one_by_one():
+    model = sparsek_model(topk=6, window=3).eval()
+    prompts = [tokens(B=1, seed=2)[0, :12], tokens(B=1, seed=3)[0, :8]]
+    ids = torch.zeros(2, 12, dtype=torch.long)
+    mask = torch.zeros(2, 12, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, 12 - len(p) :], mask[b, 12 - len(p) :] = p, 1
+    batched = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    for b, p in enumerate(prompts):
+        alone = model.generate(p.view(1, -1), max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(batched[b, 12:], alone[0, len(p) :])
+
+
+def test_a_mask_with_a_hole_is_refused():
     model = sparsek_model(topk=8, window=4)
     ids = tokens()
     mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    with pytest.raises(ValueError, match="does not support padding"):
+    mask[0, 5] = 0  # a masked token between real ones: not padding
+    with pytest.raises(ValueError, match="left or right padding only"):
         model(input_ids=ids, attention_mask=mask)
 
 

@@ -18,9 +18,13 @@ front; a scorer created lazily on the first forward (with a one-time warning) wo
 optimizer built before it.
 
 **Masks.** SparseK is causal by construction. ``register`` also registers transformers' SDPA mask
-builder under the same name, which returns no mask when the batch has no padding; a mask that is
-not the plain causal pattern (padding, packed sequences) is refused with a ``ValueError``:
-padding is unsupported. Dropout, ``softcap`` and ``sliding_window`` are refused likewise.
+builder under the same name, which returns no mask when the batch has no padding. Padding (left,
+as for batched generation, or right, as for training batches) is supported: the mask must be the
+causal mask restricted to one contiguous range of real tokens per sequence, and each sequence is
+then selected and attended over its real tokens alone, exactly as if it had been passed unpadded
+(the padding shifts no position of the selection). Rows of padding queries come out zero (their
+outputs are masked out downstream). Any other mask (packed sequences, holes in a sequence) is
+refused with a ``ValueError``; so are dropout, ``softcap`` and ``sliding_window``.
 
 **Generation.** With a KV cache the query is shorter than the keys (one token per step), and
 ``sparsek_attention`` needs them equal. The selection reads only the keys' scores, so the
@@ -119,20 +123,40 @@ def _scorer(module: nn.Module, value: Tensor) -> SparseKValueScorer:
     return scorer
 
 
-def _check_causal(fn: str, attention_mask: Tensor, q_len: int, k_len: int) -> None:
-    """Refuse any mask but the plain causal one (queries aligned to the end of the keys)."""
+def _token_ranges(fn: str, attention_mask: Tensor, q_len: int, k_len: int) -> list[tuple[int, int]] | None:
+    """None for the plain causal mask (queries aligned to the end of the keys); for a padded batch,
+    each sequence's range [lo, hi) of real key positions. Refuses any other mask."""
     if attention_mask.dtype == torch.bool:
         allowed = attention_mask
     else:  # an additive float mask: 0 where allowed, a large negative number where not
         allowed = attention_mask > torch.finfo(attention_mask.dtype).min / 2
     rows = torch.arange(q_len, device=allowed.device).view(-1, 1) + (k_len - q_len)
     causal = torch.arange(k_len, device=allowed.device).view(1, -1) <= rows  # (q_len, k_len)
-    if allowed.shape[-2:] != causal.shape or not bool((allowed == causal).all()):
-        raise ValueError(
-            f"{fn}: got an attention_mask that is not the plain causal mask (padding or packed sequences); "
-            "SparseK attention is causal by construction and does not support padding: pass unpadded "
-            "sequences (equal lengths) or batch size 1"
-        )
+    refuse = (f"{fn}: got an attention_mask that is neither the causal mask nor the causal mask with padding "
+              "(one contiguous range of real tokens per sequence), e.g. packed sequences; SparseK attention "
+              "supports left or right padding only")
+    if allowed.dim() != 4 or allowed.shape[-2:] != causal.shape:
+        raise ValueError(f"{refuse}; shape {tuple(allowed.shape)}, expected (B, 1, {q_len}, {k_len})")
+    if bool((allowed == causal).all()):
+        return None
+    if allowed.shape[1] != 1 and not bool((allowed == allowed[:, :1]).all()):
+        raise ValueError(f"{refuse}; the mask differs between heads")
+    allowed = allowed[:, 0]  # (B, q_len, k_len)
+    real = allowed.any(dim=1)  # (B, k_len): keys some query sees
+    ranges = []
+    for b in range(allowed.shape[0]):
+        idx = real[b].nonzero().flatten().tolist()
+        lo, hi = (idx[0], idx[-1] + 1) if idx else (0, 0)
+        if hi - lo != len(idx):
+            raise ValueError(f"{refuse}; sequence {b} has masked keys between real ones")
+        # The rows of real queries must be exactly causal over the real keys; padding rows are free.
+        q_real = (rows.view(-1) >= lo) & (rows.view(-1) < hi)
+        in_range = (torch.arange(k_len, device=allowed.device) >= lo) & (torch.arange(k_len, device=allowed.device) < hi)
+        want = causal & in_range.view(1, -1)
+        if not bool((allowed[b][q_real] == want[q_real]).all()):
+            raise ValueError(f"{refuse}; sequence {b} is not causal over its real tokens {lo}..{hi - 1}")
+        ranges.append((lo, hi))
+    return ranges
 
 
 def make_attention_forward(topk: int, window: int = 0, name: str = "sparsek"):
@@ -145,7 +169,7 @@ def make_attention_forward(topk: int, window: int = 0, name: str = "sparsek"):
         query: Tensor,  # (B, Hq, Sq, D)
         key: Tensor,  # (B, Hkv, Sk, D)
         value: Tensor,  # (B, Hkv, Sk, D)
-        attention_mask: Tensor | None,  # None, or (B, 1, Sq, Sk) bool; must be plain causal
+        attention_mask: Tensor | None,  # None, or (B, 1, Sq, Sk) bool: causal, possibly with padding
         scaling: float | None = None,
         dropout: float = 0.0,
         **kwargs,
@@ -158,14 +182,20 @@ def make_attention_forward(topk: int, window: int = 0, name: str = "sparsek"):
         q_len, k_len = query.shape[2], key.shape[2]
         if q_len > k_len:
             raise ValueError(f"{name}: query length {q_len} exceeds key length {k_len}")
-        if attention_mask is not None:
-            _check_causal(name, attention_mask, q_len, k_len)
+        ranges = None if attention_mask is None else _token_ranges(name, attention_mask, q_len, k_len)
         scores = _scorer(module, value)(value)  # (B, Hkv, Sk)
         if q_len < k_len:
             # Decoding against a cache: the selection depends on the keys' scores alone, so the
             # last q_len rows of a full-length call are these queries' exact outputs.
             query = torch.cat([query.new_zeros(*query.shape[:2], k_len - q_len, query.shape[3]), query], dim=2)
-        out = sparsek_attention(query, key, value, scores, topk=topk, window=window, scale=scaling)
+        if ranges is None:
+            out = sparsek_attention(query, key, value, scores, topk=topk, window=window, scale=scaling)
+        else:  # padded: each sequence over its real tokens alone; padding rows stay zero
+            out = query.new_zeros(query.shape)
+            for b, (lo, hi) in enumerate(ranges):
+                if hi > lo:
+                    part = (t[b : b + 1, :, lo:hi] for t in (query, key, value, scores))
+                    out[b : b + 1, :, lo:hi] = sparsek_attention(*part, topk=topk, window=window, scale=scaling)
         return out[:, :, k_len - q_len :].transpose(1, 2).contiguous(), None
 
     sparsek_attention_forward.__name__ = f"{name}_attention_forward"
