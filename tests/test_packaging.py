@@ -1,5 +1,6 @@
-"""A built wheel carries the CUDA sources: installed outside the source tree, sparsek finds them
-and `python -m sparsek` says so (a CPU machine cannot run them; it can find them)."""
+"""A built wheel carries the CUDA sources: installed in a fresh virtual environment outside the
+source tree, sparsek finds them and `python -m sparsek` says so (a CPU machine cannot run them; it
+can find them)."""
 
 import os
 import subprocess
@@ -12,37 +13,61 @@ REPO = Path(__file__).resolve().parents[1]
 KERNEL_FILES = sorted(p.name for p in (REPO / "csrc").iterdir() if p.suffix in (".cu", ".cpp", ".h"))
 
 
-@pytest.fixture(scope="module")
-def installed(tmp_path_factory):
-    """The wheel built from this checkout, installed (without dependencies) into a fresh folder."""
-    wheels, target = tmp_path_factory.mktemp("wheels"), tmp_path_factory.mktemp("site")
-    run = lambda *cmd: subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+class Venv:
+    """A fresh virtual environment (``python -m venv --without-pip``) holding one installed wheel.
+
+    The wheel goes into the environment's own site-packages (pip, without dependencies and without
+    an index). torch is not installed again: a path file names the directory the running torch is
+    installed in. That directory is added to sys.path after the environment's site-packages and is
+    not a site directory, so its .pth files (an editable install of this checkout) do not run:
+    only the installed wheel can provide ``sparsek``."""
+
+    def __init__(self, root: Path, wheel: Path):
+        import torch
+
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True, capture_output=True,
+                       timeout=300)
+        self.python = root / "bin" / "python"
+        self.site = Path(self.run("import sysconfig; print(sysconfig.get_paths()['purelib'])", root).stdout.strip())
+        (self.site / "_outer_torch.pth").write_text(f"{Path(torch.__file__).resolve().parents[1]}\n")
+        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(self.site),
+                        str(wheel)], check=True, capture_output=True, timeout=600)
+
+    def run(self, code: str, cwd: Path, timeout: int = 300, **env) -> subprocess.CompletedProcess:
+        """``python -c code`` in the environment, from cwd (outside the source tree), PYTHONPATH unset."""
+        environ = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | env
+        return subprocess.run([str(self.python), "-c", code], capture_output=True, text=True, timeout=timeout,
+                              env=environ, cwd=cwd)
+
+
+def _wheel(out: Path, **env) -> Path:
     # setuptools builds in the tree: build/ and *.egg-info are ignored by git
-    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(REPO))
-    (wheel,) = wheels.glob("sparsek-*.whl")
-    run(sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel))
-    return target
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
+                          str(REPO)], capture_output=True, text=True, timeout=3600, env={**os.environ, **env})
+    assert res.returncode == 0, res.stderr[-4000:]
+    (wheel,) = out.glob("sparsek-*.whl")
+    return wheel
 
 
-def _python(target, code, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(target)}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
-                          cwd=tmp_path)  # outside the source tree
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Venv:
+    """The wheel built from this checkout, installed (without dependencies) in a fresh virtual environment."""
+    return Venv(tmp_path_factory.mktemp("venv"), _wheel(tmp_path_factory.mktemp("wheels")))
 
 
 def test_wheel_carries_the_kernel_sources(installed, tmp_path):
-    res = _python(installed, "import sparsek, sparsek._cuda as c; print(sparsek.__file__); print(c.CSRC)", tmp_path)
+    res = installed.run("import sparsek, sparsek._cuda as c; print(sparsek.__file__); print(c.CSRC)", tmp_path)
     assert res.returncode == 0, res.stderr
     module_file, csrc = res.stdout.split()
-    assert Path(module_file).is_relative_to(installed), "imported the source tree, not the installed wheel"
-    assert Path(csrc) == installed / "sparsek" / "csrc"
+    assert Path(module_file).is_relative_to(installed.site), "imported the source tree, not the installed wheel"
+    assert Path(csrc) == installed.site / "sparsek" / "csrc"
     assert sorted(p.name for p in Path(csrc).iterdir()) == KERNEL_FILES
 
 
 def test_installed_package_reports_its_kernels(installed, tmp_path):
-    res = _python(installed, "import runpy; runpy.run_module('sparsek', run_name='__main__')", tmp_path)
+    res = installed.run("import runpy; runpy.run_module('sparsek', run_name='__main__')", tmp_path)
     assert res.returncode == 0, res.stderr
-    assert f"kernel sources: {installed / 'sparsek' / 'csrc'} (present)" in res.stdout
+    assert f"kernel sources: {installed.site / 'sparsek' / 'csrc'} (present)" in res.stdout
     if "GPU: none" in res.stdout:
         assert "forward kernels: do not run here: CUDA is not available" in res.stdout
 
@@ -75,25 +100,19 @@ def test_ahead_of_time_wheel_carries_the_compiled_kernels(tmp_path_factory, tmp_
     reason = _cuda_build_tools()
     if reason:
         pytest.skip(reason)
-    wheels, target = tmp_path_factory.mktemp("aot-wheels"), tmp_path_factory.mktemp("aot-site")
-    env = {**os.environ, "SPARSEK_BUILD_CUDA": "1", "MAX_JOBS": os.environ.get("MAX_JOBS", "2")}
-    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                          str(wheels), str(REPO)], capture_output=True, text=True, timeout=3600, env=env)
-    assert res.returncode == 0, res.stderr[-4000:]
-    (wheel,) = wheels.glob("sparsek-*.whl")
+    wheel = _wheel(tmp_path_factory.mktemp("aot-wheels"), SPARSEK_BUILD_CUDA="1", MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
     assert "none-any" not in wheel.name, f"{wheel.name}: a wheel with compiled code is platform-specific"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
-                   check=True, capture_output=True, timeout=600)
+    venv = Venv(tmp_path_factory.mktemp("aot-venv"), wheel)
     code = ("import sparsek._cuda as c, torch\n"
             "b = c.prebuilt(); print(b)\n"
             "torch.ops.load_library(str(b))\n"
             "print(all(hasattr(torch.ops.sparsek_cuda, op) for op in ('select', 'attention_fwd', 'attention_bwd')))\n")
-    res = _python(target, code, tmp_path)
+    res = venv.run(code, tmp_path)
     assert res.returncode == 0, res.stderr
     binary, registered = res.stdout.split()
-    assert Path(binary).parent == target / "sparsek" and Path(binary).name.startswith("_C"), binary
+    assert Path(binary).parent == venv.site / "sparsek" and Path(binary).name.startswith("_C"), binary
     assert registered == "True"
-    res = _python(target, "import runpy; runpy.run_module('sparsek', run_name='__main__')", tmp_path)
+    res = venv.run("import runpy; runpy.run_module('sparsek', run_name='__main__')", tmp_path)
     assert res.returncode == 0 and f"prebuilt kernels: {binary}" in res.stdout, res.stdout + res.stderr
 
 
@@ -141,22 +160,16 @@ def test_installed_wheel_runs_the_kernels_on_the_gpu(aot, installed, tmp_path_fa
         reason = _cuda_build_tools()
         if reason:
             pytest.skip(reason)
-        wheels, target = tmp_path_factory.mktemp("gpu-aot-wheels"), tmp_path_factory.mktemp("gpu-aot-site")
-        env = {**os.environ, "SPARSEK_BUILD_CUDA": "1", "MAX_JOBS": os.environ.get("MAX_JOBS", "2")}
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                        str(wheels), str(REPO)], check=True, capture_output=True, timeout=3600, env=env)
-        (wheel,) = wheels.glob("sparsek-*.whl")
-        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
-                       check=True, capture_output=True, timeout=600)
+        wheel = _wheel(tmp_path_factory.mktemp("gpu-aot-wheels"), SPARSEK_BUILD_CUDA="1",
+                       MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
+        venv = Venv(tmp_path_factory.mktemp("gpu-aot-venv"), wheel)
     else:
-        target = installed
-    env = {**os.environ, "PYTHONPATH": str(target), "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}
-    res = subprocess.run([sys.executable, "-c", _RUN_ON_GPU], capture_output=True, text=True, timeout=1800, env=env,
-                         cwd=tmp_path)
+        venv = installed
+    res = venv.run(_RUN_ON_GPU, tmp_path, timeout=1800, TORCH_EXTENSIONS_DIR=str(tmp_path / "extensions"))
     assert res.returncode == 0, res.stdout + res.stderr[-4000:]
-    assert f"sparsek from {target}" in res.stdout
+    assert f"sparsek from {venv.site}" in res.stdout
     if aot:
-        assert f"extension {target / 'sparsek'}" in res.stdout and "_C" in res.stdout
+        assert f"extension {venv.site / 'sparsek'}" in res.stdout and "_C" in res.stdout
         assert "building the CUDA kernels" not in res.stderr
     else:
         assert "extension just in time" in res.stdout
