@@ -229,28 +229,39 @@ def test_decode_step_op_passes_opcheck():
 def test_compiled_steps_equal_eager_steps():
     # backend "aot_eager": functionalization of the in-place op runs as in inductor, without
     # inductor's code generation (tens of seconds on a CPU)
-    from torch._dynamo.testing import CompileCounterWithBackend
-
     B, Hq, Hkv, S, D, K, W, P = 2, 4, 2, 100, 8, 6, 4, 40
     q, k, v, u = _sequence(B, Hq, Hkv, S, D, "normal")
     eager = SparseKCache.from_prefill(k[:, :, :P], v[:, :, :P], u[:, :, :P], topk=K, window=W, lengths=[P, P - 7])
     compiled = SparseKCache.from_prefill(k[:, :, :P], v[:, :, :P], u[:, :, :P], topk=K, window=W, lengths=[P, P - 7])
+    counter = _step_compiled_and_eager(compiled, eager, (q, k, v, u), [P, P - 7], S - P)
+    for a, b in zip(compiled.state.tensors(), eager.state.tensors()):
+        assert torch.equal(a, b)
+    assert counter.frame_count == 1  # one graph for every step: no recompilation, no graph break
+
+
+def _step_compiled_and_eager(compiled, eager, seq, start, steps, after_step=lambda: None):
+    """Steps `compiled` through torch.compile(fullgraph=True, backend aot_eager) and `eager`
+    through plain calls on the same tokens of seq = (q, k, v, u) from positions `start`, the
+    second slot pausing every third step; every output must be bitwise equal. Returns the compile
+    counter."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    q, k, v, u = seq
     counter = CompileCounterWithBackend("aot_eager")
 
     @torch.compile(fullgraph=True, backend=counter)
     def step(cache, q, k, v, u, active):
         return cache.step(q, k, v, u, active=active)
 
-    start = torch.tensor([P, P - 7])
-    for s in range(S - P):
+    start = torch.tensor(start)
+    for s in range(steps):
         pos = start + s
         active = torch.tensor([True, s % 3 != 1])  # the second slot pauses now and then
         args = (_at(q, pos), _at(k, pos), _at(v, pos), _at(u.unsqueeze(-1), pos)[..., 0], active)
         torch.testing.assert_close(step(compiled, *args), eager.step(*args), atol=0, rtol=0, msg=lambda m: f"step {s}: {m}")
+        after_step()
         start = start - (~active).long()  # a paused slot's next token is the one it skipped
-    for a, b in zip(compiled.state.tensors(), eager.state.tensors()):
-        assert torch.equal(a, b)
-    assert counter.frame_count == 1  # one graph for every step: no recompilation, no graph break
+    return counter
 
 
 def test_a_compiled_step_cannot_grow_the_soft_set_and_reserve_makes_room():
@@ -401,28 +412,17 @@ def stand_in_op():
 def test_a_compiled_cuda_path_step_traces_the_kernels_operator(stand_in_op, monkeypatch):
     # what a compiled CUDA step runs, on the CPU: the fake and the declared mutations carry the
     # state through functionalization; the host-side bound is marked unknown, not guarded on
-    from torch._dynamo.testing import CompileCounterWithBackend
-
     B, Hq, Hkv, S, D, K, W, P = 2, 4, 2, 90, 8, 6, 4, 40
     q, k, v, u = _sequence(B, Hq, Hkv, S, D, "normal")
     build = lambda: SparseKCache.from_prefill(k[:, :, :P], v[:, :, :P], u[:, :, :P], topk=K, window=W,
                                               lengths=[P, P - 7], backend="reference", check_interval=0)
     eager, compiled = build(), _as_cuda_path(build(), monkeypatch, stand_in_op)
     compiled.reserve(S)
-    counter = CompileCounterWithBackend("aot_eager")
 
-    @torch.compile(fullgraph=True, backend=counter)
-    def step(cache, q, k, v, u, active):
-        return cache.step(q, k, v, u, active=active)
+    def host_did_not_see_the_step():
+        assert compiled._soft_bound is None
 
-    start = torch.tensor([P, P - 7])
-    for s in range(S - P):
-        pos = start + s
-        active = torch.tensor([True, s % 3 != 1])
-        args = (_at(q, pos), _at(k, pos), _at(v, pos), _at(u.unsqueeze(-1), pos)[..., 0], active)
-        torch.testing.assert_close(step(compiled, *args), eager.step(*args), atol=0, rtol=0, msg=lambda m: f"step {s}: {m}")
-        assert compiled._soft_bound is None  # the host did not see the step
-        start = start - (~active).long()
+    counter = _step_compiled_and_eager(compiled, eager, (q, k, v, u), [P, P - 7], S - P, host_did_not_see_the_step)
     for a, b in zip(compiled.state.tensors(), eager.state.tensors()):
         if a.shape == b.shape:  # the reserved soft set is larger
             assert torch.equal(a, b)
