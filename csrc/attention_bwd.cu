@@ -453,6 +453,13 @@ namespace wg {
 
 constexpr int kStages = 3;  // K/V ring: tile t in use, t + 1 and t + 2 in flight
 constexpr int kWgRows = 64;
+// dK/dV reductions go through shared memory in slices of 32 columns (128 bytes of a key's float32
+// row), so that each warp's 16-byte reductions cover 4 whole 128-byte lines instead of one 32-byte
+// sector in each of 16 lines: 8.6% faster at long-64k on an H100 (docs/perf-notes.md). A slice row
+// is padded to 40 floats: the accumulator-layout stores (rows g, columns 2 * quad) and the row
+// reads are both free of bank conflicts.
+constexpr int kSliceCols = 32;
+constexpr int kSliceStride = 40;
 
 template <int kD>
 struct Traits {
@@ -462,8 +469,42 @@ struct Traits {
   static constexpr int kTileElems = kTileN * kD;
   static constexpr int kSmemBytes = kAlign + (2 * kRows * kD + 2 * kStages * kTileElems + 2 * kRows * kTileN) * 2  // Q, dO, K, V, P, dS
                                     + kStages * kTileN * 4 * 4  // key, start, end, u
-                                    + kWarps * kTileN * 4;      // column sums of gamma
+                                    + kWarps * kTileN * 4       // column sums of gamma
+                                    + 2 * kTileN * kSliceStride * 4;  // one reduction slice per warpgroup
 };
+
+// Adds a warpgroup's 64 keys x kD float32 tile (wgmma accumulator layout: warp w % 4 holds key rows
+// 16 (w % 4) + g and + 8, columns 8 nd + 2 quad and + 1) to the accumulator rows of its keys, one
+// 32-column slice at a time through `slice` (64 x kSliceStride floats, this warpgroup's own).
+// `bar` is the warpgroup's named barrier. Padding keys (-1) add nothing.
+template <int kD>
+__device__ __forceinline__ void add_tile_sliced(const float (&acc)[kD / 8][4], float* slice, float* dst, const int* keys,
+                                                int key0, int g, int quad, int wtid, int bar) {
+  constexpr int kChunksPerRow = kSliceCols / 4;                  // 16-byte chunks of a slice row
+  constexpr int kPerThread = kTileN * kChunksPerRow / 128;       // reductions per thread and slice
+#pragma unroll
+  for (int r = 0; r < kD / kSliceCols; ++r) {
+#pragma unroll
+    for (int n = 0; n < kSliceCols / 8; ++n) {
+      const int nd = r * (kSliceCols / 8) + n, col = 8 * n + 2 * quad;
+      *reinterpret_cast<float2*>(slice + (key0 + g) * kSliceStride + col) = make_float2(acc[nd][0], acc[nd][1]);
+      *reinterpret_cast<float2*>(slice + (key0 + g + 8) * kSliceStride + col) = make_float2(acc[nd][2], acc[nd][3]);
+    }
+    named_barrier_sync(bar, 128);
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int idx = wtid + 128 * i, row = idx / kChunksPerRow, chunk = idx % kChunksPerRow;
+      const int key = keys[row];
+      if (key >= 0) {
+        atomicAdd(reinterpret_cast<float4*>(dst + static_cast<size_t>(key) * kD + r * kSliceCols + 4 * chunk),
+                  *reinterpret_cast<const float4*>(slice + row * kSliceStride + 4 * chunk));
+      }
+    }
+    // The next slice overwrites this one. After the last, the loop's __syncthreads orders the
+    // next tile's first slice after these reads.
+    if (r + 1 < kD / kSliceCols) named_barrier_sync(bar, 128);
+  }
+}
 
 template <int kD, typename Elem>
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBwdParams p) {
@@ -490,6 +531,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
   int* sEnd = sStart + kStages * kTileN;
   float* sU = reinterpret_cast<float*>(sEnd + kStages * kTileN);
   float* sColSum = sU + kStages * kTileN;  // [warp][key]: column sums of gamma over the warp's rows
+  float* sSlice = sColSum + kWarps * kTileN;  // [warpgroup][key][kSliceStride]: dK/dV reduction slices
 
   const int blk = blockIdx.x;
   const int bh = blockIdx.y + p.bh_offset;
@@ -748,7 +790,12 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
     fence_regs(acc);
     fence_regs(dq);
     fence_regs(ds_frag);
-    add_tile<kD, kD / 8>(acc, kv_acc, sKey + stage * kTileN, key0, 0, lane, p.deterministic, kv_fixed);
+    if (p.deterministic) {
+      add_tile<kD, kD / 8>(acc, kv_acc, sKey + stage * kTileN, key0, 0, lane, true, kv_fixed);
+    } else {
+      add_tile_sliced<kD>(acc, sSlice + wgi * kTileN * kSliceStride, reinterpret_cast<float*>(kv_acc), sKey + stage * kTileN,
+                          key0, g, quad, tid % 128, 1 + wgi);
+    }
   }
   cp_async_wait<0>();
 
