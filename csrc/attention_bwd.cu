@@ -468,7 +468,7 @@ struct Traits {
   static constexpr int kChunksPerThread = kChunks / kLoadersPerRow;
   static constexpr int kTileElems = kTileN * kD;
   static constexpr int kSmemBytes = kAlign + (2 * kRows * kD + 2 * kStages * kTileElems + 2 * kRows * kTileN) * 2  // Q, dO, K, V, P, dS
-                                    + kStages * kTileN * 4 * 4  // key, start, end, u
+                                    + kStages * kTileN * (4 + 16)  // key; start, end, u as one 16-byte record
                                     + kWarps * kTileN * 4       // column sums of gamma
                                     + 2 * kTileN * kSliceStride * 4;  // one reduction slice per warpgroup
 };
@@ -527,10 +527,10 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
   Elem* sP = sV + kStages * T::kTileElems;
   Elem* sDS = sP + kRows * kTileN;
   int* sKey = reinterpret_cast<int*>(sDS + kRows * kTileN);  // [stage][key row]: key index, -1 = padding
-  int* sStart = sKey + kStages * kTileN;                      // j + W
-  int* sEnd = sStart + kStages * kTileN;
-  float* sU = reinterpret_cast<float*>(sEnd + kStages * kTileN);
-  float* sColSum = sU + kStages * kTileN;  // [warp][key]: column sums of gamma over the warp's rows
+  // [stage][key row]: {j + W, end_j, u_j (bits), unused}, so the softmax gradient reads a listed
+  // key's three values with two loads instead of three.
+  int4* sMeta = reinterpret_cast<int4*>(sKey + kStages * kTileN);
+  float* sColSum = reinterpret_cast<float*>(sMeta + kStages * kTileN);  // [warp][key]: column sums of gamma over the warp's rows
   float* sSlice = sColSum + kWarps * kTileN;  // [warpgroup][key][kSliceStride]: dK/dV reduction slices
 
   const int blk = blockIdx.x;
@@ -572,13 +572,12 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
       sKey[m] = j;
       if (t >= n_win) {  // window tiles need no per-key data
         if (ok) {
-          sStart[m] = j + W;
-          cp_async4(&sEnd[m], ends + j);
-          cp_async4(&sU[m], scores + j);
+          int* meta = reinterpret_cast<int*>(sMeta + m);
+          meta[0] = j + W;
+          cp_async4(meta + 1, ends + j);
+          cp_async4(meta + 2, scores + j);
         } else {
-          sStart[m] = S;  // padding: selected by no row (i < S)
-          sEnd[m] = -1;
-          sU[m] = 0.f;
+          sMeta[m] = make_int4(S, -1, 0, 0);  // padding: selected by no row (i < S)
         }
       }
     }
@@ -691,16 +690,15 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
         }
       }
     } else {
-      const int* start = sStart + stage * kTileN;
-      const int* end = sEnd + stage * kTileN;
-      const float* u = sU + stage * kTileN;
+      const int4* meta = sMeta + stage * kTileN;
 #pragma unroll
       for (int nb = 0; nb < kTileN / 8; ++nb) {
 #pragma unroll
         for (int e2 = 0; e2 < 2; ++e2) {
           const int cj = 8 * nb + 2 * quad + e2;
-          const int start_j = start[cj], end_j = end[cj];
-          const float u_j = u[cj];
+          const int2 range = *reinterpret_cast<const int2*>(meta + cj);  // 16 bytes would cost 4 registers
+          const int start_j = range.x, end_j = range.y;
+          const float u_j = reinterpret_cast<const float*>(meta + cj)[2];
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const int c = 2 * h + e2;
