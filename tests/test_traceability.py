@@ -10,8 +10,8 @@ Selector: dotted keys; `key[field=value,...]` keeps the list items whose (dotted
 one of the `|`-separated values, or the one value in double quotes (which may hold `,` and `|`:
 `impl="backward (op, deterministic)"`; `!=` for the opposite; booleans and null as in JSON), and a key
 after such a filter applies to every kept item. `A / B` divides two selectors. A selector that
-ends with several values needs `reduce`: min, max, count, set (sorted distinct values, ", ",
-lists flattened), fraction ("k/n" of true values). Printing: `scale` multiplies a number, then
+ends with several values needs `reduce`: min, max, mean, count, set (sorted distinct values,
+", ", lists flattened), fraction ("k/n" of true values). Printing: `scale` multiplies a number, then
 `format` is a Python format string with `!u` (upper case) and `!j` (JSON: true/false/null) added.
 """
 
@@ -102,6 +102,7 @@ def _flat(values):
 REDUCERS = {
     "min": min,
     "max": max,
+    "mean": lambda vs: sum(vs) / len(vs),
     "count": len,
     "set": lambda vs: ", ".join(sorted({_as_text(v) for v in _flat(vs)})),
     "fraction": lambda vs: f"{sum(1 for v in vs if v is True)}/{len(vs)}",
@@ -276,6 +277,7 @@ RUN = {"run": {"throttled": True},
     ({"value": "records[case=a,impl=y].t.m", "scale": 1000, "format": "{:,.1f}"}, "4,000.0"),
     ({"value": "records[case=a,impl=y].t.m / records[case=a,impl=x].t.m", "format": "{:.2f}x"}, "2.00x"),
     ({"value": "records[impl=x].t.m", "reduce": "max"}, "8.0"),
+    ({"value": "records[impl=x].t.m / records[case=a].t.m", "reduce": "mean", "format": "{:.2f}"}, "1.67"),
     ({"value": "records[case=a|b,impl!=y].t.m", "reduce": "count"}, "2"),
     ({"value": "records[ok=false].impl", "reduce": "set"}, "y"),
     ({"value": "records[case=a].ok", "reduce": "fraction"}, "1/2"),
