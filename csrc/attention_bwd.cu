@@ -146,6 +146,115 @@ __device__ __forceinline__ void gemm_keys_dims(float (&acc)[Traits<kD>::kDPerWar
   }
 }
 
+// ---- the softmax gradient of one tile, shared by both kernels ----
+// A thread holds two rows of the tile (the accumulator layout of mma.sync m16 and of wgmma:
+// rows r_lo and r_lo + 8, columns 8 nb + 2 quad and + 1). Rows fixes what they need.
+struct Rows {
+  int qi[2], head_of[2];  // query index and query head of each row
+  float lse2[2];          // lse in base-2 units; +inf for a row beyond S or without keys (weight 0 everywhere)
+  float dsum[2];          // D_i = dO_i . out_i
+  float tau[2];
+  // Soft means tau < u < tau + 1 exactly (as the selection counts |F_i|): tau + 1 rounded down,
+  // and whether that rounding was exact, decide u < tau + 1 without a wider type.
+  float tau1[2];
+  bool tau1_exact[2];
+
+  __device__ Rows(const AttnBwdParams& p, int b, int hkv, int bh, int i0, int r_lo) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = r_lo + 8 * h;
+      qi[h] = i0 + r % p.block_q;
+      head_of[h] = hkv * p.group + r / p.block_q;
+      const size_t row = ((size_t)b * p.q_heads + head_of[h]) * p.seq_len + qi[h];
+      const bool ok = qi[h] < p.seq_len;
+      const float lse = ok ? p.lse[row] : CUDART_INF_F;
+      lse2[h] = isfinite(lse) ? lse * kLog2e : CUDART_INF_F;
+      dsum[h] = ok ? p.dsum[row] : 0.f;
+      tau[h] = ok ? p.tau[(size_t)bh * p.seq_len + qi[h]] : 0.f;
+      tau1[h] = __fadd_rd(tau[h], 1.f);
+      tau1_exact[h] = tau1[h] == __fadd_ru(tau[h], 1.f);
+    }
+  }
+};
+
+// Window tile (keys j0 .. j0 + 63, gate 1): S becomes P = e, dP becomes dS = e (dP - D), where
+// e = exp(s * scale - lse) for keys in the row's window (i - W < j <= i) and 0 elsewhere.
+// `inside`: every pair of the tile is in its row's window (most window tiles), no test needed.
+template <int kNB>
+__device__ __forceinline__ void window_tile_grad(float (&s)[kNB][4], float (&dp)[kNB][4], const Rows& rows, int j0, int quad,
+                                                 int window, float scale_log2, bool inside) {
+#pragma unroll
+  for (int nb = 0; nb < kNB; ++nb) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int h = c >> 1;
+      const int behind = rows.qi[h] - (j0 + 8 * nb + 2 * quad + (c & 1));  // i - j
+      const float e = inside || static_cast<unsigned>(behind) < static_cast<unsigned>(window)
+                          ? exp2f(fmaf(s[nb][c], scale_log2, -rows.lse2[h]))
+                          : 0.f;
+      s[nb][c] = e;                                // P (gate 1)
+      dp[nb][c] = e * (dp[nb][c] - rows.dsum[h]);  // dS
+    }
+  }
+}
+
+// List tile: key column cj is selected by row i when start_j <= i < end_j (start_j = j + W) and
+// carries the gate g = clip(u_j - tau_i, 0, 1). S becomes P = g e, dP becomes dS = g gamma with
+// gamma = e (dP - D); gamma of the soft selected entries (0 < u_j - tau_i < 1) is added to
+// gamma_sum (per row) and col (per column, over this thread's two rows). `key(cj, start, end, u)`
+// fetches a column's data.
+template <int kNB, typename KeyData>
+__device__ __forceinline__ void list_tile_grad(float (&s)[kNB][4], float (&dp)[kNB][4], float (&col)[kNB][2],
+                                               float (&gamma_sum)[2], const Rows& rows, int quad, float scale_log2,
+                                               KeyData key) {
+#pragma unroll
+  for (int nb = 0; nb < kNB; ++nb) {
+#pragma unroll
+    for (int e2 = 0; e2 < 2; ++e2) {
+      int start_j, end_j;
+      float u_j;
+      key(8 * nb + 2 * quad + e2, start_j, end_j, u_j);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int c = 2 * h + e2;
+        const int i = rows.qi[h];
+        const float tau = rows.tau[h];
+        const bool sel = start_j <= i && i < end_j;
+        const float e = sel ? exp2f(fmaf(s[nb][c], scale_log2, -rows.lse2[h])) : 0.f;
+        const float gate = __saturatef(u_j - tau);
+        const float gamma = e * (dp[nb][c] - rows.dsum[h]);
+        const bool soft = sel && u_j > tau && (u_j < rows.tau1[h] || (u_j == rows.tau1[h] && !rows.tau1_exact[h]));
+        if (soft) {
+          gamma_sum[h] += gamma;
+          col[nb][e2] += gamma;
+        }
+        s[nb][c] = gate * e;       // P
+        dp[nb][c] = gate * gamma;  // dS
+      }
+    }
+  }
+}
+
+// P and dS (this thread's two rows of the tile) to shared memory, 128 rows x 64 keys each in the
+// swizzled panel layout the dV/dK products read; dS also as the A fragments of dQ += dS K (a
+// k-step of 16 keys is two n8 blocks).
+template <typename Elem, int kNB>
+__device__ __forceinline__ void store_p_ds(const float (&s)[kNB][4], const float (&dp)[kNB][4], Elem* sP, Elem* sDS, int r_lo,
+                                           int quad, uint32_t (&ds_frag)[kNB / 2][4]) {
+#pragma unroll
+  for (int nb = 0; nb < kNB; ++nb) {
+    const uint32_t p_lo = pack2<Elem>(s[nb][0], s[nb][1]), p_hi = pack2<Elem>(s[nb][2], s[nb][3]);
+    const uint32_t d_lo = pack2<Elem>(dp[nb][0], dp[nb][1]), d_hi = pack2<Elem>(dp[nb][2], dp[nb][3]);
+    const uint32_t in_chunk = 4 * quad;
+    *reinterpret_cast<uint32_t*>(sP + (swz<kNB>(r_lo, nb) + in_chunk) / 2) = p_lo;
+    *reinterpret_cast<uint32_t*>(sP + (swz<kNB>(r_lo + 8, nb) + in_chunk) / 2) = p_hi;
+    *reinterpret_cast<uint32_t*>(sDS + (swz<kNB>(r_lo, nb) + in_chunk) / 2) = d_lo;
+    *reinterpret_cast<uint32_t*>(sDS + (swz<kNB>(r_lo + 8, nb) + in_chunk) / 2) = d_hi;
+    ds_frag[nb / 2][(nb & 1) * 2 + 0] = d_lo;
+    ds_frag[nb / 2][(nb & 1) * 2 + 1] = d_hi;
+  }
+}
+
 // Adds a warp's 16 keys x kDPerWarp tile to the global accumulator rows of its keys. Each pair of
 // lanes swaps two values so that every lane holds 4 consecutive columns of one key row: one
 // 16-byte atomic instead of two 8-byte ones.
@@ -261,26 +370,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
 
   // Per-thread rows (mma accumulator layout): rows r_lo = 16 warp + lane / 4 and r_lo + 8.
   const int r_lo = warp * 16 + g;
-  int qi[2], head_of[2];
-  float lse2[2], dsum[2], tau[2], tau1[2];
-  bool tau1_exact[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int r = r_lo + 8 * h;
-    qi[h] = i0 + r % p.block_q;
-    head_of[h] = hkv * p.group + r / p.block_q;
-    const size_t row = ((size_t)b * p.q_heads + head_of[h]) * S + qi[h];
-    const bool ok = qi[h] < S;
-    const float lse = ok ? p.lse[row] : CUDART_INF_F;
-    // exp2(s * scale_log2 - lse2): a row beyond S (or without keys) gets weight 0 everywhere
-    lse2[h] = isfinite(lse) ? lse * kLog2e : CUDART_INF_F;
-    dsum[h] = ok ? p.dsum[row] : 0.f;
-    tau[h] = ok ? p.tau[(size_t)bh * S + qi[h]] : 0.f;
-    // Soft means tau < u < tau + 1 exactly (as the selection counts |F_i|): tau + 1 rounded
-    // down, and whether that rounding was exact, decide u < tau + 1 without a wider type.
-    tau1[h] = __fadd_rd(tau[h], 1.f);
-    tau1_exact[h] = tau1[h] == __fadd_ru(tau[h], 1.f);
-  }
+  const Rows rows(p, b, hkv, bh, i0, r_lo);
 
   float dq[kD / 8][4];
 #pragma unroll
@@ -309,64 +399,22 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
     float col[kTileN / 8][2] = {};  // gamma of the soft selected entries, summed over this thread's two rows
     if (!listed) {
       const int j0 = w0 + t * kTileN;
-#pragma unroll
-      for (int nb = 0; nb < kTileN / 8; ++nb) {
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int h = c >> 1;
-          const int behind = qi[h] - (j0 + 8 * nb + 2 * quad + (c & 1));  // i - j
-          const float e = static_cast<unsigned>(behind) < static_cast<unsigned>(W)
-                              ? exp2f(fmaf(s[nb][c], p.scale_log2, -lse2[h]))
-                              : 0.f;
-          s[nb][c] = e;                          // P (gate 1)
-          dp[nb][c] = e * (dp[nb][c] - dsum[h]);  // dS
-        }
-      }
+      const bool inside = j0 + kTileN - 1 <= i0 && j0 > i1 - 1 - W;  // see window_tile_grad
+      window_tile_grad(s, dp, rows, j0, quad, W, p.scale_log2, inside);
     } else {
       const int* start = sStart + stage * kTileN;
       const int* end = sEnd + stage * kTileN;
       const float* u = sU + stage * kTileN;
-#pragma unroll
-      for (int nb = 0; nb < kTileN / 8; ++nb) {
-        col[nb][0] = col[nb][1] = 0.f;
-#pragma unroll
-        for (int e2 = 0; e2 < 2; ++e2) {
-          const int cj = 8 * nb + 2 * quad + e2;
-          const int start_j = start[cj], end_j = end[cj];
-          const float u_j = u[cj];
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int c = 2 * h + e2;
-            const bool sel = start_j <= qi[h] && qi[h] < end_j;
-            const float e = sel ? exp2f(fmaf(s[nb][c], p.scale_log2, -lse2[h])) : 0.f;
-            const float gate = __saturatef(u_j - tau[h]);
-            const float gamma = e * (dp[nb][c] - dsum[h]);
-            const bool soft = sel && u_j > tau[h] && (u_j < tau1[h] || (u_j == tau1[h] && !tau1_exact[h]));
-            if (soft) {
-              gamma_sum[h] += gamma;
-              col[nb][e2] += gamma;
-            }
-            s[nb][c] = gate * e;       // P
-            dp[nb][c] = gate * gamma;  // dS
-          }
-        }
-      }
+      list_tile_grad(s, dp, col, gamma_sum, rows, quad, p.scale_log2, [&](int cj, int& start_j, int& end_j, float& u_j) {
+        start_j = start[cj];
+        end_j = end[cj];
+        u_j = u[cj];
+      });
     }
 
     // P and dS to shared memory (for the key-major phase); dS as A fragments for dQ += dS K.
     uint32_t ds_frag[kTileN / 16][4];
-#pragma unroll
-    for (int nb = 0; nb < kTileN / 8; ++nb) {
-      const uint32_t p_lo = pack2<Elem>(s[nb][0], s[nb][1]), p_hi = pack2<Elem>(s[nb][2], s[nb][3]);
-      const uint32_t d_lo = pack2<Elem>(dp[nb][0], dp[nb][1]), d_hi = pack2<Elem>(dp[nb][2], dp[nb][3]);
-      const uint32_t in_chunk = 4 * quad;
-      *reinterpret_cast<uint32_t*>(sP + (swz<kTileN / 8>(r_lo, nb) + in_chunk) / 2) = p_lo;
-      *reinterpret_cast<uint32_t*>(sP + (swz<kTileN / 8>(r_lo + 8, nb) + in_chunk) / 2) = p_hi;
-      *reinterpret_cast<uint32_t*>(sDS + (swz<kTileN / 8>(r_lo, nb) + in_chunk) / 2) = d_lo;
-      *reinterpret_cast<uint32_t*>(sDS + (swz<kTileN / 8>(r_lo + 8, nb) + in_chunk) / 2) = d_hi;
-      ds_frag[nb / 2][(nb & 1) * 2 + 0] = d_lo;
-      ds_frag[nb / 2][(nb & 1) * 2 + 1] = d_hi;
-    }
+    store_p_ds<Elem>(s, dp, sP, sDS, r_lo, quad, ds_frag);
     {
       const int mi = lane >> 3, r8 = lane & 7;
 #pragma unroll
@@ -429,8 +477,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
     float gs = gamma_sum[h];
     gs += __shfl_xor_sync(kFull, gs, 1);
     gs += __shfl_xor_sync(kFull, gs, 2);
-    if (qi[h] >= S) continue;
-    const size_t row = ((size_t)b * p.q_heads + head_of[h]) * S + qi[h];
+    if (rows.qi[h] >= S) continue;
+    const size_t row = ((size_t)b * p.q_heads + rows.head_of[h]) * S + rows.qi[h];
     Elem* dst = dq_out + row * kD;
 #pragma unroll
     for (int nd = 0; nd < kD / 8; ++nd) {
@@ -604,23 +652,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
   // Per-thread rows (wgmma accumulator layout): warp w holds rows 16w .. 16w + 15, this thread
   // rows r_lo = 16w + lane/4 and r_lo + 8.
   const int r_lo = warp * 16 + g;
-  int qi[2], head_of[2];
-  float lse2[2], dsum[2], tau[2], tau1[2];
-  bool tau1_exact[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int r = r_lo + 8 * h;
-    qi[h] = i0 + r % p.block_q;
-    head_of[h] = hkv * p.group + r / p.block_q;
-    const size_t row = ((size_t)b * p.q_heads + head_of[h]) * S + qi[h];
-    const bool ok = qi[h] < S;
-    const float lse = ok ? p.lse[row] : CUDART_INF_F;
-    lse2[h] = isfinite(lse) ? lse * kLog2e : CUDART_INF_F;
-    dsum[h] = ok ? p.dsum[row] : 0.f;
-    tau[h] = ok ? p.tau[(size_t)bh * S + qi[h]] : 0.f;
-    tau1[h] = __fadd_rd(tau[h], 1.f);
-    tau1_exact[h] = tau1[h] == __fadd_ru(tau[h], 1.f);
-  }
+  const Rows rows(p, b, hkv, bh, i0, r_lo);
 
   // Descriptors (see the forward kernel): A operands of S and dP are this warpgroup's 64 rows of Q
   // / dO (K-major); B operands K / V tiles (K-major). dQ += dS K reads the K tile MN-major (keys
@@ -674,64 +706,21 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
     float col[kTileN / 8][2] = {};  // gamma of the soft selected entries, summed over this thread's two rows
     if (!listed) {
       const int j0 = w0 + t * kTileN;
-      // Most window tiles lie inside every row's window (j <= i and j > i - W for all pairs).
-      const bool inside = j0 + kTileN - 1 <= i0 && j0 > i1 - 1 - W;
-#pragma unroll
-      for (int nb = 0; nb < kTileN / 8; ++nb) {
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int h = c >> 1;
-          const int behind = qi[h] - (j0 + 8 * nb + 2 * quad + (c & 1));  // i - j
-          const float e = inside || static_cast<unsigned>(behind) < static_cast<unsigned>(W)
-                              ? exp2f(fmaf(s[nb][c], p.scale_log2, -lse2[h]))
-                              : 0.f;
-          s[nb][c] = e;                           // P (gate 1)
-          dp[nb][c] = e * (dp[nb][c] - dsum[h]);  // dS
-        }
-      }
+      const bool inside = j0 + kTileN - 1 <= i0 && j0 > i1 - 1 - W;  // see window_tile_grad
+      window_tile_grad(s, dp, rows, j0, quad, W, p.scale_log2, inside);
     } else {
       const int4* meta = sMeta + stage * kTileN;
-#pragma unroll
-      for (int nb = 0; nb < kTileN / 8; ++nb) {
-#pragma unroll
-        for (int e2 = 0; e2 < 2; ++e2) {
-          const int cj = 8 * nb + 2 * quad + e2;
-          const int2 range = *reinterpret_cast<const int2*>(meta + cj);  // 16 bytes would cost 4 registers
-          const int start_j = range.x, end_j = range.y;
-          const float u_j = reinterpret_cast<const float*>(meta + cj)[2];
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int c = 2 * h + e2;
-            const bool sel = start_j <= qi[h] && qi[h] < end_j;
-            const float e = sel ? exp2f(fmaf(s[nb][c], p.scale_log2, -lse2[h])) : 0.f;
-            const float gate = __saturatef(u_j - tau[h]);
-            const float gamma = e * (dp[nb][c] - dsum[h]);
-            const bool soft = sel && u_j > tau[h] && (u_j < tau1[h] || (u_j == tau1[h] && !tau1_exact[h]));
-            if (soft) {
-              gamma_sum[h] += gamma;
-              col[nb][e2] += gamma;
-            }
-            s[nb][c] = gate * e;       // P
-            dp[nb][c] = gate * gamma;  // dS
-          }
-        }
-      }
+      list_tile_grad(s, dp, col, gamma_sum, rows, quad, p.scale_log2, [&](int cj, int& start_j, int& end_j, float& u_j) {
+        const int2 range = *reinterpret_cast<const int2*>(meta + cj);  // 16 bytes would cost 4 registers
+        start_j = range.x;
+        end_j = range.y;
+        u_j = reinterpret_cast<const float*>(meta + cj)[2];
+      });
     }
 
     // P and dS to shared memory (for dV and dK); dS as A fragments for dQ += dS K.
     uint32_t ds_frag[kTileN / 16][4];
-#pragma unroll
-    for (int nb = 0; nb < kTileN / 8; ++nb) {
-      const uint32_t p_lo = pack2<Elem>(s[nb][0], s[nb][1]), p_hi = pack2<Elem>(s[nb][2], s[nb][3]);
-      const uint32_t d_lo = pack2<Elem>(dp[nb][0], dp[nb][1]), d_hi = pack2<Elem>(dp[nb][2], dp[nb][3]);
-      const uint32_t in_chunk = 4 * quad;
-      *reinterpret_cast<uint32_t*>(sP + (swz<kTileN / 8>(r_lo, nb) + in_chunk) / 2) = p_lo;
-      *reinterpret_cast<uint32_t*>(sP + (swz<kTileN / 8>(r_lo + 8, nb) + in_chunk) / 2) = p_hi;
-      *reinterpret_cast<uint32_t*>(sDS + (swz<kTileN / 8>(r_lo, nb) + in_chunk) / 2) = d_lo;
-      *reinterpret_cast<uint32_t*>(sDS + (swz<kTileN / 8>(r_lo + 8, nb) + in_chunk) / 2) = d_hi;
-      ds_frag[nb / 2][(nb & 1) * 2 + 0] = d_lo;
-      ds_frag[nb / 2][(nb & 1) * 2 + 1] = d_hi;
-    }
+    store_p_ds<Elem>(s, dp, sP, sDS, r_lo, quad, ds_frag);
     // dQ += dS K on the tensor cores while the column sums and the barrier below proceed.
     wgmma_fence();
 #pragma unroll
@@ -804,8 +793,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
     float gs = gamma_sum[h];
     gs += __shfl_xor_sync(kFull, gs, 1);
     gs += __shfl_xor_sync(kFull, gs, 2);
-    if (qi[h] >= S) continue;
-    const size_t row = ((size_t)b * p.q_heads + head_of[h]) * S + qi[h];
+    if (rows.qi[h] >= S) continue;
+    const size_t row = ((size_t)b * p.q_heads + rows.head_of[h]) * S + rows.qi[h];
     Elem* dst = dq_out + row * kD;
 #pragma unroll
     for (int nd = 0; nd < kD / 8; ++nd) {
