@@ -503,9 +503,9 @@ constexpr int kStages = 3;  // K/V ring: tile t in use, t + 1 and t + 2 in fligh
 constexpr int kWgRows = 64;
 // dK/dV reductions go through shared memory in slices of 32 columns (128 bytes of a key's float32
 // row), so that each warp's 16-byte reductions cover 4 whole 128-byte lines instead of one 32-byte
-// sector in each of 16 lines: 8.6% faster at long-64k on an H100 (docs/perf-notes.md). A slice row
-// is padded to 40 floats: the accumulator-layout stores (rows g, columns 2 * quad) and the row
-// reads are both free of bank conflicts.
+// sector in each of 16 lines: 1.13x faster at long-64k on an H100 (docs/perf-notes.md, v2.1). A
+// slice row is padded to 40 floats: the accumulator-layout stores (rows g, columns 2 * quad) and
+// the row reads are both free of bank conflicts.
 constexpr int kSliceCols = 32;
 constexpr int kSliceStride = 40;
 
