@@ -148,7 +148,7 @@ __device__ __forceinline__ void gemm_keys_dims(float (&acc)[Traits<kD>::kDPerWar
 
 // ---- the softmax gradient of one tile, shared by both kernels ----
 // A thread holds two rows of the tile (the accumulator layout of mma.sync m16 and of wgmma:
-// rows r_lo and r_lo + 8, columns 8 nb + 2 quad and + 1). Rows fixes what they need.
+// rows r_lo and r_lo + 8, columns 8 nb + 2 quad and + 1); `Rows` holds what the gradient needs of them.
 struct Rows {
   int qi[2], head_of[2];  // query index and query head of each row
   float lse2[2];          // lse in base-2 units; +inf for a row beyond S or without keys (weight 0 everywhere)
