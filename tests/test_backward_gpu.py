@@ -10,6 +10,7 @@ step must not allocate anything of size S x (topk + window).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import warnings
@@ -33,6 +34,17 @@ NAMES = ("dq", "dk", "dv", "dscores")
 def _backward_kernels_on(monkeypatch):
     """These tests are what decides the default: they always run the kernels (children too)."""
     monkeypatch.setenv("SPARSEK_CUDA_BACKWARD", "1")
+
+
+@contextlib.contextmanager
+def _deterministic(flag):
+    """torch.use_deterministic_algorithms(flag) inside the block, the previous setting after it."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(flag)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def _inputs(seed, B, Hq, Hkv, S, D, dtype, score_scale=1.0, ties=False, constant=False):
@@ -160,14 +172,10 @@ def test_accumulator_chunks(deterministic, monkeypatch):
     deterministic mode, where the chunking must not change a single sum."""
     cuda_kernels()
     q, k, v, u, grad = _inputs(17, 2, 6, 3, 333, 128, torch.bfloat16)
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(deterministic)
-    try:
+    with _deterministic(deterministic):
         whole = _kernel_grads(q, k, v, u, grad, 40, 24)
         monkeypatch.setattr(_cuda, "BACKWARD_ACC_BUDGET", 1)
         chunked = _kernel_grads(q, k, v, u, grad, 40, 24)
-    finally:
-        torch.use_deterministic_algorithms(before)
     _check(chunked, _reference_grads(q, k, v, u, grad, 40, 24), torch.bfloat16, "one pair per launch: ")
     if deterministic:
         for name, a, b in zip(NAMES, whole, chunked):
@@ -221,13 +229,9 @@ def test_long_sequence_against_float32_reference():
 def test_deterministic_mode_is_bitwise_repeatable():
     cuda_kernels()
     q, k, v, u, grad = _inputs(5, 2, 8, 2, 1000, 128, torch.bfloat16)
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with _deterministic(True):
         first = _kernel_grads(q, k, v, u, grad, 64, 32)
         second = _kernel_grads(q, k, v, u, grad, 64, 32)
-    finally:
-        torch.use_deterministic_algorithms(before)
     for name, a, b in zip(NAMES, first, second):
         assert torch.equal(a, b), f"{name} differs between two deterministic calls"
     _check(first, _reference_grads(q, k, v, u, grad, 64, 32), torch.bfloat16, "deterministic: ")
