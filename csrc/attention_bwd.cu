@@ -525,32 +525,42 @@ struct Traits {
 // 16 (w % 4) + g and + 8, columns 8 nd + 2 quad and + 1) to the accumulator rows of its keys, one
 // 32-column slice at a time through `slice` (64 x kSliceStride floats, this warpgroup's own).
 // `bar` is the warpgroup's named barrier. Padding keys (-1) add nothing.
+constexpr int kSliceChunks = kSliceCols / 4;                  // 16-byte chunks of a slice row
+constexpr int kSliceReds = kTileN * kSliceChunks / 128;         // reductions per thread and slice
+
+// The keys of the slice rows thread `wtid` of a warpgroup adds (the same rows in every slice):
+// read before the K/V stage that holds them is reloaded.
+__device__ __forceinline__ void slice_keys(int (&keys)[kSliceReds], const int* stage_keys, int wtid) {
+  const int* first = stage_keys + static_cast<unsigned>(wtid) / kSliceChunks;
+#pragma unroll
+  for (int i = 0; i < kSliceReds; ++i) keys[i] = first[i * (128 / kSliceChunks)];
+}
+
+// Writes 32-column slice r of a warpgroup's 64 keys x kD float32 tile (wgmma accumulator layout:
+// warp w % 4 holds key rows 16 (w % 4) + g and + 8, columns 8 nd + 2 quad and + 1) to `slice`
+// (64 x kSliceStride floats, the warpgroup's own).
 template <int kD>
-__device__ __forceinline__ void add_tile_sliced(const float (&acc)[kD / 8][4], float* slice, float* dst, const int* keys,
-                                                int key0, int g, int quad, int wtid, int bar) {
-  constexpr int kChunksPerRow = kSliceCols / 4;                  // 16-byte chunks of a slice row
-  constexpr int kPerThread = kTileN * kChunksPerRow / 128;       // reductions per thread and slice
+__device__ __forceinline__ void stage_slice(const float (&acc)[kD / 8][4], float* slice, int r, int key0, int g, int quad) {
 #pragma unroll
-  for (int r = 0; r < kD / kSliceCols; ++r) {
+  for (int n = 0; n < kSliceCols / 8; ++n) {
+    const int nd = r * (kSliceCols / 8) + n, col = 8 * n + 2 * quad;
+    *reinterpret_cast<float2*>(slice + (key0 + g) * kSliceStride + col) = make_float2(acc[nd][0], acc[nd][1]);
+    *reinterpret_cast<float2*>(slice + (key0 + g + 8) * kSliceStride + col) = make_float2(acc[nd][2], acc[nd][3]);
+  }
+}
+
+// Adds staged slice r to the accumulator rows of the tile's keys (`keys`: this thread's rows, see
+// slice_keys). Thread wtid adds chunk wtid % 8 of rows wtid / 8 + 16 i. Padding keys (-1) add nothing.
+template <int kD>
+__device__ __forceinline__ void reduce_slice(const float* slice, float* dst, const int (&keys)[kSliceReds], int r, int wtid) {
+  const unsigned row0 = static_cast<unsigned>(wtid) / kSliceChunks, chunk = static_cast<unsigned>(wtid) % kSliceChunks;
+  const float* src = slice + row0 * kSliceStride + 4 * chunk;  // one base address, immediate offsets
 #pragma unroll
-    for (int n = 0; n < kSliceCols / 8; ++n) {
-      const int nd = r * (kSliceCols / 8) + n, col = 8 * n + 2 * quad;
-      *reinterpret_cast<float2*>(slice + (key0 + g) * kSliceStride + col) = make_float2(acc[nd][0], acc[nd][1]);
-      *reinterpret_cast<float2*>(slice + (key0 + g + 8) * kSliceStride + col) = make_float2(acc[nd][2], acc[nd][3]);
+  for (int i = 0; i < kSliceReds; ++i) {
+    if (keys[i] >= 0) {
+      atomicAdd(reinterpret_cast<float4*>(dst + static_cast<size_t>(keys[i]) * kD + r * kSliceCols + 4 * chunk),
+                *reinterpret_cast<const float4*>(src + i * (128 / kSliceChunks) * kSliceStride));
     }
-    named_barrier_sync(bar, 128);
-#pragma unroll
-    for (int i = 0; i < kPerThread; ++i) {
-      const int idx = wtid + 128 * i, row = idx / kChunksPerRow, chunk = idx % kChunksPerRow;
-      const int key = keys[row];
-      if (key >= 0) {
-        atomicAdd(reinterpret_cast<float4*>(dst + static_cast<size_t>(key) * kD + r * kSliceCols + 4 * chunk),
-                  *reinterpret_cast<const float4*>(slice + row * kSliceStride + 4 * chunk));
-      }
-    }
-    // The next slice overwrites this one. After the last, the loop's __syncthreads orders the
-    // next tile's first slice after these reads.
-    if (r + 1 < kD / kSliceCols) named_barrier_sync(bar, 128);
   }
 }
 
@@ -600,11 +610,15 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
 
   const int my_row = tid / T::kLoadersPerRow, my_part = tid % T::kLoadersPerRow;
   const uint32_t k_addr = smem_addr(sK), v_addr = smem_addr(sV);
-  uint32_t piece_off[T::kChunksPerThread];  // byte offset of my piece c within a tile
-#pragma unroll
-  for (int c = 0; c < T::kChunksPerThread; ++c) piece_off[c] = 2 * sw128<kTileN>(my_row, my_part * T::kChunksPerThread + c);
   auto tile_key = [&](int t) { return plan.key(t, my_row); };
   auto load_tile = [&](int t, int stage, int j) {
+    // The swizzled offsets of this thread's pieces are recomputed per tile from an opaque copy
+    // of its row (a few integer ops) rather than kept live through the loop.
+    int row = my_row;
+    asm volatile("" : "+r"(row));
+    uint32_t piece_off[T::kChunksPerThread];  // byte offset of my piece c within a tile
+#pragma unroll
+    for (int c = 0; c < T::kChunksPerThread; ++c) piece_off[c] = 2 * sw128<kTileN>(row, my_part * T::kChunksPerThread + c);
     const bool ok = j >= 0;
     const int64_t jj = ok ? j : 0;
     const Elem* ksrc = k_base + jj * p.k_row_stride + my_part * T::kChunksPerThread * 8;
@@ -679,25 +693,61 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
   for (int nd = 0; nd < kD / 8; ++nd) dq[nd][0] = dq[nd][1] = dq[nd][2] = dq[nd][3] = 0.f;
   float gamma_sum[2] = {0.f, 0.f};
 
+  // S = Q K^T and dP = dO V^T of tile t, this warpgroup's 64 rows; issued, not waited for.
+  float s[kTileN / 8][4], dp[kTileN / 8][4];
+  auto issue_s_dp = [&](int t) {
+    uint32_t q_rows = q_addr, do_rows = do_addr;
+    // Opaque copies: the descriptors are recomputed per tile from these two registers (a few
+    // integer adds) instead of being hoisted out of the loop as 32 live registers.
+    asm volatile("" : "+r"(q_rows), "+r"(do_rows));
+    const uint32_t k_tile = k_addr + (t % kStages) * kTileBytes, v_tile = v_addr + (t % kStages) * kTileBytes;
+    wgmma_fence();
+    Wgmma<Elem>::ss_n64_init(s, rows_kmajor(q_rows, 0), tile_kmajor(k_tile, 0));
+#pragma unroll
+    for (int kk = 1; kk < kD / 16; ++kk) Wgmma<Elem>::ss_n64(s, rows_kmajor(q_rows, kk), tile_kmajor(k_tile, kk), 1);
+    Wgmma<Elem>::ss_n64_init(dp, rows_kmajor(do_rows, 0), tile_kmajor(v_tile, 0));
+#pragma unroll
+    for (int kk = 1; kk < kD / 16; ++kk) Wgmma<Elem>::ss_n64(dp, rows_kmajor(do_rows, kk), tile_kmajor(v_tile, kk), 1);
+    wgmma_commit();
+  };
+  // Tile t - 1's dV or dK (64 keys x kD float32) between its products and its reductions, which
+  // run in iteration t while the tensor cores work on tile t's S and dP. Waited-for accumulators
+  // cross the loop's back edge here, not S / dP: ptxas spilled ~20 registers at D128 when S / dP
+  // were issued at the end of an iteration and consumed in the next.
+  float acc[kD / 8][4];
+  float* const slice = sSlice + wgi * kTileN * kSliceStride;
+  float* const kv_dst = reinterpret_cast<float*>(kv_acc);
+  const int wtid = tid % 128, bar = 1 + wgi;
+  // Slices 1.. of the previous tile's accumulator (slice 0 was staged before the barrier that
+  // precedes this call); keys from the previous tile's stage, which is reloaded only after the
+  // next softmax barrier.
+  auto reduce_rest = [&](int prev_stage) {
+    int red_keys[kSliceReds];
+    slice_keys(red_keys, sKey + prev_stage * kTileN, wtid);
+    reduce_slice<kD>(slice, kv_dst, red_keys, 0, wtid);
+#pragma unroll
+    for (int r = 1; r < kD / kSliceCols; ++r) {
+      named_barrier_sync(bar, 128);  // every warp of the warpgroup has read slice r - 1
+      stage_slice<kD>(acc, slice, r, key0, g, quad);
+      named_barrier_sync(bar, 128);
+      reduce_slice<kD>(slice, kv_dst, red_keys, r, wtid);
+    }
+    // The next barrier of the loop orders the next slice 0 after these reads.
+  };
+
+  // Per tile t (v2.4): S and dP issued; tile t - 1's dK/dV reductions while they run; the
+  // softmax gradient, dQ; tile t + 2 loaded into tile t - 1's stage; dV / dK, then slice 0 of
+  // the accumulator staged (docs/perf-notes.md).
   for (int t = 0; t < n_tiles; ++t) {
     const int stage = t % kStages;
-    const uint32_t k_tile = k_addr + stage * kTileBytes, v_tile = v_addr + stage * kTileBytes;
+    const uint32_t k_tile = k_addr + stage * kTileBytes;
     cp_async_wait<1>();  // tile t (and Q, dO) has landed; tile t + 1 may still be in flight
     fence_proxy_async();
-    // Also frees the stage loaded below (tile t - 1: every warpgroup waited for its products)
-    // and sP / sDS / sColSum (tile t - 1's dK/dV products and du sums are done).
+    // Tile t is visible to every thread; every warpgroup is done with sP / sDS / sColSum (written
+    // again by tile t) and has staged slice 0 of tile t - 1.
     __syncthreads();
-    if (t + 2 < n_tiles) load_tile(t + 2, (t + 2) % kStages, key_next);
-    cp_async_commit();  // possibly empty: keeps the group count uniform
-    key_next = tile_key(t + 3);
-
-    float s[kTileN / 8][4], dp[kTileN / 8][4];
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) Wgmma<Elem>::ss_n64(s, rows_kmajor(q_addr, kk), tile_kmajor(k_tile, kk), kk > 0);
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) Wgmma<Elem>::ss_n64(dp, rows_kmajor(do_addr, kk), tile_kmajor(v_tile, kk), kk > 0);
-    wgmma_commit();
+    issue_s_dp(t);
+    if (t > 0 && !p.deterministic) reduce_rest((t - 1) % kStages);
     wgmma_wait<0>();
     fence_regs(s);
     fence_regs(dp);
@@ -746,17 +796,27 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
       }
     }
     fence_proxy_async();  // the P / dS stores above are read by wgmma (the async proxy)
-    __syncthreads();      // P, dS and the column sums of every warp are in shared memory
+    // P, dS and the column sums of every warp are in shared memory; every warp is done with tile
+    // t - 1 (its reductions read their keys from that stage), so the stage is loaded again here,
+    // where only dq and ds_frag hold accumulator registers.
+    __syncthreads();
+    if (t + 2 < n_tiles) load_tile(t + 2, (t + 2) % kStages, key_next);
+    cp_async_commit();  // possibly empty: keeps the group count uniform
+    key_next = tile_key(t + 3);
 
     // ---- this warpgroup's half of the key-major products: 64 keys x D of dV or dK ----
-    float acc[kD / 8][4];
     wgmma_fence();
+    if constexpr (kD == 128) {
+      Wgmma<Elem>::ss_n128_tt_init(acc, rows_mn(kv_a, 0), rows_mn(kv_b, 0));
+    } else {
+      Wgmma<Elem>::ss_n64_tt_init(acc, rows_mn(kv_a, 0), rows_mn(kv_b, 0));
+    }
 #pragma unroll
-    for (int kr = 0; kr < kRows / 16; ++kr) {
+    for (int kr = 1; kr < kRows / 16; ++kr) {
       if constexpr (kD == 128) {
-        Wgmma<Elem>::ss_n128_tt(acc, rows_mn(kv_a, kr), rows_mn(kv_b, kr), kr > 0);
+        Wgmma<Elem>::ss_n128_tt(acc, rows_mn(kv_a, kr), rows_mn(kv_b, kr), 1);
       } else {
-        Wgmma<Elem>::ss_n64_tt(acc, rows_mn(kv_a, kr), rows_mn(kv_b, kr), kr > 0);
+        Wgmma<Elem>::ss_n64_tt(acc, rows_mn(kv_a, kr), rows_mn(kv_b, kr), 1);
       }
     }
     wgmma_commit();
@@ -780,11 +840,19 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
     if (p.deterministic) {
       add_tile<kD, kD / 8>(acc, kv_acc, sKey + stage * kTileN, key0, 0, lane, true, kv_fixed);
     } else {
-      add_tile_sliced<kD>(acc, sSlice + wgi * kTileN * kSliceStride, reinterpret_cast<float*>(kv_acc), sKey + stage * kTileN,
-                          key0, g, quad, tid % 128, 1 + wgi);
+      stage_slice<kD>(acc, slice, 0, key0, g, quad);
+      // The rest of the accumulator is read in the next iteration while S / dP are in flight.
+      // ptxas does not track across the loop's back edge which wgmma defined it and would wait for
+      // S / dP first (warning C7517); an explicit move marks these registers as not wgmma's.
+      release_regs<kSliceCols / 8>(acc);
     }
   }
+  if (n_tiles > 0 && !p.deterministic) {
+    named_barrier_sync(bar, 128);  // slice 0 of the last tile is staged
+    reduce_rest((n_tiles - 1) % kStages);
+  }
   cp_async_wait<0>();
+  wgmma_wait<0>();  // nothing is in flight after the last tile; tells ptxas so before dq is read
 
   // ---- epilogue: dq rows and the per-row sums of gamma ----
   Elem* dq_out = static_cast<Elem*>(p.dq);

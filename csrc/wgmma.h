@@ -59,10 +59,29 @@ __device__ __forceinline__ void fence_regs(R (&r)[N][4]) {
   }
 }
 
+// After a wait: marks accumulator registers [kFrom, N) as plain values (a move in place, which
+// ptxas drops), so that ptxas, which does not follow wgmma-defined registers across a loop's back
+// edge, does not insert a wait for later wgmma groups before they are read (warning C7517).
+template <int kFrom, int N>
+__device__ __forceinline__ void release_regs(float (&r)[N][4]) {
+#pragma unroll
+  for (int i = kFrom; i < N; ++i) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) asm volatile("mov.b32 %0, %0;" : "+f"(r[i][c]));
+  }
+}
+
 #define SPARSEK_ACC4(d, i) "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])
 #define SPARSEK_ACC32(d)                                                                              \
   SPARSEK_ACC4(d, 0), SPARSEK_ACC4(d, 1), SPARSEK_ACC4(d, 2), SPARSEK_ACC4(d, 3), SPARSEK_ACC4(d, 4), \
       SPARSEK_ACC4(d, 5), SPARSEK_ACC4(d, 6), SPARSEK_ACC4(d, 7)
+#define SPARSEK_OUT4(d, i) "=f"(d[i][0]), "=f"(d[i][1]), "=f"(d[i][2]), "=f"(d[i][3])
+#define SPARSEK_OUT32(d)                                                                              \
+  SPARSEK_OUT4(d, 0), SPARSEK_OUT4(d, 1), SPARSEK_OUT4(d, 2), SPARSEK_OUT4(d, 3), SPARSEK_OUT4(d, 4), \
+      SPARSEK_OUT4(d, 5), SPARSEK_OUT4(d, 6), SPARSEK_OUT4(d, 7)
+#define SPARSEK_OUT64(d)                                                                                \
+  SPARSEK_OUT32(d), SPARSEK_OUT4(d, 8), SPARSEK_OUT4(d, 9), SPARSEK_OUT4(d, 10), SPARSEK_OUT4(d, 11),   \
+      SPARSEK_OUT4(d, 12), SPARSEK_OUT4(d, 13), SPARSEK_OUT4(d, 14), SPARSEK_OUT4(d, 15)
 #define SPARSEK_ACC64(d)                                                                                \
   SPARSEK_ACC32(d), SPARSEK_ACC4(d, 8), SPARSEK_ACC4(d, 9), SPARSEK_ACC4(d, 10), SPARSEK_ACC4(d, 11),   \
       SPARSEK_ACC4(d, 12), SPARSEK_ACC4(d, 13), SPARSEK_ACC4(d, 14), SPARSEK_ACC4(d, 15)
@@ -90,6 +109,15 @@ struct Wgmma;
                    : SPARSEK_ACC32(d)                                                                          \
                    : "l"(a), "l"(b), "r"(accumulate));                                                         \
     }                                                                                                          \
+    /* d (64 x 64) = A (64 x 16, shared) B (16 x 64, shared, K-major): the first k-step, which  \
+       does not read d, so the compiler need not keep d's old value alive up to it */             \
+    static __device__ __forceinline__ void ss_n64_init(float (&d)[8][4], uint64_t a, uint64_t b) {             \
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"                                                \
+                   "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " SPARSEK_REGS32              \
+                   ", %32, %33, p, 1, 1, 0, 0;\n}\n"                                                         \
+                   : SPARSEK_OUT32(d)                                                                          \
+                   : "l"(a), "l"(b));                                                                          \
+    }                                                                                                          \
     /* d (64 x 64) += A (64 x 16, registers) B (16 x 64, shared, MN-major) */                                \
     static __device__ __forceinline__ void rs_n64(float (&d)[8][4], const uint32_t (&a)[4], uint64_t b) {     \
       asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                \
@@ -113,6 +141,22 @@ struct Wgmma;
                    ", %32, %33, p, 1, 1, 1, 1;\n}\n"                                                           \
                    : SPARSEK_ACC32(d)                                                                          \
                    : "l"(a), "l"(b), "r"(accumulate));                                                         \
+    }                                                                                                          \
+    /* d (64 x 64) = A (64 x 16, shared, MN-major) B (16 x 64, shared, MN-major): first k-step */             \
+    static __device__ __forceinline__ void ss_n64_tt_init(float (&d)[8][4], uint64_t a, uint64_t b) {          \
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"                                                \
+                   "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " SPARSEK_REGS32              \
+                   ", %32, %33, p, 1, 1, 1, 1;\n}\n"                                                         \
+                   : SPARSEK_OUT32(d)                                                                          \
+                   : "l"(a), "l"(b));                                                                          \
+    }                                                                                                          \
+    /* d (64 x 128) = A (64 x 16, shared, MN-major) B (16 x 128, shared, MN-major): first k-step */           \
+    static __device__ __forceinline__ void ss_n128_tt_init(float (&d)[16][4], uint64_t a, uint64_t b) {        \
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"                                                \
+                   "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " " SPARSEK_REGS64             \
+                   ", %64, %65, p, 1, 1, 1, 1;\n}\n"                                                         \
+                   : SPARSEK_OUT64(d)                                                                          \
+                   : "l"(a), "l"(b));                                                                          \
     }                                                                                                          \
     /* d (64 x 128) (+)= A (64 x 16, shared, MN-major) B (16 x 128, shared, MN-major) */                     \
     static __device__ __forceinline__ void ss_n128_tt(float (&d)[16][4], uint64_t a, uint64_t b, int accumulate) { \

@@ -172,7 +172,7 @@ def backward(grad_out, q, k, v, scores, out, lse, tau, end, keys, count, window:
     with annotate("attention_bwd"):
         dq, dk, dv, du_key, gamma_rows = cuda.attention_bwd(
             grad_out, q, k, v, out, lse, scores, tau, end, keys.view(B * Hkv, *keys.shape[2:]), count.view(B * Hkv, -1),
-            window, scale, block_q, deterministic, fixed, kernel=backward_kernel(), acc_budget=BACKWARD_ACC_BUDGET,
+            window, scale, block_q, deterministic, fixed, kernel=backward_kernel(), acc_budget=accumulator_budget(q),
         )
     if deterministic:
         du_key = _sum_list_places(du_key, keys, count, S)
@@ -180,10 +180,27 @@ def backward(grad_out, q, k, v, scores, out, lse, tau, end, keys, count, window:
     return dq, dk, dv, du.to(scores.dtype)
 
 
-# Bytes of the backward's float32 dk/dv accumulators per launch: the (batch, kv head) pairs run
-# in chunks of this size (csrc/binding.cpp), so the step's extra memory does not grow with them
-# (SPARSEK_BWD_ACC_MIB overrides it, for measuring what the chunking costs).
-BACKWARD_ACC_BUDGET = int(os.environ.get("SPARSEK_BWD_ACC_MIB", "256")) << 20
+# The backward's float32 dk/dv accumulators are allocated per launch: the (batch, kv head) pairs
+# run in chunks whose accumulators fit a budget (csrc/binding.cpp), so the step's extra memory
+# does not grow with B * Hkv. BACKWARD_ACC_BUDGET is the ceiling; SPARSEK_BWD_ACC_MIB fixes the
+# budget instead (for measuring what the chunking costs).
+BACKWARD_ACC_BUDGET = 256 << 20
+BACKWARD_ACC_FLOOR = 64 << 20
+
+
+def accumulator_budget(q: torch.Tensor) -> int:
+    """Bytes of dk/dv accumulators per backward launch for queries q (B, Hq, S, D).
+
+    Twice the bytes of q (so of dq), within [64 MiB, BACKWARD_ACC_BUDGET]: the accumulators stay
+    in proportion to the gradients the step holds anyway. Measured on an H100 (docs/perf-notes.md,
+    v2.4): at long-16k, 64 MiB instead of 128 MiB cut the step's extra memory from 524 to 460 MiB
+    for 1.6% more backward time; fewer pairs per launch cost more elsewhere (4.4% at long-64k with
+    64 MiB, 12% at seed), because each launch ends in a partly empty wave.
+    """
+    fixed = os.environ.get("SPARSEK_BWD_ACC_MIB")
+    if fixed is not None:
+        return int(fixed) << 20
+    return min(BACKWARD_ACC_BUDGET, max(BACKWARD_ACC_FLOOR, 2 * q.numel() * q.element_size()))
 
 
 def backward_kernel() -> int:

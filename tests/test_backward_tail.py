@@ -105,3 +105,26 @@ def test_backward_kernels_switch(monkeypatch):
     assert _cuda.backward_reason().startswith("SPARSEK_CUDA_BACKWARD=0")
     monkeypatch.delenv("SPARSEK_CUDA_BACKWARD")
     assert _cuda.backward_reason() is None  # on by default
+
+
+@pytest.mark.parametrize(
+    "shape, mib",
+    [
+        ((1, 32, 16384, 128), 64),  # long-16k: dq is 32 MiB, so the 64 MiB floor
+        ((1, 32, 32768, 128), 128),  # twice dq
+        ((1, 32, 65536, 128), 256),  # long-64k: twice dq, at the ceiling
+        ((4, 32, 65536, 128), 256),  # capped
+        ((1, 1, 10, 64), 64),  # tiny: the floor
+    ],
+)
+def test_accumulator_budget(shape, mib, monkeypatch):
+    """The dk/dv accumulators per backward launch: twice q's bytes within [64 MiB, 256 MiB], or
+    exactly what SPARSEK_BWD_ACC_MIB says."""
+    monkeypatch.delenv("SPARSEK_BWD_ACC_MIB", raising=False)
+    q = torch.empty(shape, dtype=torch.bfloat16, device="meta")
+    assert _cuda.accumulator_budget(q) == mib << 20
+    monkeypatch.setenv("SPARSEK_BWD_ACC_MIB", "7")
+    assert _cuda.accumulator_budget(q) == 7 << 20
+    monkeypatch.delenv("SPARSEK_BWD_ACC_MIB")
+    monkeypatch.setattr(_cuda, "BACKWARD_ACC_BUDGET", 1)  # the ceiling wins (one pair per launch)
+    assert _cuda.accumulator_budget(q) == 1
