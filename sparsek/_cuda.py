@@ -172,7 +172,7 @@ def backward(grad_out, q, k, v, scores, out, lse, tau, end, keys, count, window:
     with annotate("attention_bwd"):
         dq, dk, dv, du_key, gamma_rows = cuda.attention_bwd(
             grad_out, q, k, v, out, lse, scores, tau, end, keys.view(B * Hkv, *keys.shape[2:]), count.view(B * Hkv, -1),
-            window, scale, block_q, deterministic, fixed, kernel=backward_kernel(), acc_budget=accumulator_budget(q),
+            window, scale, block_q, deterministic, fixed, kernel=backward_kernel(), acc_budget=accumulator_budget(k, deterministic),
         )
     if deterministic:
         du_key = _sum_list_places(du_key, keys, count, S)
@@ -180,27 +180,29 @@ def backward(grad_out, q, k, v, scores, out, lse, tau, end, keys, count, window:
     return dq, dk, dv, du.to(scores.dtype)
 
 
-# The backward's float32 dk/dv accumulators are allocated per launch: the (batch, kv head) pairs
-# run in chunks whose accumulators fit a budget (csrc/binding.cpp), so the step's extra memory
-# does not grow with B * Hkv. BACKWARD_ACC_BUDGET is the ceiling; SPARSEK_BWD_ACC_MIB fixes the
-# budget instead (for measuring what the chunking costs).
+# The backward's float32 dk/dv accumulators (int64 when deterministic) are allocated per launch:
+# the (batch, kv head) pairs run in chunks whose accumulators fit a budget (csrc/binding.cpp), so
+# the step's extra memory does not grow with B * Hkv. BACKWARD_ACC_BUDGET is the ceiling;
+# SPARSEK_BWD_ACC_MIB fixes the budget instead (for measuring what the chunking costs).
 BACKWARD_ACC_BUDGET = 256 << 20
 BACKWARD_ACC_FLOOR = 64 << 20
 
 
-def accumulator_budget(q: torch.Tensor) -> int:
-    """Bytes of dk/dv accumulators per backward launch for queries q (B, Hq, S, D).
+def accumulator_budget(k: torch.Tensor, deterministic: bool = False) -> int:
+    """Bytes of dk/dv accumulators per backward launch for keys k (B, Hkv, S, D).
 
-    Twice the bytes of q (so of dq), within [64 MiB, BACKWARD_ACC_BUDGET]: the accumulators stay
-    in proportion to the gradients the step holds anyway. Measured on an H100 (docs/perf-notes.md,
-    v2.4): at long-16k, 64 MiB instead of 128 MiB cut the step's extra memory from 524 to 460 MiB
-    for 1.6% more backward time; fewer pairs per launch cost more elsewhere (4.4% at long-64k with
-    64 MiB, 12% at seed), because each launch ends in a partly empty wave.
+    Half of what all the pairs need, within [64 MiB, BACKWARD_ACC_BUDGET]: two launches at least
+    once the accumulators pass 64 MiB, more once half of them pass the ceiling. Each launch ends
+    in a partly empty wave, about 0.1-0.2 ms on an H100 (docs/perf-notes.md, v2.4): at long-16k
+    the second launch costs 1.5% of the backward and cuts the step's extra memory from 524 to
+    460 MiB; at long-64k the ceiling already gives two launches.
     """
     fixed = os.environ.get("SPARSEK_BWD_ACC_MIB")
     if fixed is not None:
         return int(fixed) << 20
-    return min(BACKWARD_ACC_BUDGET, max(BACKWARD_ACC_FLOOR, 2 * q.numel() * q.element_size()))
+    B, Hkv, S, D = k.shape
+    total = B * Hkv * 2 * S * D * (8 if deterministic else 4)
+    return min(BACKWARD_ACC_BUDGET, max(BACKWARD_ACC_FLOOR, total // 2))
 
 
 def backward_kernel() -> int:

@@ -108,23 +108,24 @@ def test_backward_kernels_switch(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "shape, mib",
+    "shape, deterministic, mib",
     [
-        ((1, 32, 16384, 128), 64),  # long-16k: dq is 32 MiB, so the 64 MiB floor
-        ((1, 32, 32768, 128), 128),  # twice dq
-        ((1, 32, 65536, 128), 256),  # long-64k: twice dq, at the ceiling
-        ((4, 32, 65536, 128), 256),  # capped
-        ((1, 1, 10, 64), 64),  # tiny: the floor
+        ((1, 8, 16384, 128), False, 64),  # long-16k: 128 MiB for all pairs, so two launches
+        ((1, 8, 65536, 128), False, 256),  # long-64k: 512 MiB, half is the ceiling
+        ((1, 8, 32768, 128), False, 128),  # half
+        ((1, 8, 32768, 128), True, 256),  # int64 accumulators: twice the bytes
+        ((16, 96, 4096, 128), False, 256),  # many pairs: the ceiling
+        ((1, 1, 10, 64), False, 64),  # tiny: the floor (one launch)
     ],
 )
-def test_accumulator_budget(shape, mib, monkeypatch):
-    """The dk/dv accumulators per backward launch: twice q's bytes within [64 MiB, 256 MiB], or
-    exactly what SPARSEK_BWD_ACC_MIB says."""
+def test_accumulator_budget(shape, deterministic, mib, monkeypatch):
+    """The dk/dv accumulators per backward launch: half of what every pair needs, within
+    [64 MiB, 256 MiB], or exactly what SPARSEK_BWD_ACC_MIB says."""
     monkeypatch.delenv("SPARSEK_BWD_ACC_MIB", raising=False)
-    q = torch.empty(shape, dtype=torch.bfloat16, device="meta")
-    assert _cuda.accumulator_budget(q) == mib << 20
+    k = torch.empty(shape, dtype=torch.bfloat16, device="meta")
+    assert _cuda.accumulator_budget(k, deterministic) == mib << 20
     monkeypatch.setenv("SPARSEK_BWD_ACC_MIB", "7")
-    assert _cuda.accumulator_budget(q) == 7 << 20
+    assert _cuda.accumulator_budget(k, deterministic) == 7 << 20
     monkeypatch.delenv("SPARSEK_BWD_ACC_MIB")
     monkeypatch.setattr(_cuda, "BACKWARD_ACC_BUDGET", 1)  # the ceiling wins (one pair per launch)
-    assert _cuda.accumulator_budget(q) == 1
+    assert _cuda.accumulator_budget(k, deterministic) == 1

@@ -107,7 +107,7 @@ def probe_train(name: str, peaks: dict) -> list[dict]:
                    case.window, scale, block_q, False, None)
     # Both kernels in one run (the mma.sync v1 kept for this comparison), and the default kernel
     # in one launch with accumulators for every (batch, kv head) pair: what the chunking costs.
-    budget = _cuda.accumulator_budget(q)
+    budget = _cuda.accumulator_budget(k)
     for kernel, label, acc in ((1, "mma.sync", budget), (2, "wgmma", budget), (2, "wgmma, unchunked", 1 << 60)):
         run = lambda kernel=kernel, acc=acc: ops.attention_bwd(*kernel_args, kernel=kernel, acc_budget=acc)
         add(f"backward kernels, {label} (dot + attention + dk/dv conversion)", _bench(run), bwd_work)
