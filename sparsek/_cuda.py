@@ -199,6 +199,8 @@ def accumulator_budget(k: torch.Tensor, deterministic: bool = False) -> int:
     """
     fixed = os.environ.get("SPARSEK_BWD_ACC_MIB")
     if fixed is not None:
+        if not fixed.strip().isdigit() or int(fixed) < 1:
+            raise ValueError(f"SPARSEK_BWD_ACC_MIB must be a positive whole number of MiB, got {fixed!r}")
         return int(fixed) << 20
     B, Hkv, S, D = k.shape
     total = B * Hkv * 2 * S * D * (8 if deterministic else 4)

@@ -129,3 +129,11 @@ def test_accumulator_budget(shape, deterministic, mib, monkeypatch):
     monkeypatch.delenv("SPARSEK_BWD_ACC_MIB")
     monkeypatch.setattr(_cuda, "BACKWARD_ACC_BUDGET", 1)  # the ceiling wins (one pair per launch)
     assert _cuda.accumulator_budget(k, deterministic) == 1
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "1.5", "lots", ""])
+def test_accumulator_budget_rejects_bad_override(value, monkeypatch):
+    monkeypatch.setenv("SPARSEK_BWD_ACC_MIB", value)
+    k = torch.empty(1, 1, 10, 64, device="meta")
+    with pytest.raises(ValueError, match="SPARSEK_BWD_ACC_MIB must be a positive whole number of MiB, got"):
+        _cuda.accumulator_budget(k)
