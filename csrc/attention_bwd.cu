@@ -495,7 +495,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
 // After P and dS are in shared memory, warpgroup 0 forms the tile's dV = P^T dO and warpgroup 1
 // its dK = dS^T Q over all 128 rows (64 keys x D each, both operands MN-major), so the dK/dV work
 // per tile is split evenly and no ldmatrix or mma.sync remains. The tile's du atomics are issued
-// while those products run. Q, dO, K and V use the forward's 128-byte swizzled layout; P and dS
+// while those products run, and its dK/dV reductions in the next iteration, while the next tile's
+// S and dP run (v2.4). Q, dO, K and V use the forward's 128-byte swizzled layout; P and dS
 // (128 rows x 64 keys) are one panel of that layout, which is also the layout v1 writes them in.
 namespace wg {
 
