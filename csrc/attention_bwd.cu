@@ -613,13 +613,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
   const uint32_t k_addr = smem_addr(sK), v_addr = smem_addr(sV);
   auto tile_key = [&](int t) { return plan.key(t, my_row); };
   auto load_tile = [&](int t, int stage, int j) {
-    // The swizzled offsets of this thread's pieces are recomputed per tile from an opaque copy
-    // of its row (a few integer ops) rather than kept live through the loop.
-    int row = my_row;
-    asm volatile("" : "+r"(row));
     uint32_t piece_off[T::kChunksPerThread];  // byte offset of my piece c within a tile
 #pragma unroll
-    for (int c = 0; c < T::kChunksPerThread; ++c) piece_off[c] = 2 * sw128<kTileN>(row, my_part * T::kChunksPerThread + c);
+    for (int c = 0; c < T::kChunksPerThread; ++c) piece_off[c] = 2 * sw128<kTileN>(my_row, my_part * T::kChunksPerThread + c);
     const bool ok = j >= 0;
     const int64_t jj = ok ? j : 0;
     const Elem* ksrc = k_base + jj * p.k_row_stride + my_part * T::kChunksPerThread * 8;
