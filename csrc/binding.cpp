@@ -55,17 +55,16 @@ std::string build(const Args&... args) {
 
 namespace {
 
+// The segmented walk is the default; SPARSEK_SELECT=walk runs the serial walk it replaced (same
+// selection), read per call so one process can time both.
+sparsek::SelectAlgo select_algo() {
+  const char* name = std::getenv("SPARSEK_SELECT");
+  return name != nullptr && std::string(name) == "walk" ? sparsek::SelectAlgo::kWalk : sparsek::SelectAlgo::kSegmented;
+}
+
 // Prefix lengths walked by one CTA of the selection. Each CTA first scans up to S sorted
 // positions to rebuild its start state, so the scans cost O(S^2 / chunk) per row while the
 // serial walk costs O(chunk): grow the chunk with S, within [256, 2048].
-// The serial walk is the default: the parallel search (SPARSEK_SELECT=search) gives the same
-// selection but measured 2.4-3x slower on an H100 (docs/perf-notes.md, selection v2). Read per
-// call so one process can time both.
-sparsek::SelectAlgo select_algo() {
-  const char* name = std::getenv("SPARSEK_SELECT");
-  return name != nullptr && std::string(name) == "search" ? sparsek::SelectAlgo::kSearch : sparsek::SelectAlgo::kWalk;
-}
-
 int64_t select_chunk(int64_t S) {
   int64_t chunk = 256;
   while (chunk < 2048 && chunk * 128 < S) chunk *= 2;

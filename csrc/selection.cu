@@ -6,13 +6,16 @@
 // prefix is its highest present positions. A key is "present" for prefix length n when its
 // index is < n.
 //
-// Both statistics we need per prefix length n are monotone in n (DESIGN section 1):
+// Both statistics we need per prefix length n are monotone in n (docs/semantics.md, "Facts the
+// kernels rely on"):
 //   kth(n): sorted position of the K-th best present key (only moves up),
 //   tau(n): the SparseK threshold (only moves up).
-// So the prefix lengths are cut into chunks; one CTA per chunk computes the state at the chunk
-// start from scratch in parallel, then one thread walks the chunk, inserting one key per step
-// and moving three pointers (tau's two breakpoint fronts and kth) upwards. Every pointer moves
-// over each sorted position at most once per chunk, so a chunk costs O(chunk + band) steps.
+// So the prefix lengths are cut into chunks; one CTA per chunk computes the state at a start
+// from scratch in parallel, then a thread walks from there, inserting one key per step and
+// moving three pointers (tau's two breakpoint fronts and kth) upwards. Every pointer moves over
+// each sorted position at most once per walk, so a walk costs O(length + band) steps. The serial
+// walk (chunk_walk_kernel) has one walker per chunk; the segmented walk (chunk_segwalk_kernel,
+// the default) starts one walker per warp, each on its own segment of the chunk.
 #include <cuda_runtime.h>
 #include <math_constants.h>
 
@@ -26,6 +29,7 @@ constexpr int kWalkThreads = 256;
 constexpr int kWarps = kWalkThreads / 32;
 constexpr int kMaxBisect = 80;          // float64 bisection of a unit interval needs < 60
 constexpr int kListThreads = 32;        // one warp compacts one block's key list
+constexpr int kListWarps = 4;           // blocks per CTA: 32-thread CTAs would cap an SM at 32 warps
 constexpr int kEndThreads = 256;
 constexpr int kMaxBand = 12288;        // keys a walker keeps in shared memory (144 KB)
 constexpr unsigned kFullMask = 0xffffffffu;
@@ -295,57 +299,64 @@ __global__ void __launch_bounds__(kWalkThreads, 1) chunk_walk_kernel(SelectParam
   solve_and_walk(p, row, n0, n_end, scan, scan.seen_end <= band_cap, band_val, band_idx, band_pos, chunk_slot);
 }
 
-// ---- the search: every prefix length of a chunk solved by its own thread ----
+// ---- the segmented walk: one segment of the chunk per warp, walked concurrently ----
 //
-// f_n(t) = sum over the keys present at n (index < n) of clip(u - t, 0, 1) is the function of
-// the keys present at n0 (prefix counts and sums over the band, so O(log band) per evaluation)
-// plus the chunk's own keys n0 .. n - 1 (at most kSearchChunk - 1, read from shared memory).
-// Its breakpoints are the band's scores v and v - 1 (keys below the band lie under the floor,
-// which every tau of the chunk exceeds). Thread n finds, by binary search over the band,
-//   a1 = last slot with f(v_a1) <= K        (slot 0, the top score, always qualifies: f = 0),
-//   b1 = last slot with f(v_b1 - 1) <= K    (-1 if none; the last slot never qualifies),
-// so the smallest breakpoint with f <= K is b_hi = min(v_a1, v_b1 - 1) and the one below it
-// b_lo = max(v_(a1+1), v_(b1+1) - 1). On (b_lo, b_hi) f is linear and crosses K, and the
-// closed form of sparsek/selection.py on that piece gives tau: the reference's own formula,
-// in float64. kth(n), the K-th best key present at n, is a third binary search over the band's
-// prefix counts. No thread depends on another: no serial walk.
-constexpr int kSearchChunk = kWalkThreads;  // prefix lengths per CTA, one per thread
-// Keys a search CTA keeps in shared memory (20 bytes each: score, index, prefix count, prefix
-// sum in float64), within the 227 KB an SM gives one CTA. A chunk whose band is larger runs the
-// walk with the band in global memory instead (same results, slower).
-constexpr int kSearchMaxBand = 10752;
+// The serial walk spends most of its time in one thread stepping through the whole chunk. Here
+// the chunk's prefix lengths are cut into kWarps segments; the CTA computes the walker's state at
+// each segment start, then lane 0 of every warp walks its own segment with walk_chunk: eight
+// walks at once, each an eighth as long. A segment start n_s costs two passes over the band
+// instead of the walk's float bisection:
+//   1. prefix counts and sums, in band order (descending score), of the keys present at n_s
+//      (index < n_s). With them f(t) = sum of clip(u - t, 0, 1) over the present keys costs
+//      two binary searches at any t (the saturated and the soft range are runs of the band);
+//   2. f's breakpoints are the band's scores v and v - 1 (keys below the band lie under the
+//      floor, which every tau of the chunk exceeds). A 128-ary search per family finds
+//        a1 = last slot with f(v_a1) <= K        (slot 0, the top score, always qualifies),
+//        b1 = last slot with f(v_b1 - 1) <= K    (-1 if none; the last slot never qualifies),
+//      so f is linear on (max(v_(a1+1), v_(b1+1) - 1), min(v_a1, v_b1 - 1)) and crosses K
+//      there: the reference's closed form on that piece gives tau in float64.
+// kth(n_s), the K-th best present key, is the first slot with K present keys at or above it.
+// Integers (kth, so end and the block lists) come out exactly those of the serial walk; tau is
+// summed in another order and may differ in the last bit.
 
-struct SearchSmem {
-  double* sum;      // (m + 1) prefix sums of the scores of the keys present at n0, in band order
+// Keys a segmented CTA keeps in shared memory: 24 bytes each (score, index, sorted position,
+// prefix count, prefix sum in float64) plus 4 per prefix length of the chunk, within the 227 KB
+// an SM gives one CTA at the largest chunk (2048). A chunk whose band is larger walks serially
+// with the band in global memory instead (same results, slower).
+constexpr int kSegMaxBand = 9216;
+constexpr int kSearchGroup = kWalkThreads / 2;  // threads per breakpoint family in the search
+
+struct SegSmem {
+  double* sum;      // (cap + 1) prefix sums of the present keys' scores, band order
   float* band_val;  // (cap) descending
   int* band_idx;    // (cap)
-  int* cnt;         // (m + 1) prefix counts of the keys present at n0
-  int* chunk_slot;  // (kSearchChunk) band slot of key n0 + c, -1 below the floor
-  float* chunk_u;   // (kSearchChunk) score of key n0 + c, -inf below the floor
+  int* band_pos;    // (cap) sorted position of each band key
+  int* cnt;         // (cap + 1) prefix counts of the present keys
+  int* chunk_slot;  // (chunk) band slot of key n0 + c, -1 below the floor
 
-  static size_t bytes(int cap) {
-    return (size_t)(cap + 1) * sizeof(double) + (size_t)cap * (sizeof(float) + sizeof(int)) + (size_t)(cap + 1) * sizeof(int) +
-           (size_t)kSearchChunk * (sizeof(int) + sizeof(float));
+  static size_t bytes(int cap, int chunk) {
+    return (size_t)(cap + 1) * (sizeof(double) + sizeof(int)) + (size_t)cap * (sizeof(float) + 2 * sizeof(int)) +
+           (size_t)chunk * sizeof(int);
   }
-  __device__ static SearchSmem carve(unsigned char* raw, int cap) {
-    SearchSmem s;
+  __device__ static SegSmem carve(unsigned char* raw, int cap) {
+    SegSmem s;
     s.sum = reinterpret_cast<double*>(raw);
     s.band_val = reinterpret_cast<float*>(s.sum + cap + 1);
     s.band_idx = reinterpret_cast<int*>(s.band_val + cap);
-    s.cnt = s.band_idx + cap;
+    s.band_pos = s.band_idx + cap;
+    s.cnt = s.band_pos + cap;
     s.chunk_slot = s.cnt + cap + 1;
-    s.chunk_u = reinterpret_cast<float*>(s.chunk_slot + kSearchChunk);
     return s;
   }
 };
 
-// Saturated count, soft count and soft sum of the keys present at n (= n0 + extra) at threshold t.
+// Saturated count, soft count and soft sum of the present keys at threshold t.
 struct Masses {
   long long cU, cF;
   double sF;
 };
 
-__device__ Masses masses_at(const SearchSmem& s, int m, int extra, double t) {
+__device__ Masses masses_at(const SegSmem& s, int m, double t) {
   // Slots with v >= t + 1 (saturated) and with v > t (saturated or soft), v descending.
   const double t1 = t + 1.0;
   int lo = 0, hi = m;
@@ -360,23 +371,18 @@ __device__ Masses masses_at(const SearchSmem& s, int m, int extra, double t) {
     if ((double)s.band_val[mid] > t) lo = mid + 1; else hi = mid;
   }
   const int a_zero = lo;
-  Masses r{s.cnt[a_sat], s.cnt[a_zero] - s.cnt[a_sat], s.sum[a_zero] - s.sum[a_sat]};
-  for (int c = 0; c < extra; ++c) {
-    const double x = s.chunk_u[c];
-    if (x >= t1) ++r.cU;
-    else if (x > t) { ++r.cF; r.sF += x; }
-  }
-  return r;
+  return {s.cnt[a_sat], s.cnt[a_zero] - s.cnt[a_sat], s.sum[a_zero] - s.sum[a_sat]};
 }
 
-__device__ bool f_at_most(const SearchSmem& s, int m, int extra, double t, int K) {
-  const Masses r = masses_at(s, m, extra, t);
+__device__ bool f_at_most(const SegSmem& s, int m, double t, int K) {
+  const Masses r = masses_at(s, m, t);
   return (double)r.cU + r.sF - (double)r.cF * t <= (double)K;
 }
 
-// Exclusive prefix count and sum over the band of the keys present at n0 (index < n0): each
-// thread sums a contiguous run of slots, a block scan gives the runs' offsets.
-__device__ void prefix_present0(const SearchSmem& s, int m, int n0) {
+// Exclusive prefix count and sum over the band of the keys present at n (index < n): each
+// thread sums a contiguous run of slots, a block scan gives the runs' offsets. Ends with a
+// barrier, so the arrays are published.
+__device__ void prefix_present(const SegSmem& s, int m, int n) {
   __shared__ int s_wc[kWarps];
   __shared__ double s_ws[kWarps];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -385,7 +391,7 @@ __device__ void prefix_present0(const SearchSmem& s, int m, int n0) {
   int c = 0;
   double sum = 0.0;
   for (int a = a0; a < a1; ++a) {
-    if (s.band_idx[a] < n0) { ++c; sum += (double)s.band_val[a]; }
+    if (s.band_idx[a] < n) { ++c; sum += (double)s.band_val[a]; }
   }
   int ci = c;  // inclusive scan within the warp
   double si = sum;
@@ -403,7 +409,7 @@ __device__ void prefix_present0(const SearchSmem& s, int m, int n0) {
   for (int a = a0; a < a1; ++a) {
     s.cnt[a] = c_run;
     s.sum[a] = s_run;
-    if (s.band_idx[a] < n0) { ++c_run; s_run += (double)s.band_val[a]; }
+    if (s.band_idx[a] < n) { ++c_run; s_run += (double)s.band_val[a]; }
   }
   if (threadIdx.x == kWalkThreads - 1) {
     int c_all = 0;
@@ -415,66 +421,96 @@ __device__ void prefix_present0(const SearchSmem& s, int m, int n0) {
   __syncthreads();
 }
 
-__global__ void __launch_bounds__(kWalkThreads, 1) chunk_search_kernel(SelectParams p, int band_cap) {
+// What walk_chunk starts from: tau, the masses of the present keys at tau, and the K-th best
+// present key as an ascending band index.
+struct WalkerState {
+  double tau, sF;
+  long long cU, cF;
+  int kth;
+};
+
+// The walker's state at the prefix length whose prefix arrays prefix_present just built. Every
+// thread calls it; ends with a barrier.
+__device__ void segment_state(const SegSmem& s, int m, int K, WalkerState* out) {
+  __shared__ int s_votes[kWarps];
+  __shared__ int s_b1;
+  constexpr int kGroupWarps = kSearchGroup / 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int family = threadIdx.x / kSearchGroup;  // 0: a1 over the scores, 1: b1 over the scores - 1
+  const int rank = threadIdx.x % kSearchGroup;
+  // The predicate holds at lo (or lo is the sentinel -1) and fails at hi (or hi is past the
+  // candidates); each round tests kSearchGroup evenly spaced slots strictly between them.
+  int lo = family == 0 ? 0 : -1;
+  int hi = family == 0 ? m : m - 1;
+  while (__syncthreads_or(hi - lo > 1)) {  // the barrier also orders the last round's vote reads
+    const int open = hi - lo - 1;
+    const int step = max(1, (open + kSearchGroup - 1) / kSearchGroup);
+    const int x = lo + (rank + 1) * step;
+    bool pred = false;
+    if (open > 0 && x < hi) {
+      const double v = (double)s.band_val[x];
+      pred = f_at_most(s, m, family == 0 ? v : v - 1.0, K);
+    }
+    const unsigned votes = __ballot_sync(kFullMask, pred);
+    if (lane == 0) s_votes[warp] = __popc(votes);
+    __syncthreads();
+    if (open > 0) {  // the predicate is monotone, so the true candidates are the first `yes`
+      int yes = 0;
+#pragma unroll
+      for (int w = 0; w < kGroupWarps; ++w) yes += s_votes[family * kGroupWarps + w];
+      const int new_lo = lo + yes * step;
+      hi = min(new_lo + step, hi);
+      lo = new_lo;
+    }
+  }
+  if (threadIdx.x == kSearchGroup) s_b1 = lo;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int a1 = lo, b1 = s_b1;
+    double b_hi = (double)s.band_val[a1];
+    if (b1 >= 0) b_hi = fmin(b_hi, (double)s.band_val[b1] - 1.0);
+    double b_lo = (double)s.band_val[b1 + 1] - 1.0;
+    if (a1 + 1 < m) b_lo = fmax(b_lo, (double)s.band_val[a1 + 1]);
+    Masses r = masses_at(s, m, 0.5 * (b_lo + b_hi));
+    const double tau = r.cF > 0 ? (r.sF - (double)(K - r.cU)) / (double)r.cF : b_hi;
+    r = masses_at(s, m, tau);
+    int klo = -1, khi = m - 1;  // the first slot with K present keys at or above it
+    while (khi - klo > 1) {
+      const int mid = (klo + khi) >> 1;
+      if (s.cnt[mid + 1] >= K) khi = mid; else klo = mid;
+    }
+    *out = {tau, r.sF, r.cU, r.cF, m - 1 - khi};
+  }
+  __syncthreads();
+}
+
+__global__ void __launch_bounds__(kWalkThreads, 1) chunk_segwalk_kernel(SelectParams p, int band_cap) {
   const int row = blockIdx.y;
   const int S = p.seq_len, K = p.topk;
-  const int n0 = K + 1 + blockIdx.x * kSearchChunk;
-  const int n_end = min(n0 + kSearchChunk, p.n_max + 1);
-  extern __shared__ __align__(16) unsigned char s_search_raw[];
-  const SearchSmem s = SearchSmem::carve(s_search_raw, band_cap);
+  const int n0 = K + 1 + blockIdx.x * p.chunk;
+  const int n_end = min(n0 + p.chunk, p.n_max + 1);
+  extern __shared__ __align__(16) unsigned char s_seg_raw[];
+  const SegSmem s = SegSmem::carve(s_seg_raw, band_cap);
   const ChunkScan scan = scan_band(p.sorted + (size_t)row * S, p.key_at + (size_t)row * S, S, K, n0, n_end, s.band_val,
-                                   s.band_idx, nullptr, s.chunk_slot, kSearchChunk, band_cap);
+                                   s.band_idx, s.band_pos, s.chunk_slot, p.chunk, band_cap);
   const int m = scan.seen_end;
-  if (m > band_cap) {  // the band does not fit: the walk, reading the row in global memory
+  if (m > band_cap) {  // the band does not fit: the serial walk, reading the row in global memory
     solve_and_walk(p, row, n0, n_end, scan, false, nullptr, nullptr, nullptr, nullptr);
     return;
   }
-  // A chunk key below the floor never matters to the chunk (as for the keys below the band): -inf
-  // keeps it out of every sum, so f has no breakpoint that the band does not hold.
-  const float* scores = p.scores + (size_t)row * S;
-  // Query n reads keys n0 .. n - 1, so key n_end - 1 (which is S when window = 0) is never read.
-  for (int c = threadIdx.x; c < n_end - 1 - n0; c += kWalkThreads) {
-    s.chunk_u[c] = s.chunk_slot[c] >= 0 ? scores[n0 + c] : -CUDART_INF_F;
+  __shared__ WalkerState s_state[kWarps];
+  const int seg = (p.chunk + kWarps - 1) / kWarps;  // prefix lengths per segment
+  for (int w = 0; w < kWarps && n0 + w * seg < n_end; ++w) {
+    prefix_present(s, m, n0 + w * seg);
+    segment_state(s, m, K, &s_state[w]);
   }
-  prefix_present0(s, m, n0);  // its barriers also publish chunk_u
-
-  const int n = n0 + threadIdx.x;
-  if (n >= n_end) return;
-  const int extra = n - n0;  // keys n0 .. n - 1 join the present keys of n0
-  int lo = 0, hi = m;        // stage 1: f(v_lo) <= K, f(v_a) > K for a >= hi
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) >> 1;
-    if (f_at_most(s, m, extra, (double)s.band_val[mid], K)) lo = mid; else hi = mid;
-  }
-  const int a1 = lo;
-  lo = -1;  // stage 2: f(v_lo - 1) <= K (lo = -1: none), f(v_b - 1) > K for b >= hi
-  hi = m - 1;
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) >> 1;
-    if (f_at_most(s, m, extra, (double)s.band_val[mid] - 1.0, K)) lo = mid; else hi = mid;
-  }
-  const int b1 = lo;
-  double b_hi = (double)s.band_val[a1];
-  if (b1 >= 0) b_hi = fmin(b_hi, (double)s.band_val[b1] - 1.0);
-  double b_lo = (double)s.band_val[b1 + 1] - 1.0;
-  if (a1 + 1 < m) b_lo = fmax(b_lo, (double)s.band_val[a1 + 1]);
-  const Masses r = masses_at(s, m, extra, 0.5 * (b_lo + b_hi));
-  const double tau = r.cF > 0 ? (r.sF - (double)(K - r.cU)) / (double)r.cF : b_hi;
-  p.tau[(size_t)row * S + n + p.window - 1] = (float)tau;
-
-  // kth(n): the first slot a with K present keys at slots <= a (present at n0, or chunk keys < n).
-  lo = -1;
-  hi = m - 1;
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) >> 1;
-    int count = s.cnt[mid + 1];
-    for (int c = 0; c < extra; ++c) {
-      const int slot = s.chunk_slot[c];
-      count += (slot >= 0 && slot <= mid) ? 1 : 0;
-    }
-    if (count >= K) hi = mid; else lo = mid;
-  }
-  p.kth[(size_t)row * (S + 1) + n] = p.pos[(size_t)row * S + s.band_idx[hi]];
+  const int warp = threadIdx.x >> 5;
+  const int ns = n0 + warp * seg;
+  if ((threadIdx.x & 31) != 0 || ns >= n_end) return;
+  const WalkerState st = s_state[warp];
+  const SharedBand band{s.band_val, s.band_idx, s.band_pos, s.chunk_slot, n0, m};
+  walk_chunk(band, p.scores + (size_t)row * S, p.tau + (size_t)row * S, p.kth + (size_t)row * (S + 1), p.window, K, ns,
+             min(ns + seg, n_end), st.tau, st.kth, st.cU, st.cF, st.sF);
 }
 
 // tau = -inf for queries whose prefix fits in topk, and the end of every key's selected run:
@@ -506,12 +542,13 @@ __global__ void __launch_bounds__(kEndThreads) end_kernel(SelectParams p, const 
 
 // Union of the selected keys of queries [i0, i1): the top-k of query i0 (its present keys at or
 // above kth) plus the keys that become candidates inside the block and are ever selected.
-__global__ void __launch_bounds__(kListThreads) block_lists_kernel(SelectParams p) {
-  const int row = blockIdx.y, blk = blockIdx.x;
+__global__ void __launch_bounds__(kListThreads * kListWarps) block_lists_kernel(SelectParams p) {
+  const int row = blockIdx.y, blk = blockIdx.x * kListWarps + (threadIdx.x >> 5);
+  if (blk >= p.n_blocks) return;  // whole warps leave: the ballots below stay full-warp
   const int S = p.seq_len, K = p.topk, W = p.window;
   const int i0 = blk * p.block_q, i1 = min(S, i0 + p.block_q);
   const int n = i0 - W + 1;
-  const int lane = threadIdx.x;
+  const int lane = threadIdx.x & 31;
   int* out = p.block_keys + ((size_t)row * p.n_blocks + blk) * p.cap;
   const int* key_at = p.key_at + (size_t)row * S;
   const int* end = p.end + (size_t)row * S;
@@ -600,15 +637,14 @@ __global__ void __launch_bounds__(kPoisonThreads) poison_rows_kernel(const float
 
 cudaError_t launch_selection_with(const SelectParams& p, SelectAlgo algo, const int* nonfinite, cudaStream_t stream) {
   if (p.rows == 0 || p.seq_len == 0) return cudaSuccess;
-  if (algo == SelectAlgo::kSearch && p.n_max > p.topk) {
-    const int band_cap = p.seq_len < kSearchMaxBand ? p.seq_len : kSearchMaxBand;
-    const size_t smem = SearchSmem::bytes(band_cap);
-    if (cudaError_t e = cudaFuncSetAttribute(chunk_search_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (algo == SelectAlgo::kSegmented && p.n_chunks > 0) {
+    const int band_cap = p.seq_len < kSegMaxBand ? p.seq_len : kSegMaxBand;
+    const size_t smem = SegSmem::bytes(band_cap, p.chunk);
+    if (cudaError_t e = cudaFuncSetAttribute(chunk_segwalk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         e != cudaSuccess) {
       return e;
     }
-    const int n_chunks = (p.n_max - p.topk + kSearchChunk - 1) / kSearchChunk;
-    chunk_search_kernel<<<dim3(n_chunks, p.rows), kWalkThreads, smem, stream>>>(p, band_cap);
+    chunk_segwalk_kernel<<<dim3(p.n_chunks, p.rows), kWalkThreads, smem, stream>>>(p, band_cap);
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   } else if (algo == SelectAlgo::kWalk && p.n_chunks > 0) {
     // The shared band holds at most every key of the row (12 bytes each) plus the chunk's slots;
@@ -625,14 +661,14 @@ cudaError_t launch_selection_with(const SelectParams& p, SelectAlgo algo, const 
   end_kernel<<<dim3((p.seq_len + kEndThreads - 1) / kEndThreads, p.rows), kEndThreads, 0, stream>>>(p, nonfinite);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   if (p.block_keys != nullptr) {
-    block_lists_kernel<<<dim3(p.n_blocks, p.rows), kListThreads, 0, stream>>>(p);
+    block_lists_kernel<<<dim3((p.n_blocks + kListWarps - 1) / kListWarps, p.rows), kListThreads * kListWarps, 0, stream>>>(p);
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   }
   return cudaSuccess;
 }
 
 cudaError_t launch_selection(const SelectParams& p, cudaStream_t stream) {
-  return launch_selection_with(p, SelectAlgo::kSearch, nullptr, stream);
+  return launch_selection_with(p, SelectAlgo::kSegmented, nullptr, stream);
 }
 
 cudaError_t launch_sanitize_scores(const float* scores, float* clean, int* nonfinite, int rows, int seq_len, cudaStream_t stream) {

@@ -10,10 +10,11 @@
 namespace sparsek {
 
 // How tau and kth are computed per prefix length (end and the block lists follow from kth):
-//   kWalk:   one CTA per chunk bisects the chunk's start state, then one thread walks the chunk;
-//   kSearch: one thread per prefix length searches the sorted row's breakpoints (the default).
+//   kWalk:      one CTA per chunk bisects the chunk's start state, then one thread walks the chunk;
+//   kSegmented: one CTA per chunk computes the start state of one segment per warp from prefix
+//               sums, then the warps walk their segments concurrently (the default).
 // Both give the same kth (integers, so the same end and lists) and tau to float64 rounding.
-enum class SelectAlgo : int { kWalk = 0, kSearch = 1 };
+enum class SelectAlgo : int { kWalk = 0, kSegmented = 1 };
 
 // launch_selection with a chosen algorithm. nonfinite (rows) int32 or null: a row marked 1 gets
 // tau = NaN everywhere (its selection, made from sanitised scores, means nothing).

@@ -1,6 +1,6 @@
 """The forward without a host synchronisation (run on the GPU machine; skipped without a GPU):
 captured in a CUDA graph and replayed on new inputs, non-finite scores poisoned on the device,
-and the parallel selection search against the serial walk it replaces (SPARSEK_SELECT=walk)."""
+and the segmented selection walk against the serial walk it replaces (SPARSEK_SELECT=walk)."""
 
 from __future__ import annotations
 
@@ -87,8 +87,8 @@ SELECT_CASES = [  # B, H, S, topk, window, scores
     (1, 2, 5000, 512, 256, "walk"),  # the seed case's topk and window, several chunks
     (1, 2, 2000, 1, 0, "ties"),
     (1, 2, 600, 900, 0, "walk"),  # topk >= every prefix
-    # every score within a unit of the others: chunks past 10752 keys (kSearchMaxBand) overflow
-    # the search's shared band and run the walk in global memory inside the search kernel
+    # every score within a unit of the others: chunks past 9216 keys (kSegMaxBand) overflow the
+    # segmented kernel's shared band and walk serially in global memory inside that kernel
     (1, 2, 16384, 10000, 0, "narrow"),
 ]
 
@@ -101,7 +101,7 @@ def _select(u, topk, window, block_q, algo, monkeypatch):
 
 
 @pytest.mark.parametrize("case", SELECT_CASES, ids=lambda c: "B{}-H{}-S{}-K{}-W{}-{}".format(*c))
-def test_search_matches_walk_and_reference(case, monkeypatch):
+def test_segmented_matches_walk_and_reference(case, monkeypatch):
     B, H, S, topk, window, kind = case
     cuda_kernels()
     gen = torch.Generator().manual_seed(S + topk)
@@ -113,22 +113,22 @@ def test_search_matches_walk_and_reference(case, monkeypatch):
     u = u.float().cuda()
     block_q = 32
     walk = _select(u, topk, window, block_q, "walk", monkeypatch)
-    search = _select(u, topk, window, block_q, "search", monkeypatch)
-    assert torch.equal(search[1], walk[1]), "end differs between search and walk"
-    assert torch.equal(search[3], walk[3]), "block counts differ"
+    seg = _select(u, topk, window, block_q, "segmented", monkeypatch)
+    assert torch.equal(seg[1], walk[1]), "end differs between the segmented and the serial walk"
+    assert torch.equal(seg[3], walk[3]), "block counts differ"
     for r in range(B * H):  # list order: the same scan in both, so the same lists
-        for blk in range(search[3].shape[1]):
-            n = int(search[3][r, blk])
-            assert torch.equal(search[2][r, blk, :n], walk[2][r, blk, :n]), (r, blk)
-    assert torch.equal(torch.isfinite(search[0]), torch.isfinite(walk[0]))
+        for blk in range(seg[3].shape[1]):
+            n = int(seg[3][r, blk])
+            assert torch.equal(seg[2][r, blk, :n], walk[2][r, blk, :n]), (r, blk)
+    assert torch.equal(torch.isfinite(seg[0]), torch.isfinite(walk[0]))
     finite = torch.isfinite(walk[0])
-    torch.testing.assert_close(search[0][finite], walk[0][finite], rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(seg[0][finite], walk[0][finite], rtol=2e-6, atol=1e-6)
     sel = sel_mod.select(u, topk, window)
-    assert torch.equal(search[1], sel.end), "end differs from the reference"
-    torch.testing.assert_close(search[0][finite], sel.tau[finite], rtol=2e-6, atol=1e-6)
+    assert torch.equal(seg[1], sel.end), "end differs from the reference"
+    torch.testing.assert_close(seg[0][finite], sel.tau[finite], rtol=2e-6, atol=1e-6)
 
 
-def test_search_long_64k_matches_walk(monkeypatch):
+def test_segmented_long_64k_matches_walk(monkeypatch):
     """long-64k's selection (B1 Hkv8 S65536, topk 2048, window 512): end bit for bit."""
     cuda_kernels()
     from sparsek.bench.cases import get_case, make_inputs
@@ -136,7 +136,7 @@ def test_search_long_64k_matches_walk(monkeypatch):
     case = get_case("long-64k")
     u = make_inputs(case).scores
     walk = _select(u, case.topk, case.window, 32, "walk", monkeypatch)
-    search = _select(u, case.topk, case.window, 32, "search", monkeypatch)
-    assert torch.equal(search[1], walk[1]) and torch.equal(search[3], walk[3])
+    seg = _select(u, case.topk, case.window, 32, "segmented", monkeypatch)
+    assert torch.equal(seg[1], walk[1]) and torch.equal(seg[3], walk[3])
     finite = torch.isfinite(walk[0])
-    torch.testing.assert_close(search[0][finite], walk[0][finite], rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(seg[0][finite], walk[0][finite], rtol=2e-6, atol=1e-6)

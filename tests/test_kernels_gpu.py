@@ -166,7 +166,9 @@ def test_long_sequence_sampled_rows(S):
     assert err < 2e-2, err
 
 
-def test_compute_sanitizer_memcheck_clean():
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+def test_compute_sanitizer_clean(tool):
+    """Selection (the segmented walk's eight walkers share the band in shared memory) and attention."""
     cuda_kernels()  # build once outside the sanitizer
     # The child must run the kernels, not the reference: a build that fails inside the sanitizer
     # falls back with a RuntimeWarning, and "0 errors" would then be about PyTorch's kernels.
@@ -183,4 +185,4 @@ def test_compute_sanitizer_memcheck_clean():
         "o = sparsek.sparsek_attention(q, k, v, u, topk=17, window=9); torch.cuda.synchronize()\n"
         "print('kernels ran', float(o.float().abs().sum()))\n"
     )
-    assert_sanitizer_clean("memcheck", code, done="kernels ran", timeout=600)
+    assert_sanitizer_clean(tool, code, done="kernels ran", timeout=600)
