@@ -189,9 +189,10 @@ __device__ __forceinline__ void window_tile_grad(float (&s)[kNB][4], float (&dp)
     for (int c = 0; c < 4; ++c) {
       const int h = c >> 1;
       const int behind = rows.qi[h] - (j0 + 8 * nb + 2 * quad + (c & 1));  // i - j
-      const float e = inside || static_cast<unsigned>(behind) < static_cast<unsigned>(window)
-                          ? exp2f(fmaf(s[nb][c], scale_log2, -rows.lse2[h]))
-                          : 0.f;
+      // The exponential is taken for every element and selected afterwards: under the mask's
+      // predicate ptxas reloads scale_log2 from the constant bank for each element.
+      const float x = exp2f(fmaf(s[nb][c], scale_log2, -rows.lse2[h]));
+      const float e = inside || static_cast<unsigned>(behind) < static_cast<unsigned>(window) ? x : 0.f;
       s[nb][c] = e;                                // P (gate 1)
       dp[nb][c] = e * (dp[nb][c] - rows.dsum[h]);  // dS
     }
@@ -220,7 +221,8 @@ __device__ __forceinline__ void list_tile_grad(float (&s)[kNB][4], float (&dp)[k
         const int i = rows.qi[h];
         const float tau = rows.tau[h];
         const bool sel = start_j <= i && i < end_j;
-        const float e = sel ? exp2f(fmaf(s[nb][c], scale_log2, -rows.lse2[h])) : 0.f;
+        const float x = exp2f(fmaf(s[nb][c], scale_log2, -rows.lse2[h]));  // unmasked, as in the window tile
+        const float e = sel ? x : 0.f;
         const float gate = __saturatef(u_j - tau);
         const float gamma = e * (dp[nb][c] - rows.dsum[h]);
         const bool soft = sel && u_j > tau && (u_j < rows.tau1[h] || (u_j == rows.tau1[h] && !rows.tau1_exact[h]));

@@ -224,8 +224,13 @@ def soft_ranges(scores: Tensor, tau: Tensor, window: int) -> tuple[Tensor, Tenso
     j = torch.arange(S, device=scores.device)
     lo = torch.maximum(torch.searchsorted(t, u - 1.0, right=True), j + window).clamp(max=S)  # first i: tau_i > u - 1
     hi = torch.maximum(torch.searchsorted(t, u, right=False), lo)  # first i: tau_i >= u
-    i = j.expand(B, H, S).contiguous()
-    nsoft = torch.searchsorted(lo.sort(-1).values, i, right=True) - torch.searchsorted(hi.sort(-1).values, i, right=True)
+    # |F_i|: +1 where a range opens, -1 where it closes, summed up to i. Integers, so exact in any
+    # order; one flat index_add, which has a deterministic CUDA implementation.
+    row = torch.arange(B * H, device=scores.device).view(B, H, 1) * (S + 1)
+    ones = torch.ones(B * H * S, dtype=torch.int64, device=scores.device)
+    edges = torch.zeros(B * H * (S + 1), dtype=torch.int64, device=scores.device)
+    edges.index_add_(0, (lo + row).flatten(), ones).index_add_(0, (hi + row).flatten(), -ones)
+    nsoft = edges.view(B, H, S + 1).cumsum(-1)[..., :S]
     return lo, hi, nsoft
 
 
