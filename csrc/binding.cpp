@@ -55,11 +55,12 @@ std::string build(const Args&... args) {
 
 namespace {
 
-// The segmented walk is the default; SPARSEK_SELECT=walk runs the serial walk it replaced (same
-// selection), read per call so one process can time both.
+// The serial walk is the default; SPARSEK_SELECT=segmented runs the segmented walk (the same
+// selection, one walker per warp; docs/perf-notes.md, selection v3). Read per call so one
+// process can time both.
 sparsek::SelectAlgo select_algo() {
   const char* name = std::getenv("SPARSEK_SELECT");
-  return name != nullptr && std::string(name) == "walk" ? sparsek::SelectAlgo::kWalk : sparsek::SelectAlgo::kSegmented;
+  return name != nullptr && std::string(name) == "segmented" ? sparsek::SelectAlgo::kSegmented : sparsek::SelectAlgo::kWalk;
 }
 
 // Prefix lengths walked by one CTA of the selection. Each CTA first scans up to S sorted

@@ -1,6 +1,6 @@
 """The forward without a host synchronisation (run on the GPU machine; skipped without a GPU):
 captured in a CUDA graph and replayed on new inputs, non-finite scores poisoned on the device,
-and the segmented selection walk against the serial walk it replaces (SPARSEK_SELECT=walk)."""
+and the segmented selection walk (SPARSEK_SELECT=segmented) against the serial walk."""
 
 from __future__ import annotations
 
