@@ -55,12 +55,12 @@ std::string build(const Args&... args) {
 
 namespace {
 
-// The serial walk is the default; SPARSEK_SELECT=segmented runs the segmented walk (the same
-// selection, one walker per warp; docs/perf-notes.md, selection v3). Read per call so one
-// process can time both.
+// The segmented walk is the default (1.5x the serial walk's selection at long-64k on an H100,
+// docs/perf-notes.md, selection v3); SPARSEK_SELECT=walk runs the serial walk, which gives the
+// same selection. Read per call so one process can time both.
 sparsek::SelectAlgo select_algo() {
   const char* name = std::getenv("SPARSEK_SELECT");
-  return name != nullptr && std::string(name) == "segmented" ? sparsek::SelectAlgo::kSegmented : sparsek::SelectAlgo::kWalk;
+  return name != nullptr && std::string(name) == "walk" ? sparsek::SelectAlgo::kWalk : sparsek::SelectAlgo::kSegmented;
 }
 
 // Prefix lengths walked by one CTA of the selection. Each CTA first scans up to S sorted

@@ -14,8 +14,8 @@
 // from scratch in parallel, then a thread walks from there, inserting one key per step and
 // moving three pointers (tau's two breakpoint fronts and kth) upwards. Every pointer moves over
 // each sorted position at most once per walk, so a walk costs O(length + band) steps. The serial
-// walk (chunk_walk_kernel, the default) has one walker per chunk; the segmented walk
-// (chunk_segwalk_kernel) starts one walker per warp, each on its own segment of the chunk.
+// walk (chunk_walk_kernel) has one walker per chunk; the segmented walk (chunk_segwalk_kernel,
+// the default) starts one walker per warp, each on its own segment of the chunk.
 #include <cuda_runtime.h>
 #include <math_constants.h>
 
@@ -668,7 +668,7 @@ cudaError_t launch_selection_with(const SelectParams& p, SelectAlgo algo, const 
 }
 
 cudaError_t launch_selection(const SelectParams& p, cudaStream_t stream) {
-  return launch_selection_with(p, SelectAlgo::kWalk, nullptr, stream);
+  return launch_selection_with(p, SelectAlgo::kSegmented, nullptr, stream);
 }
 
 cudaError_t launch_sanitize_scores(const float* scores, float* clean, int* nonfinite, int rows, int seq_len, cudaStream_t stream) {

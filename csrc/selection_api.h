@@ -10,10 +10,9 @@
 namespace sparsek {
 
 // How tau and kth are computed per prefix length (end and the block lists follow from kth):
-//   kWalk:      one CTA per chunk bisects the chunk's start state, then one thread walks the chunk
-//               (the default);
+//   kWalk:      one CTA per chunk bisects the chunk's start state, then one thread walks the chunk;
 //   kSegmented: one CTA per chunk computes the start state of one segment per warp from prefix
-//               sums, then the warps walk their segments concurrently.
+//               sums, then the warps walk their segments concurrently (the default).
 // Both give the same kth (integers, so the same end and lists) and tau to float64 rounding.
 enum class SelectAlgo : int { kWalk = 0, kSegmented = 1 };
 

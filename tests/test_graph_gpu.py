@@ -1,6 +1,6 @@
 """The forward without a host synchronisation (run on the GPU machine; skipped without a GPU):
 captured in a CUDA graph and replayed on new inputs, non-finite scores poisoned on the device,
-and the segmented selection walk (SPARSEK_SELECT=segmented) against the serial walk."""
+and the segmented selection walk (the default) against the serial walk (SPARSEK_SELECT=walk)."""
 
 from __future__ import annotations
 
