@@ -1,12 +1,12 @@
 """SparseKCache on the CPU: stepping reproduces the prefill op row by row, in float64.
 
-The invariant (DESIGN section 1, Decode): a cache built from the first P tokens of a sequence and
-stepped through the rest gives, at every step, the prefill output of that row, including the
-steps where the window fills, where the first candidate appears, where the top-k fills and where
-the selection churns. The key/value slots' size is fixed at construction; the soft set grows (by
-doubling) only when scores pack into the threshold's unit band, so finite scores never fail. The
-same holds for sequences that come and go through the slots of one cache, for compiled steps, and
-with inputs that require grad (detached: the state never gets a graph).
+The invariant (docs/decode.md, "Why the state is exact and bounded"): a cache built from the
+first P tokens of a sequence and stepped through the rest gives, at every step, the prefill
+output of that row, including the steps where the window fills, where the first candidate
+appears, where the top-k fills and where the selection churns. The key/value slots' size is
+fixed at construction; the soft set grows (by doubling) only when scores pack into the
+threshold's unit band, so finite scores never fail. The same holds for sequences that come and
+go through the slots of one cache, for compiled steps, and with inputs that require grad (detached: the state never gets a graph).
 """
 
 from __future__ import annotations
