@@ -6,7 +6,8 @@ output of that row, including the steps where the window fills, where the first 
 appears, where the top-k fills and where the selection churns. The key/value slots' size is
 fixed at construction; the soft set grows (by doubling) only when scores pack into the
 threshold's unit band, so finite scores never fail. The same holds for sequences that come and
-go through the slots of one cache, for compiled steps, and with inputs that require grad (detached: the state never gets a graph).
+go through the slots of one cache, for compiled steps, and with inputs that require grad
+(detached: the state never gets a graph).
 """
 
 from __future__ import annotations
