@@ -157,7 +157,7 @@ struct ChunkScan {
 //    keys present by the chunk end (index < n_end) go to the shared band, descending. The pass
 //    stops once the scores fall to u_(K+1) - 1: tau(n0) lies in [u_(K+1) - 1, u_(K)) (below it
 //    K+1 keys are saturated; at u_(K) at most K-1 keys are above) and tau only grows, so lower
-//    keys never contribute during this chunk. band_pos may be null (the search does not keep it).
+//    keys never contribute during this chunk.
 __device__ ChunkScan scan_band(const float* sorted, const int* key_at, int S, int K, int n0, int n_end, float* band_val,
                                int* band_idx, int* band_pos, int* chunk_slot, int chunk, int band_cap) {
   __shared__ int s_count0[kWarps], s_count_end[kWarps];
@@ -201,7 +201,7 @@ __device__ ChunkScan scan_band(const float* sorted, const int* key_at, int S, in
       if (slot < band_cap) {
         band_val[slot] = sorted[q];
         band_idx[slot] = key;
-        if (band_pos != nullptr) band_pos[slot] = q;
+        band_pos[slot] = q;
         if (key >= n0) chunk_slot[key - n0] = slot;
       }
     }
@@ -601,7 +601,7 @@ __device__ __forceinline__ bool is_nan_bits(float x) { return (__float_as_uint(x
 
 // clean = scores with every NaN or infinity replaced by 0, and nonfinite[row] = 1 for a row that
 // had one (nonfinite starts zeroed): the selection then runs on finite numbers (no pointer of
-// the walk or the search can run off on a NaN) and the row's outputs are poisoned afterwards.
+// either walk can run off on a NaN) and the row's outputs are poisoned afterwards.
 __global__ void __launch_bounds__(kSanitizeThreads) sanitize_kernel(const float* scores, float* clean, int* nonfinite, int S) {
   const int row = blockIdx.y;
   const int j = blockIdx.x * kSanitizeThreads + threadIdx.x;
