@@ -66,7 +66,13 @@ sparsek::SelectAlgo select_algo() {
 // Prefix lengths walked by one CTA of the selection. Each CTA first scans up to S sorted
 // positions to rebuild its start state, so the scans cost O(S^2 / chunk) per row while the
 // serial walk costs O(chunk): grow the chunk with S, within [256, 2048].
+// SPARSEK_SELECT_CHUNK=N (8 <= N <= 2048) overrides the rule, for measuring it.
 int64_t select_chunk(int64_t S) {
+  if (const char* forced = std::getenv("SPARSEK_SELECT_CHUNK"); forced != nullptr && *forced != '\0') {
+    const long n = std::strtol(forced, nullptr, 10);
+    SPARSEK_CHECK(n >= 8 && n <= 2048, "SPARSEK_SELECT_CHUNK must be an integer in [8, 2048], got '", forced, "'");
+    return n;
+  }
   int64_t chunk = 256;
   while (chunk < 2048 && chunk * 128 < S) chunk *= 2;
   return chunk;
