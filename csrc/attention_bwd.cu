@@ -567,69 +567,6 @@ __device__ __forceinline__ void reduce_slice(const float* slice, float* dst, con
   }
 }
 
-// Ring mode (AttnBwdParams::ring_slots): before its first reduction into slot y % ring_slots, a
-// block of pair y waits until the slot has given out pair y - ring_slots. Blocks start in the
-// order of their linear index (pair-major grid), so every block waited for was started earlier
-// and waits only on pairs before its own: the chain ends at the first ring_slots pairs.
-__device__ void ring_wait(const int* gen, int round) {
-  for (;;) {
-    int v;
-    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(gen) : "memory");
-    if (v >= round) return;
-    __nanosleep(200);
-  }
-}
-
-// Every block of a pair counts itself done once its reductions are visible; the last one writes
-// the pair's dk (times the softmax scale, the same float32 product and rounding as the chunked
-// path) and dv, and leaves the slot zeroed for the next pair. The slot was reduced into at L2,
-// so it is read with .cg loads (no stale L1 line of an earlier pair).
-template <int kD, typename Elem>
-__device__ void ring_finish(const AttnBwdParams& p, int slot, int round, int bh) {
-  __shared__ int s_last;
-  __threadfence();  // this thread's reductions before the count
-  __syncthreads();
-  if (threadIdx.x == 0) s_last = atomicAdd(p.ring_done + slot, 1) == p.n_blocks - 1;
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
-  const size_t n4 = (size_t)p.seq_len * kD / 4;  // float4 pieces of one pair's dk (or dv)
-  float4* dk_acc = static_cast<float4*>(p.dk_acc) + slot * n4;
-  float4* dv_acc = static_cast<float4*>(p.dv_acc) + slot * n4;
-  uint2* dk_out = static_cast<uint2*>(p.dk_out) + bh * n4;  // 4 elements of the inputs' dtype
-  uint2* dv_out = static_cast<uint2*>(p.dv_out) + bh * n4;
-  const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
-  constexpr int kUnroll = 4;  // 8 independent 16-byte loads per thread in flight
-  for (size_t e0 = threadIdx.x; e0 < n4; e0 += (size_t)kThreads * kUnroll) {
-    float4 a[kUnroll], c[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const size_t e = e0 + (size_t)u * kThreads;
-      if (e < n4) {
-        a[u] = __ldcg(dk_acc + e);
-        c[u] = __ldcg(dv_acc + e);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const size_t e = e0 + (size_t)u * kThreads;
-      if (e < n4) {
-        dk_out[e] = make_uint2(pack2<Elem>(a[u].x * p.scale, a[u].y * p.scale), pack2<Elem>(a[u].z * p.scale, a[u].w * p.scale));
-        dv_out[e] = make_uint2(pack2<Elem>(c[u].x, c[u].y), pack2<Elem>(c[u].z, c[u].w));
-        __stcg(dk_acc + e, zero);
-        __stcg(dv_acc + e, zero);
-      }
-    }
-  }
-  __threadfence();  // the zeros before the slot is handed on
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    p.ring_done[slot] = 0;
-    __threadfence();
-    asm volatile("st.release.gpu.global.s32 [%0], %1;" ::"l"(p.ring_gen + slot), "r"(round + 1) : "memory");
-  }
-}
-
 template <int kD, typename Elem>
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBwdParams p) {
   using T = Traits<kD>;
@@ -746,9 +683,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
   auto rows_mn = [&](uint32_t base, int kr) { return smem_desc(base + kr * 16 * kPanelBytes, kRowsPanelBytes, kGroupBytes); };
   // Warpgroup 0 forms dV = P^T dO, warpgroup 1 dK = dS^T Q.
   const uint32_t kv_a = wgi == 0 ? p_addr : ds_addr, kv_b = wgi == 0 ? do_addr : q_addr;
-  const bool ring = p.ring_slots > 0;
-  const int acc_slot = ring ? blockIdx.y % p.ring_slots : blockIdx.y;
-  char* kv_acc = static_cast<char*>(wgi == 0 ? p.dv_acc : p.dk_acc) + (size_t)acc_slot * S * kD * (p.deterministic ? 8 : 4);
+  char* kv_acc = static_cast<char*>(wgi == 0 ? p.dv_acc : p.dk_acc) + (size_t)blockIdx.y * S * kD * (p.deterministic ? 8 : 4);
   const double* kv_fixed = p.fixed_scale + (wgi == 0 ? 1 : 0);
   const int key0 = 16 * (warp % 4);
 
@@ -798,9 +733,6 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
     }
     // The next barrier of the loop orders the next slice 0 after these reads.
   };
-
-  // The loop's first barrier publishes the wait to the block before any reduction into the slot.
-  if (ring && tid == 0) ring_wait(p.ring_gen + acc_slot, blockIdx.y / p.ring_slots);
 
   // Per tile t (v2.4): S and dP issued; tile t - 1's dK/dV reductions while they run; the
   // softmax gradient, dQ; tile t + 2 loaded into tile t - 1's stage; dV / dK, then slice 0 of
@@ -937,7 +869,6 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
     }
     if (quad == 0) p.gamma_rows[row] = gs;
   }
-  if (ring) ring_finish<kD, Elem>(p, acc_slot, blockIdx.y / p.ring_slots, bh);
 }
 
 }  // namespace wg

@@ -289,19 +289,6 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
   return {out, lse};
 }
 
-// Ring mode of the backward (AttnBwdParams::ring_slots) where a pair's float32 dk/dv
-// accumulators are small: slots for about twice the pairs whose blocks are resident at once (one
-// block per SM), at least 8, within 64 MiB so that they stay in L2 beside the K/V traffic. Larger
-// pairs (S * D > 1 Mi) keep the chunked launches: one block would convert too much alone.
-int64_t ring_slots_for(int64_t pair_bytes, int64_t n_blocks, int64_t BH, int device) {
-  constexpr int64_t kRingPairMax = 8ll << 20, kRingMax = 64ll << 20;
-  if (pair_bytes > kRingPairMax || n_blocks == 0) return 0;
-  int sms = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 0;
-  const int64_t slots = std::min(BH, std::max<int64_t>(8, (2 * sms + n_blocks - 1) / n_blocks));
-  return slots * pair_bytes <= kRingMax ? slots : 0;
-}
-
 // Backward attention. Returns dq, dk and dv (the inputs' dtype), the per-key term of d scores
 // (deterministic: per block and list place, (B*Hkv, n_blocks, cap); otherwise summed,
 // (B, Hkv, S)) and gamma's per-row sums (B, Hq, S). The caller finishes d scores
@@ -321,8 +308,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const at::Tensor& block_count,  // (B * Hkv, n_blocks) int32
     int64_t window, double scale, int64_t block_q, bool deterministic,
     const std::optional<at::Tensor>& fixed_scale,  // (2,) float64: dk, dv (deterministic only)
-    bool poison, int64_t kernel, int64_t acc_budget,
-    int64_t ring_slots) {  // -1: ring mode where it applies (ring_slots_for); 0: chunked launches; N: N slots
+    bool poison, int64_t kernel, int64_t acc_budget) {
   const AttnShape shape = check_attention(q, k, v, scores, tau, end, block_keys, block_count, scale, block_q);
   const auto [B, Hq, S, D, Hkv, group, n_blocks] = shape;
   for (const auto* t : {&dout, &out, &lse}) {
@@ -336,7 +322,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
                 at::IntArrayRef({B, Hq, S}), ", got ", lse.scalar_type(), " ", lse.sizes());
   SPARSEK_CHECK(kernel == 1 || kernel == 2, "kernel must be 1 (mma.sync) or 2 (warpgroup MMA), got ", kernel);
   SPARSEK_CHECK(acc_budget > 0, "acc_budget must be positive, got ", acc_budget);
-  SPARSEK_CHECK(ring_slots >= -1, "ring_slots must be -1 (automatic), 0 (off) or a number of slots, got ", ring_slots);
   if (deterministic) {
     SPARSEK_CHECK(fixed_scale.has_value() && fixed_scale->is_cuda() && fixed_scale->device() == q.device() &&
                       fixed_scale->scalar_type() == at::kDouble && fixed_scale->numel() == 2 && fixed_scale->is_contiguous(),
@@ -364,16 +349,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   // so the accumulators never grow with B * Hkv (512 MiB at long-64k otherwise).
   const int64_t BH = B * Hkv;
   const int64_t acc_bytes_per_bh = 2 * S * D * (deterministic ? 8 : 4);
-  const int64_t ring = deterministic || kernel != 2 ? 0
-                       : ring_slots < 0           ? ring_slots_for(acc_bytes_per_bh, n_blocks, BH, q.get_device())
-                                                  : std::min(ring_slots, BH);
   const int64_t chunk = std::clamp<int64_t>(acc_budget / std::max<int64_t>(acc_bytes_per_bh, 1), 1, std::max<int64_t>(BH, 1));
   const auto acc_opts = q.options().dtype(deterministic ? at::kLong : at::kFloat);
   at::Tensor dq = at::empty({B, Hq, S, D}, q.options());
   at::Tensor dk = at::empty({B, Hkv, S, D}, k.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor dv = at::empty({B, Hkv, S, D}, v.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor dk_acc = at::empty({ring > 0 ? 0 : chunk, S, D}, acc_opts);
-  at::Tensor dv_acc = at::empty({ring > 0 ? 0 : chunk, S, D}, acc_opts);
+  at::Tensor dk_acc = at::empty({chunk, S, D}, acc_opts);
+  at::Tensor dv_acc = at::empty({chunk, S, D}, acc_opts);
   const int64_t cap = block_keys.size(2);
   at::Tensor du = deterministic ? at::zeros({B * Hkv, n_blocks, cap}, q.options().dtype(at::kFloat))
                                 : at::zeros({B, Hkv, S}, q.options().dtype(at::kFloat));
@@ -398,20 +380,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   p.scale = static_cast<float>(scale);
   p.deterministic = deterministic;
   p.kernel = static_cast<int>(kernel);
-  if (ring > 0) {  // one launch; the kernel writes dk and dv itself (AttnBwdParams::ring_slots)
-    at::Tensor ring_acc = at::zeros({2, ring, S, D}, acc_opts);
-    at::Tensor ring_state = at::zeros({2, ring}, q.options().dtype(at::kInt));
-    p.dk_acc = ring_acc[0].data_ptr();
-    p.dv_acc = ring_acc[1].data_ptr();
-    p.ring_slots = static_cast<int>(ring);
-    p.ring_done = ring_state[0].data_ptr<int>();
-    p.ring_gen = ring_state[1].data_ptr<int>();
-    p.dk_out = dk.data_ptr();
-    p.dv_out = dv.data_ptr();
-    err = sparsek::launch_attention_bwd(p, static_cast<int>(D), static_cast<int>(BH), stream);
-    TORCH_CHECK(err == cudaSuccess, sparsek_msg::build("sparsek_cuda: backward attention launch failed: ", cudaGetErrorString(err)));
-    return {dq, dk, dv, du, gamma_rows};
-  }
   const at::Tensor dk_rows = dk.view({BH, S, D}), dv_rows = dv.view({BH, S, D});
   for (int64_t c0 = 0; c0 < BH; c0 += chunk) {
     const int64_t n = std::min(chunk, BH - c0);
@@ -443,7 +411,7 @@ TORCH_LIBRARY(sparsek_cuda, m) {
   m.def(
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor scores, Tensor tau, "
       "Tensor end, Tensor block_keys, Tensor block_count, int window, float scale, int block_q, bool deterministic, "
-      "Tensor? fixed_scale=None, bool poison=False, int kernel=2, int acc_budget=268435456, int ring_slots=-1) -> (Tensor dq, Tensor dk, "
+      "Tensor? fixed_scale=None, bool poison=False, int kernel=2, int acc_budget=268435456) -> (Tensor dq, Tensor dk, "
       "Tensor dv, Tensor du, Tensor gamma_rows)");
 }
 

@@ -85,16 +85,6 @@ struct AttnBwdParams {
   void* dk_acc;
   void* dv_acc;
   int bh_offset;
-  // Ring mode (ring_slots > 0; warpgroup kernel, not deterministic, one launch for every pair):
-  // pair y accumulates in slot y % ring_slots instead of y - bh_offset, and the block that
-  // finishes the pair's last query block writes dk (times scale) and dv in the inputs' dtype and
-  // zeroes the slot for pair y + ring_slots. The slots are few enough to stay in L2, so the
-  // accumulators are never zeroed, read or converted through DRAM (docs/perf-notes.md, v2.6).
-  int ring_slots;
-  int* ring_done;  // (ring_slots) query blocks of the slot's current pair that have finished
-  int* ring_gen;   // (ring_slots) pairs converted out of the slot so far
-  void* dk_out;    // (B * Hkv, S, D) contiguous, the inputs' dtype (ring mode)
-  void* dv_out;
   const double* fixed_scale;  // [2] device: fixed-point scales of dk_acc and dv_acc (deterministic only)
   // Per-key term of d scores: sum over rows of gamma for the soft selected keys. Not
   // deterministic: atomically added to du (B * Hkv, S). Deterministic: each block writes its

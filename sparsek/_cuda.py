@@ -173,7 +173,6 @@ def backward(grad_out, q, k, v, scores, out, lse, tau, end, keys, count, window:
         dq, dk, dv, du_key, gamma_rows = cuda.attention_bwd(
             grad_out, q, k, v, out, lse, scores, tau, end, keys.view(B * Hkv, *keys.shape[2:]), count.view(B * Hkv, -1),
             window, scale, block_q, deterministic, fixed, kernel=backward_kernel(), acc_budget=accumulator_budget(k, deterministic),
-            ring_slots=ring_slots(),
         )
     if deterministic:
         du_key = _sum_list_places(du_key, keys, count, S)
@@ -206,21 +205,6 @@ def accumulator_budget(k: torch.Tensor, deterministic: bool = False) -> int:
     B, Hkv, S, D = k.shape
     total = B * Hkv * 2 * S * D * (8 if deterministic else 4)
     return min(BACKWARD_ACC_BUDGET, max(BACKWARD_ACC_FLOOR, total // 2))
-
-
-def ring_slots() -> int:
-    """The backward's accumulator ring: -1 lets the binding choose (ring mode where a (batch, kv
-    head) pair's float32 dk/dv fit 8 MiB, S * D <= 1 Mi; csrc/binding.cpp ``ring_slots_for``), 0
-    keeps the chunked launches, N > 0 asks for N slots. SPARSEK_BWD_RING=auto|off|N sets it (for
-    measuring and testing both paths); the deterministic mode always runs chunked."""
-    value = os.environ.get("SPARSEK_BWD_RING", "auto").strip()
-    if value == "auto":
-        return -1
-    if value == "off":
-        return 0
-    if value.isdigit() and int(value) > 0:
-        return int(value)
-    raise ValueError(f"SPARSEK_BWD_RING must be 'auto', 'off' or a positive number of slots, got {value!r}")
 
 
 def backward_kernel() -> int:

@@ -170,7 +170,6 @@ def test_accumulator_chunks(deterministic, monkeypatch):
     """With an accumulator budget of one byte every (batch, kv head) pair runs as its own launch
     (bh_offset > 0, the accumulators reused): the gradients still match, bitwise so in the
     deterministic mode, where the chunking must not change a single sum."""
-    monkeypatch.setenv("SPARSEK_BWD_RING", "off")  # the chunked launches, not the ring
     cuda_kernels()
     q, k, v, u, grad = _inputs(17, 2, 6, 3, 333, 128, torch.bfloat16)
     with _deterministic(deterministic):
@@ -183,27 +182,8 @@ def test_accumulator_chunks(deterministic, monkeypatch):
             assert torch.equal(a, b), f"{name}: chunked launches changed a deterministic gradient"
 
 
-@pytest.mark.parametrize("slots", [1, 2, 5])
-def test_accumulator_ring(slots, monkeypatch):
-    """The ring with fewer slots than pairs (B * Hkv = 6): each slot is converted, zeroed and
-    handed on to later pairs (one slot: every pair waits for the one before it). The gradients
-    match the reference and the chunked launches' to the float32 summation order."""
-    cuda_kernels()
-    q, k, v, u, grad = _inputs(23, 2, 12, 3, 451, 128, torch.float16)
-    monkeypatch.setenv("SPARSEK_BWD_RING", str(slots))
-    ring = _kernel_grads(q, k, v, u, grad, 48, 20)
-    monkeypatch.setenv("SPARSEK_BWD_RING", "off")
-    chunked = _kernel_grads(q, k, v, u, grad, 48, 20)
-    _check(ring, _reference_grads(q, k, v, u, grad, 48, 20), torch.float16, f"ring of {slots}: ")
-    for name, a, b in zip(NAMES[:3], ring, chunked):
-        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-3, msg=lambda m: f"{name}: ring vs chunked: {m}")
-
-
-@pytest.mark.parametrize("ring", ["auto", "off"])
-def test_random_sweep(ring, monkeypatch):
-    """At least 200 seeded random configurations: gradients of all four inputs match, with the
-    accumulator ring (the default at these sizes) and with the chunked launches."""
-    monkeypatch.setenv("SPARSEK_BWD_RING", ring)
+def test_random_sweep():
+    """At least 200 seeded random configurations: gradients of all four inputs match."""
     cuda_kernels()
     rng = random.Random(int(os.environ.get("SPARSEK_SWEEP_SEED", "20261207")))
     cases, failures = int(os.environ.get("SPARSEK_BWD_SWEEP_CASES", "210")), []

@@ -137,21 +137,3 @@ def test_accumulator_budget_rejects_bad_override(value, monkeypatch):
     k = torch.empty(1, 1, 10, 64, device="meta")
     with pytest.raises(ValueError, match="SPARSEK_BWD_ACC_MIB must be a positive whole number of MiB, got"):
         _cuda.accumulator_budget(k)
-
-
-@pytest.mark.parametrize("value, slots", [(None, -1), ("auto", -1), ("off", 0), ("3", 3), (" 12 ", 12)])
-def test_ring_slots(value, slots, monkeypatch):
-    """SPARSEK_BWD_RING: unset or auto lets the binding choose (-1), off keeps the chunked
-    launches (0), a positive number asks for that many slots."""
-    if value is None:
-        monkeypatch.delenv("SPARSEK_BWD_RING", raising=False)
-    else:
-        monkeypatch.setenv("SPARSEK_BWD_RING", value)
-    assert _cuda.ring_slots() == slots
-
-
-@pytest.mark.parametrize("value", ["0", "-1", "on", "2.5", ""])
-def test_ring_slots_rejects_bad_value(value, monkeypatch):
-    monkeypatch.setenv("SPARSEK_BWD_RING", value)
-    with pytest.raises(ValueError, match="SPARSEK_BWD_RING must be 'auto', 'off' or a positive number of slots, got"):
-        _cuda.ring_slots()
