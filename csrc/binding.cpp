@@ -63,18 +63,30 @@ sparsek::SelectAlgo select_algo() {
   return name != nullptr && std::string(name) == "walk" ? sparsek::SelectAlgo::kWalk : sparsek::SelectAlgo::kSegmented;
 }
 
-// Prefix lengths walked by one CTA of the selection. Each CTA first scans up to S sorted
-// positions to rebuild its start state, so the scans cost O(S^2 / chunk) per row while the
-// serial walk costs O(chunk): grow the chunk with S, within [256, 2048].
-// SPARSEK_SELECT_CHUNK=N (8 <= N <= 2048) overrides the rule, for measuring it.
-int64_t select_chunk(int64_t S) {
+// Prefix lengths walked by one CTA of the selection. Each CTA first scans the row's band (up to
+// S sorted positions) to rebuild its start state, so the scans cost O(S^2 / chunk) per row.
+// - The serial walk then costs O(chunk) in one thread: the chunk grows with S, within [256, 2048].
+// - The segmented walk (eight walkers per CTA, each after its own start state) took 1024 as the
+//   fastest of 256..2048 at seed, long-16k and long-64k on an H100 (docs/perf-notes.md, selection
+//   v3.1); it is halved, down to 256, while the grid would leave SMs idle (long-16k: 512).
+// SPARSEK_SELECT_CHUNK=N (8 <= N <= 2048) overrides both rules, for measuring them.
+int64_t select_chunk(sparsek::SelectAlgo algo, int64_t S, int64_t rows, int64_t n_prefix, int device) {
   if (const char* forced = std::getenv("SPARSEK_SELECT_CHUNK"); forced != nullptr && *forced != '\0') {
-    const long n = std::strtol(forced, nullptr, 10);
-    SPARSEK_CHECK(n >= 8 && n <= 2048, "SPARSEK_SELECT_CHUNK must be an integer in [8, 2048], got '", forced, "'");
+    char* rest = nullptr;
+    const long n = std::strtol(forced, &rest, 10);
+    SPARSEK_CHECK(*rest == '\0' && n >= 8 && n <= 2048, "SPARSEK_SELECT_CHUNK must be an integer in [8, 2048], got '",
+                  forced, "'");
     return n;
   }
   int64_t chunk = 256;
-  while (chunk < 2048 && chunk * 128 < S) chunk *= 2;
+  if (algo == sparsek::SelectAlgo::kWalk) {
+    while (chunk < 2048 && chunk * 128 < S) chunk *= 2;
+    return chunk;
+  }
+  int sms = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) sms = 132;
+  chunk = 1024;
+  while (chunk > 256 && rows * ((n_prefix + chunk - 1) / chunk) < sms) chunk /= 2;
   return chunk;
 }
 
@@ -112,7 +124,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_cuda(
 
   const int64_t k_eff = std::min<int64_t>(topk, S);
   const int64_t n_max = std::max<int64_t>(0, S - window);
-  const int64_t chunk = select_chunk(S);
+  const sparsek::SelectAlgo algo = select_algo();
+  const int64_t chunk = select_chunk(algo, S, B * H, std::max<int64_t>(n_max - k_eff, 0), scores.get_device());
   const int64_t n_chunks = n_max > k_eff ? (n_max - k_eff + chunk - 1) / chunk : 0;
   const int64_t n_blocks = block_q > 0 ? (S + block_q - 1) / block_q : 0;
   const int64_t cap = block_q > 0 ? k_eff + block_q - 1 : 0;
@@ -148,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_cuda(
   p.block_q = static_cast<int>(block_q);
   p.n_blocks = static_cast<int>(n_blocks);
   p.cap = static_cast<int>(cap);
-  err = sparsek::launch_selection_with(p, select_algo(), nonfinite.data_ptr<int>(), stream);
+  err = sparsek::launch_selection_with(p, algo, nonfinite.data_ptr<int>(), stream);
   TORCH_CHECK(err == cudaSuccess, sparsek_msg::build("sparsek_cuda: selection launch failed: ", cudaGetErrorString(err)));
   return {tau, end, keys, count};
 }
@@ -392,8 +405,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     if (deterministic) {  // one rounding from the exact integer sums: value = acc / fixed_scale
       dk_rows.narrow(0, c0, n).copy_(dk_part.to(at::kDouble).mul_(scale).div_(fixed_scale->select(0, 0)));
       dv_rows.narrow(0, c0, n).copy_(dv_part.to(at::kDouble).div_(fixed_scale->select(0, 1)));
-    } else {
-      dk_rows.narrow(0, c0, n).copy_(dk_part.mul_(scale));
+    } else {  // dk: one pass, float32 product rounded once into dk's dtype (a separate mul_ was 8 B/element more)
+      at::Tensor dk_dst = dk_rows.narrow(0, c0, n);
+      at::mul_out(dk_dst, dk_part, at::scalar_tensor(scale, dk_part.options()));
       dv_rows.narrow(0, c0, n).copy_(dv_part);
     }
   }
