@@ -128,6 +128,27 @@ def test_segmented_matches_walk_and_reference(case, monkeypatch):
     torch.testing.assert_close(seg[0][finite], sel.tau[finite], rtol=2e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk", ["8", "100", "256", "1024", "2048"])
+def test_segmented_chunk_sizes_match_walk(chunk, monkeypatch):
+    """The chunk rule picks 256 to 1024 prefix lengths per CTA (more where SMs would idle); any
+    chunk, odd or not a multiple of the eight segments, gives the serial walk's integers."""
+    cuda_kernels()
+    gen = torch.Generator().manual_seed(5)
+    u = (torch.randn(2, 3, 5000, generator=gen).cumsum(-1) * 0.05 + torch.randn(2, 3, 5000, generator=gen)).float().cuda()
+    walk = _select(u, 512, 256, 32, "walk", monkeypatch)
+    monkeypatch.setenv("SPARSEK_SELECT_CHUNK", chunk)
+    seg = _select(u, 512, 256, 32, "segmented", monkeypatch)
+    assert torch.equal(seg[1], walk[1]) and torch.equal(seg[3], walk[3]), f"chunk {chunk}"
+
+
+@pytest.mark.parametrize("value", ["4", "4096", "12x", "big"])
+def test_select_chunk_override_rejects_bad_value(value, monkeypatch):
+    cuda_kernels()
+    monkeypatch.setenv("SPARSEK_SELECT_CHUNK", value)
+    with pytest.raises(ValueError, match=r"SPARSEK_SELECT_CHUNK must be an integer in \[8, 2048\], got '" + value):
+        _cuda.ops().select(torch.zeros(1, 1, 100, device="cuda"), 4, 2, 32)
+
+
 def test_segmented_long_64k_matches_walk(monkeypatch):
     """long-64k's selection (B1 Hkv8 S65536, topk 2048, window 512): end bit for bit."""
     cuda_kernels()
