@@ -58,6 +58,34 @@ def visits(end: torch.Tensor, window: int, tile: int) -> dict:  # end: (S,) int6
     return out
 
 
+def query_major(end: torch.Tensor, window: int, topk: int, block_q: int, group: int, tile: int = 64) -> dict:
+    """The query-major plan the kernels run (csrc/tile_plan.h), for one kv head's selection
+    (end: (S,) int64): each block of block_q queries x group heads (block_q * group = 128 rows)
+    walks its window tiles over keys [i0 - W + 1, i1) and its list: the top-k candidates of its
+    first query plus the keys whose run starts inside the block (block_lists_kernel), tile keys
+    per tile. Visited pairs (every row of every tile, padding included) over attended pairs."""
+    S = end.numel()
+    j = torch.arange(S)
+    attended_q = torch.clamp(torch.arange(S) + 1, max=window).sum() + (end - (j + window)).clamp(min=0).sum()
+    starts = torch.arange(0, S, block_q)
+    i1 = torch.clamp(starts + block_q, max=S)
+    w0 = torch.where(torch.tensor(window > 0), (starts - window + 1).clamp(min=0), i1)
+    n_win = (i1 - w0 + tile - 1) // tile
+    n = (starts - window + 1).clamp(min=0)  # candidates of the block's first query
+    runs_start = (end > j + window).long().cumsum(0)  # keys up to j whose run is non-empty
+    lo, hi = n, torch.clamp(i1 - window, min=0, max=S)
+    before = lambda x: torch.where(x > 0, runs_start[(x - 1).clamp(min=0)], torch.zeros_like(x))
+    late = torch.where(hi > lo, before(hi) - before(lo), torch.zeros_like(lo))
+    count = torch.clamp(n, max=topk) + late
+    n_list = (count + tile - 1) // tile
+    rows = block_q * group
+    visited = rows * tile * (n_win + n_list).sum()
+    return {"attended_pairs": int(attended_q) * group, "visited_pairs": int(visited),
+            "visited / attended": float(visited / (attended_q * group)),
+            "tiles per block": float((n_win + n_list).float().mean()),
+            "window tiles per block": float(n_win.float().mean()), "blocks": int(starts.numel())}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--case", default="long-16k", help="a prefill or train case (default long-16k)")
@@ -70,7 +98,12 @@ def main(argv=None) -> int:
                               torch.device("cpu"))
     sel = sel_mod.select(scores[:1], case.topk, case.window)
     rows = []
+    group = case.q_heads // case.kv_heads
     for h in range(args.kv_heads):
+        row = {"case": case.name, "kv_head": h, "schedule": "query-major (the kernels' plan)", "tile": 64,
+               **query_major(sel.end[0, h].long(), case.window, case.topk, 128 // group, group)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
         for tile in (int(t) for t in args.tiles.split(",")):
             row = {"case": case.name, "kv_head": h, "tile": tile, **visits(sel.end[0, h].long(), case.window, tile)}
             rows.append(row)
