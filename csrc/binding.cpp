@@ -84,7 +84,7 @@ int64_t select_chunk(sparsek::SelectAlgo algo, int64_t S, int64_t rows, int64_t 
     return chunk;
   }
   int sms = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) sms = 132;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) sms = 132;  // an H100's
   chunk = 1024;
   while (chunk > 256 && rows * ((n_prefix + chunk - 1) / chunk) < sms) chunk /= 2;
   return chunk;

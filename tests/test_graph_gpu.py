@@ -130,8 +130,9 @@ def test_segmented_matches_walk_and_reference(case, monkeypatch):
 
 @pytest.mark.parametrize("chunk", ["8", "100", "256", "1024", "2048"])
 def test_segmented_chunk_sizes_match_walk(chunk, monkeypatch):
-    """The chunk rule picks 256 to 1024 prefix lengths per CTA (more where SMs would idle); any
-    chunk, odd or not a multiple of the eight segments, gives the serial walk's integers."""
+    """The chunk rule picks 1024 prefix lengths per CTA, fewer (down to 256) where SMs would
+    idle; any chunk, odd or not a multiple of the eight segments, gives the serial walk's
+    integers."""
     cuda_kernels()
     gen = torch.Generator().manual_seed(5)
     u = (torch.randn(2, 3, 5000, generator=gen).cumsum(-1) * 0.05 + torch.randn(2, 3, 5000, generator=gen)).float().cuda()

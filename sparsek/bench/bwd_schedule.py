@@ -69,7 +69,7 @@ def query_major(end: torch.Tensor, window: int, topk: int, block_q: int, group: 
     attended_q = torch.clamp(torch.arange(S) + 1, max=window).sum() + (end - (j + window)).clamp(min=0).sum()
     starts = torch.arange(0, S, block_q)
     i1 = torch.clamp(starts + block_q, max=S)
-    w0 = torch.where(torch.tensor(window > 0), (starts - window + 1).clamp(min=0), i1)
+    w0 = (starts - window + 1).clamp(min=0) if window > 0 else i1  # window 0: no window tiles
     n_win = (i1 - w0 + tile - 1) // tile
     n = (starts - window + 1).clamp(min=0)  # candidates of the block's first query
     runs_start = (end > j + window).long().cumsum(0)  # keys up to j whose run is non-empty
