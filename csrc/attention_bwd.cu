@@ -28,6 +28,7 @@
 #include <cuda_runtime.h>
 #include <math_constants.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "ptx.h"
@@ -893,6 +894,36 @@ __global__ void __launch_bounds__(256) bwd_dot_kernel(const BwdDotParams p) {
   if (row < p.rows && part == 0) p.dsum[row] = acc;
 }
 
+// float32 product rounded to nearest, never flushed (the build uses fast math, whose multiplies
+// flush subnormals): the same rounding as the float32 tensor multiply it replaces.
+__device__ __forceinline__ float mul_rn(float a, float b) {
+  float r;
+  asm("mul.rn.f32 %0, %1, %2;\n" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+// One pass over a chunk's accumulators, four elements per thread and step: 8 B read, 4 B written
+// and, when zero is set, 8 B of zeros written back. The separate fill, scale and copy kernels it
+// replaces moved the same bytes at about half the copy rate on an H100 (docs/perf-notes.md,
+// backward v2.8), and with chunks that stay in L2 the whole pass is L2 traffic.
+template <typename Elem>
+__global__ void __launch_bounds__(256) bwd_convert_kernel(const BwdConvertParams p) {
+  const int64_t n4 = p.elems / 4;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n4; i += stride) {
+    float4* ka = reinterpret_cast<float4*>(p.dk_acc) + i;
+    float4* va = reinterpret_cast<float4*>(p.dv_acc) + i;
+    const float4 a = *ka, b = *va;
+    reinterpret_cast<uint2*>(p.dk)[i] =
+        make_uint2(pack2<Elem>(mul_rn(a.x, p.scale), mul_rn(a.y, p.scale)), pack2<Elem>(mul_rn(a.z, p.scale), mul_rn(a.w, p.scale)));
+    reinterpret_cast<uint2*>(p.dv)[i] = make_uint2(pack2<Elem>(b.x, b.y), pack2<Elem>(b.z, b.w));
+    if (p.zero) {
+      *ka = make_float4(0.f, 0.f, 0.f, 0.f);
+      *va = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  }
+}
+
 template <int kD, typename Elem>
 cudaError_t launch(const AttnBwdParams& p, int bh_count, cudaStream_t stream) {
   const dim3 grid(p.n_blocks, bh_count);
@@ -916,6 +947,19 @@ cudaError_t launch_bwd_dot(const BwdDotParams& p, cudaStream_t stream) {
   if (p.head_dim == 128) return p.is_bf16 ? launch_dot<128, __nv_bfloat16>(p, stream) : launch_dot<128, __half>(p, stream);
   if (p.head_dim == 64) return p.is_bf16 ? launch_dot<64, __nv_bfloat16>(p, stream) : launch_dot<64, __half>(p, stream);
   return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_bwd_convert(const BwdConvertParams& p, cudaStream_t stream) {
+  if (p.elems == 0) return cudaSuccess;
+  if (p.elems % 4 != 0) return cudaErrorInvalidValue;
+  constexpr int kThreadsConvert = 256;
+  const int64_t blocks = std::min<int64_t>((p.elems / 4 + kThreadsConvert - 1) / kThreadsConvert, 1 << 16);
+  if (p.is_bf16) {
+    bwd_convert_kernel<__nv_bfloat16><<<static_cast<unsigned>(blocks), kThreadsConvert, 0, stream>>>(p);
+  } else {
+    bwd_convert_kernel<__half><<<static_cast<unsigned>(blocks), kThreadsConvert, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
 }
 
 cudaError_t launch_attention_bwd(const AttnBwdParams& p, int head_dim, int bh_count, cudaStream_t stream) {

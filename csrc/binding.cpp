@@ -38,6 +38,7 @@ std::string build(const Args&... args) {
 // ---- prefill: selection + attention (owned by the prefill kernels) ----
 
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
@@ -45,6 +46,7 @@ std::string build(const Args&... args) {
 #include <cstdlib>
 #include <limits>
 #include <optional>
+#include <vector>
 
 #include "selection_api.h"
 #include "sparsek_params.h"
@@ -306,7 +308,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
 // (deterministic: per block and list place, (B*Hkv, n_blocks, cap); otherwise summed,
 // (B, Hkv, S)) and gamma's per-row sums (B, Hq, S). The caller finishes d scores
 // (sparsek/_cuda.py). kernel: 2 = warpgroup MMA, 1 = the mma.sync version (for comparison);
-// acc_budget: bytes of dk/dv accumulators per launch chunk.
+// acc_budget: bytes of dk/dv accumulators per launch chunk; streams: how many streams the chunks
+// take turns over (float32 accumulators only; 1 = the current stream alone).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& dout,         // (B, Hq, S, D)
     const at::Tensor& q,            // (B, Hq, S, D)
@@ -321,7 +324,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const at::Tensor& block_count,  // (B * Hkv, n_blocks) int32
     int64_t window, double scale, int64_t block_q, bool deterministic,
     const std::optional<at::Tensor>& fixed_scale,  // (2,) float64: dk, dv (deterministic only)
-    bool poison, int64_t kernel, int64_t acc_budget) {
+    bool poison, int64_t kernel, int64_t acc_budget, int64_t streams) {
   const AttnShape shape = check_attention(q, k, v, scores, tau, end, block_keys, block_count, scale, block_q);
   const auto [B, Hq, S, D, Hkv, group, n_blocks] = shape;
   for (const auto* t : {&dout, &out, &lse}) {
@@ -335,6 +338,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
                 at::IntArrayRef({B, Hq, S}), ", got ", lse.scalar_type(), " ", lse.sizes());
   SPARSEK_CHECK(kernel == 1 || kernel == 2, "kernel must be 1 (mma.sync) or 2 (warpgroup MMA), got ", kernel);
   SPARSEK_CHECK(acc_budget > 0, "acc_budget must be positive, got ", acc_budget);
+  SPARSEK_CHECK(streams >= 1 && streams <= 8, "streams must be in [1, 8], got ", streams);
   if (deterministic) {
     SPARSEK_CHECK(fixed_scale.has_value() && fixed_scale->is_cuda() && fixed_scale->device() == q.device() &&
                       fixed_scale->scalar_type() == at::kDouble && fixed_scale->numel() == 2 && fixed_scale->is_contiguous(),
@@ -358,17 +362,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
 
   // dk and dv are summed in float32 (int64 fixed point when deterministic) accumulators. The
   // (batch, kv head) pairs run in chunks whose accumulators fit in acc_budget bytes (at least one
-  // pair per chunk); each chunk's sums are converted into dk and dv before the next one starts,
-  // so the accumulators never grow with B * Hkv (512 MiB at long-64k otherwise).
+  // pair per chunk); each chunk's sums are converted into dk and dv before its accumulators take
+  // the next chunk, so they never grow with B * Hkv (512 MiB at long-64k otherwise). With
+  // streams > 1 (float32 only) the chunks take turns over that many streams, each with its own
+  // accumulators: small chunks then stay in L2 from zeroing to conversion, and one stream's
+  // launch fills the SMs another's partly empty last wave leaves (docs/perf-notes.md, v2.8).
   const int64_t BH = B * Hkv;
   const int64_t acc_bytes_per_bh = 2 * S * D * (deterministic ? 8 : 4);
   const int64_t chunk = std::clamp<int64_t>(acc_budget / std::max<int64_t>(acc_bytes_per_bh, 1), 1, std::max<int64_t>(BH, 1));
+  const int64_t n_chunks = (BH + chunk - 1) / chunk;
+  const int64_t lanes = deterministic ? 1 : std::clamp<int64_t>(streams, 1, std::max<int64_t>(n_chunks, 1));
   const auto acc_opts = q.options().dtype(deterministic ? at::kLong : at::kFloat);
   at::Tensor dq = at::empty({B, Hq, S, D}, q.options());
   at::Tensor dk = at::empty({B, Hkv, S, D}, k.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor dv = at::empty({B, Hkv, S, D}, v.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor dk_acc = at::empty({chunk, S, D}, acc_opts);
-  at::Tensor dv_acc = at::empty({chunk, S, D}, acc_opts);
+  at::Tensor dk_acc = at::zeros({lanes, chunk, S, D}, acc_opts);  // (lanes, chunk, S, D)
+  at::Tensor dv_acc = at::zeros({lanes, chunk, S, D}, acc_opts);
   const int64_t cap = block_keys.size(2);
   at::Tensor du = deterministic ? at::zeros({B * Hkv, n_blocks, cap}, q.options().dtype(at::kFloat))
                                 : at::zeros({B, Hkv, S}, q.options().dtype(at::kFloat));
@@ -384,8 +393,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   p.lse = lse_c.data_ptr<float>();
   p.dsum = dsum.data_ptr<float>();
   p.dq = dq.data_ptr();
-  p.dk_acc = dk_acc.data_ptr();
-  p.dv_acc = dv_acc.data_ptr();
   p.fixed_scale = deterministic ? fixed_scale->data_ptr<double>() : nullptr;
   p.du = deterministic ? nullptr : du.data_ptr<float>();
   p.du_part = deterministic ? du.data_ptr<float>() : nullptr;
@@ -394,21 +401,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   p.deterministic = deterministic;
   p.kernel = static_cast<int>(kernel);
   const at::Tensor dk_rows = dk.view({BH, S, D}), dv_rows = dv.view({BH, S, D});
-  for (int64_t c0 = 0; c0 < BH; c0 += chunk) {
-    const int64_t n = std::min(chunk, BH - c0);
-    at::Tensor dk_part = dk_acc.narrow(0, 0, n), dv_part = dv_acc.narrow(0, 0, n);
-    dk_part.zero_();
-    dv_part.zero_();
+
+  // Stream i of `lanes` runs chunks i, i + lanes, ...; the side streams start after everything
+  // queued so far on the current stream and the current stream waits for all of them at the end,
+  // so callers (and the caching allocator, whose blocks belong to the current stream) see one
+  // ordered stream.
+  std::vector<c10::cuda::CUDAStream> lane_streams;
+  std::vector<at::cuda::CUDAEvent> lane_done(static_cast<size_t>(lanes));
+  const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream();
+  if (lanes > 1) {
+    at::cuda::CUDAEvent inputs_ready;
+    inputs_ready.record(current);
+    for (int64_t i = 0; i < lanes; ++i) {
+      lane_streams.push_back(c10::cuda::getStreamFromPool(false, q.device().index()));
+      inputs_ready.block(lane_streams.back());
+    }
+  } else {
+    lane_streams.push_back(current);
+  }
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const int64_t c0 = c * chunk, n = std::min(chunk, BH - c0), lane = c % lanes;
+    const cudaStream_t lane_stream = lane_streams[static_cast<size_t>(lane)].stream();
+    at::Tensor dk_part = dk_acc.select(0, lane).narrow(0, 0, n), dv_part = dv_acc.select(0, lane).narrow(0, 0, n);
+    p.dk_acc = dk_part.data_ptr();
+    p.dv_acc = dv_part.data_ptr();
     p.bh_offset = static_cast<int>(c0);
-    err = sparsek::launch_attention_bwd(p, static_cast<int>(D), static_cast<int>(n), stream);
+    err = sparsek::launch_attention_bwd(p, static_cast<int>(D), static_cast<int>(n), lane_stream);
     TORCH_CHECK(err == cudaSuccess, sparsek_msg::build("sparsek_cuda: backward attention launch failed: ", cudaGetErrorString(err)));
+    const bool reused = c + lanes < n_chunks;
     if (deterministic) {  // one rounding from the exact integer sums: value = acc / fixed_scale
       dk_rows.narrow(0, c0, n).copy_(dk_part.to(at::kDouble).mul_(scale).div_(fixed_scale->select(0, 0)));
       dv_rows.narrow(0, c0, n).copy_(dv_part.to(at::kDouble).div_(fixed_scale->select(0, 1)));
-    } else {  // dk: one pass, float32 product rounded once into dk's dtype (a separate mul_ was 8 B/element more)
-      at::Tensor dk_dst = dk_rows.narrow(0, c0, n);
-      at::mul_out(dk_dst, dk_part, at::scalar_tensor(scale, dk_part.options()));
-      dv_rows.narrow(0, c0, n).copy_(dv_part);
+      if (reused) {
+        dk_part.zero_();
+        dv_part.zero_();
+      }
+    } else {  // dk = acc * scale and dv = acc rounded once into their dtype, zeros written back if reused
+      sparsek::BwdConvertParams cv = {};
+      cv.dk_acc = dk_part.data_ptr<float>();
+      cv.dv_acc = dv_part.data_ptr<float>();
+      cv.dk = dk_rows[c0].data_ptr();
+      cv.dv = dv_rows[c0].data_ptr();
+      cv.elems = n * S * D;
+      cv.scale = static_cast<float>(scale);
+      cv.zero = reused;
+      cv.is_bf16 = q.scalar_type() == at::kBFloat16;
+      err = sparsek::launch_bwd_convert(cv, lane_stream);
+      TORCH_CHECK(err == cudaSuccess, sparsek_msg::build("sparsek_cuda: backward conversion launch failed: ", cudaGetErrorString(err)));
+    }
+  }
+  if (lanes > 1) {
+    for (int64_t i = 0; i < lanes; ++i) {
+      lane_done[static_cast<size_t>(i)].record(lane_streams[static_cast<size_t>(i)]);
+      lane_done[static_cast<size_t>(i)].block(current);
     }
   }
   return {dq, dk, dv, du, gamma_rows};
@@ -425,8 +470,8 @@ TORCH_LIBRARY(sparsek_cuda, m) {
   m.def(
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor scores, Tensor tau, "
       "Tensor end, Tensor block_keys, Tensor block_count, int window, float scale, int block_q, bool deterministic, "
-      "Tensor? fixed_scale=None, bool poison=False, int kernel=2, int acc_budget=268435456) -> (Tensor dq, Tensor dk, "
-      "Tensor dv, Tensor du, Tensor gamma_rows)");
+      "Tensor? fixed_scale=None, bool poison=False, int kernel=2, int acc_budget=268435456, int streams=1) -> (Tensor dq, "
+      "Tensor dk, Tensor dv, Tensor du, Tensor gamma_rows)");
 }
 
 TORCH_LIBRARY_IMPL(sparsek_cuda, CUDA, m) {

@@ -121,10 +121,25 @@ struct BwdDotParams {
   bool is_bf16;
 };
 
+// The end of one backward chunk: dk = dk_acc * scale and dv = dv_acc in the inputs' dtype (each
+// float32 value rounded once) and, when the chunk's accumulators are used again, zeros written
+// back over them, all in one pass.
+struct BwdConvertParams {
+  float* dk_acc;     // (elems,) float32, the chunk's accumulators
+  float* dv_acc;     // (elems,) float32
+  void* dk;          // (elems,) Elem, the chunk's rows of dk
+  void* dv;          // (elems,) Elem
+  int64_t elems;     // pairs x S x D, a multiple of 4
+  float scale;       // softmax scale (dk = scale * dS^T Q)
+  bool zero;         // write zeros back (a later chunk adds into the same accumulators)
+  bool is_bf16;
+};
+
 // Host launchers (defined in the .cu files). Each checks the launch and returns its error.
 cudaError_t launch_selection(const SelectParams& p, cudaStream_t stream);
 cudaError_t launch_attention_fwd(const AttnParams& p, int head_dim, cudaStream_t stream);
 cudaError_t launch_bwd_dot(const BwdDotParams& p, cudaStream_t stream);
+cudaError_t launch_bwd_convert(const BwdConvertParams& p, cudaStream_t stream);
 // Launches the (batch, kv head) pairs bh_offset .. bh_offset + bh_count - 1.
 cudaError_t launch_attention_bwd(const AttnBwdParams& p, int head_dim, int bh_count, cudaStream_t stream);
 

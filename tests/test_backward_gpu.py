@@ -182,6 +182,21 @@ def test_accumulator_chunks(deterministic, monkeypatch):
             assert torch.equal(a, b), f"{name}: chunked launches changed a deterministic gradient"
 
 
+@pytest.mark.parametrize("streams", ["1", "2", "3", "8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_accumulator_streams(streams, dtype, monkeypatch):
+    """One pair per chunk, the chunks taking turns over 1, 2, 3 or 8 streams (each with its own
+    accumulators, converted and zeroed for the stream's next chunk): every pair's dk and dv, and
+    everything the current stream computes from them at once, match the reference."""
+    cuda_kernels()
+    monkeypatch.setenv("SPARSEK_BWD_STREAMS", streams)
+    monkeypatch.setenv("SPARSEK_BWD_ACC_MIB", "1")  # < one pair of 2 x 1000 x 128 x 4 B: one pair per chunk
+    q, k, v, u, grad = _inputs(23 + int(streams), 3, 8, 4, 1000, 128, dtype)
+    got = _kernel_grads(q, k, v, u, grad, 70, 33)
+    got = [g.clone() for g in got]  # read on the current stream right after the op returns
+    _check(got, _reference_grads(q, k, v, u, grad, 70, 33), dtype, f"{streams} streams: ")
+
+
 def test_random_sweep():
     """At least 200 seeded random configurations: gradients of all four inputs match."""
     cuda_kernels()

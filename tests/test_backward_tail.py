@@ -114,13 +114,15 @@ def test_backward_kernels_switch(monkeypatch):
         ((1, 8, 65536, 128), False, 256),  # long-64k: 512 MiB, half is the ceiling
         ((1, 8, 32768, 128), False, 128),  # half
         ((1, 8, 32768, 128), True, 256),  # int64 accumulators: twice the bytes
-        ((16, 96, 4096, 128), False, 256),  # many pairs: the ceiling
-        ((1, 1, 10, 64), False, 64),  # tiny: the floor (one launch)
+        ((16, 96, 4096, 128), True, 256),  # seed, int64: many pairs, the ceiling
+        ((16, 96, 4096, 128), False, 8),  # seed: 4 MiB pairs, chunks that stay in L2
+        ((1, 1, 10, 64), True, 64),  # tiny: the floor (one launch)
     ],
 )
 def test_accumulator_budget(shape, deterministic, mib, monkeypatch):
-    """The dk/dv accumulators per backward launch: half of what every pair needs, within
-    [64 MiB, 256 MiB], or exactly what SPARSEK_BWD_ACC_MIB says."""
+    """The dk/dv accumulators per backward launch: 8 MiB where the chunks take turns over
+    several streams, else half of what every pair needs, within [64 MiB, 256 MiB]; or exactly
+    what SPARSEK_BWD_ACC_MIB says."""
     monkeypatch.delenv("SPARSEK_BWD_ACC_MIB", raising=False)
     k = torch.empty(shape, dtype=torch.bfloat16, device="meta")
     assert _cuda.accumulator_budget(k, deterministic) == mib << 20
@@ -129,6 +131,33 @@ def test_accumulator_budget(shape, deterministic, mib, monkeypatch):
     monkeypatch.delenv("SPARSEK_BWD_ACC_MIB")
     monkeypatch.setattr(_cuda, "BACKWARD_ACC_BUDGET", 1)  # the ceiling wins (one pair per launch)
     assert _cuda.accumulator_budget(k, deterministic) == 1
+
+
+@pytest.mark.parametrize(
+    "shape, deterministic, streams",
+    [
+        ((16, 96, 4096, 128), False, 3),  # seed: 4 MiB of float32 accumulators per pair
+        ((1, 4, 8192, 128), False, 3),  # 8 MiB: still fits a chunk
+        ((1, 8, 16384, 128), False, 1),  # long-16k: 16 MiB per pair, one stream
+        ((16, 96, 4096, 128), True, 1),  # int64 sums: one stream
+    ],
+)
+def test_backward_streams(shape, deterministic, streams, monkeypatch):
+    """Several streams only where a pair's float32 accumulators fit the L2-sized chunk;
+    SPARSEK_BWD_STREAMS fixes the count except in the deterministic mode."""
+    monkeypatch.delenv("SPARSEK_BWD_STREAMS", raising=False)
+    k = torch.empty(shape, dtype=torch.bfloat16, device="meta")
+    assert _cuda.backward_streams(k, deterministic) == streams
+    monkeypatch.setenv("SPARSEK_BWD_STREAMS", "5")
+    assert _cuda.backward_streams(k, deterministic) == (1 if deterministic else 5)
+
+
+@pytest.mark.parametrize("value", ["0", "9", "-1", "two", ""])
+def test_backward_streams_rejects_bad_override(value, monkeypatch):
+    monkeypatch.setenv("SPARSEK_BWD_STREAMS", value)
+    k = torch.empty(1, 1, 8, 64, device="meta")
+    with pytest.raises(ValueError, match=r"SPARSEK_BWD_STREAMS must be a whole number of streams in \[1, 8\], got"):
+        _cuda.backward_streams(k)
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "1.5", "lots", ""])

@@ -107,9 +107,11 @@ def probe_train(name: str, peaks: dict) -> list[dict]:
                    case.window, scale, block_q, False, None)
     # Both kernels in one run (the mma.sync v1 kept for this comparison), and the default kernel
     # in one launch with accumulators for every (batch, kv head) pair: what the chunking costs.
-    budget = _cuda.accumulator_budget(k)
-    for kernel, label, acc in ((1, "mma.sync", budget), (2, "wgmma", budget), (2, "wgmma, unchunked", 1 << 60)):
-        run = lambda kernel=kernel, acc=acc: ops.attention_bwd(*kernel_args, kernel=kernel, acc_budget=acc)
+    budget, streams = _cuda.accumulator_budget(k), _cuda.backward_streams(k)
+    for kernel, label, acc, lanes in ((1, "mma.sync", budget, streams), (2, "wgmma", budget, streams),
+                                      (2, "wgmma, unchunked", 1 << 60, 1)):
+        run = lambda kernel=kernel, acc=acc, lanes=lanes: ops.attention_bwd(*kernel_args, kernel=kernel, acc_budget=acc,
+                                                                            streams=lanes)
         add(f"backward kernels, {label} (dot + attention + dk/dv conversion)", _bench(run), bwd_work)
     bwd = lambda: _cuda.backward(grad, q, k, v, u, out, lse, tau, end, keys, count, case.window, scale)
     add("backward (op)", _bench(bwd), bwd_work)
