@@ -905,7 +905,7 @@ __device__ __forceinline__ float mul_rn(float a, float b) {
 // One pass over a chunk's accumulators, four elements per thread and step: 8 B read, 4 B written
 // and, when zero is set, 8 B of zeros written back. The separate fill, scale and copy kernels it
 // replaces moved the same bytes at about half the copy rate on an H100 (docs/perf-notes.md,
-// backward v2.8), and with chunks that stay in L2 the whole pass is L2 traffic.
+// backward v2.8).
 template <typename Elem>
 __global__ void __launch_bounds__(256) bwd_convert_kernel(const BwdConvertParams p) {
   const int64_t n4 = p.elems / 4;

@@ -365,8 +365,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   // pair per chunk); each chunk's sums are converted into dk and dv before its accumulators take
   // the next chunk, so they never grow with B * Hkv (512 MiB at long-64k otherwise). With
   // streams > 1 (float32 only) the chunks take turns over that many streams, each with its own
-  // accumulators: small chunks then stay in L2 from zeroing to conversion, and one stream's
-  // launch fills the SMs another's partly empty last wave leaves (docs/perf-notes.md, v2.8).
+  // accumulators: one stream's launch fills the SMs another's partly empty last wave leaves, and
+  // a chunk's conversion runs beside the next chunk's launch (docs/perf-notes.md, v2.8).
   const int64_t BH = B * Hkv;
   const int64_t acc_bytes_per_bh = 2 * S * D * (deterministic ? 8 : 4);
   const int64_t chunk = std::clamp<int64_t>(acc_budget / std::max<int64_t>(acc_bytes_per_bh, 1), 1, std::max<int64_t>(BH, 1));

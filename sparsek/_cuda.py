@@ -172,7 +172,8 @@ def backward(grad_out, q, k, v, scores, out, lse, tau, end, keys, count, window:
     with annotate("attention_bwd"):
         dq, dk, dv, du_key, gamma_rows = cuda.attention_bwd(
             grad_out, q, k, v, out, lse, scores, tau, end, keys.view(B * Hkv, *keys.shape[2:]), count.view(B * Hkv, -1),
-            window, scale, block_q, deterministic, fixed, kernel=backward_kernel(), acc_budget=accumulator_budget(k, deterministic),
+            window, scale, block_q, deterministic, fixed, kernel=backward_kernel(),
+            acc_budget=accumulator_budget(k, deterministic, block_q=block_q, sms=_sm_count(q.device)),
             streams=backward_streams(k, deterministic),
         )
     if deterministic:
@@ -184,15 +185,14 @@ def backward(grad_out, q, k, v, scores, out, lse, tau, end, keys, count, window:
 # The backward's float32 dk/dv accumulators (int64 when deterministic) are allocated per launch:
 # the (batch, kv head) pairs run in chunks whose accumulators fit a budget (csrc/binding.cpp), so
 # the step's extra memory does not grow with B * Hkv. BACKWARD_ACC_BUDGET is the ceiling.
-# Where one pair's float32 accumulators fit BACKWARD_L2_CHUNK (S x D <= 1 Mi: the seed case,
-# 1,536 pairs of 4 MiB), the chunks are that small and take turns over BACKWARD_STREAMS streams,
-# so that zeroing, adding and converting them stays in L2 and no launch ends in an idle tail
-# (docs/perf-notes.md, backward v2.8). SPARSEK_BWD_ACC_MIB and SPARSEK_BWD_STREAMS fix the two
-# instead (for measuring them).
+# Float32 chunks take turns over BACKWARD_STREAMS streams, each chunk just enough pairs to give
+# every SM a block (seed: 4 pairs of 4 MiB; long-16k and long-64k: 1 pair of 16 or 64 MiB): one
+# stream's launch fills the SMs the other's last wave leaves idle, seed's small chunks stay in L2,
+# and the accumulators are a fraction of the single-stream chunks' (docs/perf-notes.md, backward
+# v2.8). SPARSEK_BWD_ACC_MIB and SPARSEK_BWD_STREAMS fix the two instead (for measuring them).
 BACKWARD_ACC_BUDGET = 256 << 20
 BACKWARD_ACC_FLOOR = 64 << 20
-BACKWARD_L2_CHUNK = 8 << 20
-BACKWARD_STREAMS = 3
+BACKWARD_STREAMS = 2
 
 
 def _env_whole(name: str, low: int, high: int, what: str) -> int | None:
@@ -204,39 +204,39 @@ def _env_whole(name: str, low: int, high: int, what: str) -> int | None:
     return int(value)
 
 
-def backward_streams(k: torch.Tensor, deterministic: bool = False) -> int:
-    """How many streams the backward's accumulator chunks take turns over, for keys k (B, Hkv, S, D).
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
-    1 when deterministic (int64 sums, converted by tensor operations) or when one pair's float32
-    accumulators are larger than BACKWARD_L2_CHUNK; BACKWARD_STREAMS otherwise.
-    """
+
+def backward_streams(k: torch.Tensor, deterministic: bool = False) -> int:
+    """How many streams the backward's accumulator chunks take turns over: BACKWARD_STREAMS, or 1
+    when deterministic (int64 sums, converted by tensor operations in a fixed order)."""
     fixed = _env_whole("SPARSEK_BWD_STREAMS", 1, 8, "a whole number of streams in [1, 8]")
     if deterministic:
         return 1
-    if fixed is not None:
-        return fixed
-    B, Hkv, S, D = k.shape
-    return BACKWARD_STREAMS if 2 * S * D * 4 <= BACKWARD_L2_CHUNK else 1
+    return BACKWARD_STREAMS if fixed is None else fixed
 
 
-def accumulator_budget(k: torch.Tensor, deterministic: bool = False) -> int:
+def accumulator_budget(k: torch.Tensor, deterministic: bool = False, *, block_q: int | None = None,
+                       sms: int | None = None) -> int:
     """Bytes of dk/dv accumulators per backward launch for keys k (B, Hkv, S, D).
 
-    With several streams (backward_streams), BACKWARD_L2_CHUNK per stream. Otherwise half of what
-    all the pairs need, within [64 MiB, BACKWARD_ACC_BUDGET]: two launches at least once the
-    accumulators pass 64 MiB, more once half of them pass the ceiling. Each launch ends in a
-    partly empty wave, about 0.1-0.2 ms on an H100 (docs/perf-notes.md, v2.4): at long-16k the
-    second launch costs 1.5% of the backward and cuts the step's extra memory from 524 to 460 MiB;
-    at long-64k the ceiling already gives two launches.
+    With several streams (backward_streams) and the launch geometry known (block_q queries per
+    block, sms SMs): the fewest pairs whose blocks cover the SMs, at least one, at most
+    BACKWARD_ACC_BUDGET. Otherwise (one stream, or the geometry not given) half of what all the
+    pairs need, within [64 MiB, BACKWARD_ACC_BUDGET]: each launch then ends in a partly empty
+    wave, about 0.1-0.2 ms on an H100 (docs/perf-notes.md, v2.4).
     """
     fixed = _env_whole("SPARSEK_BWD_ACC_MIB", 1, 1 << 30, "a positive whole number of MiB")
     if fixed is not None:
         return fixed << 20
-    if backward_streams(k, deterministic) > 1:
-        return min(BACKWARD_ACC_BUDGET, BACKWARD_L2_CHUNK)
     B, Hkv, S, D = k.shape
-    total = B * Hkv * 2 * S * D * (8 if deterministic else 4)
-    return min(BACKWARD_ACC_BUDGET, max(BACKWARD_ACC_FLOOR, total // 2))
+    pair = 2 * S * D * (8 if deterministic else 4)
+    if backward_streams(k, deterministic) > 1 and block_q is not None and sms is not None:
+        blocks_per_pair = max(1, -(-S // block_q))
+        return min(BACKWARD_ACC_BUDGET, max(1, sms // blocks_per_pair) * pair)
+    return min(BACKWARD_ACC_BUDGET, max(BACKWARD_ACC_FLOOR, B * Hkv * pair // 2))
 
 
 def backward_kernel() -> int:

@@ -114,18 +114,19 @@ def test_backward_kernels_switch(monkeypatch):
         ((1, 8, 65536, 128), False, 256),  # long-64k: 512 MiB, half is the ceiling
         ((1, 8, 32768, 128), False, 128),  # half
         ((1, 8, 32768, 128), True, 256),  # int64 accumulators: twice the bytes
-        ((16, 96, 4096, 128), True, 256),  # seed, int64: many pairs, the ceiling
-        ((16, 96, 4096, 128), False, 8),  # seed: 4 MiB pairs, chunks that stay in L2
-        ((1, 1, 10, 64), True, 64),  # tiny: the floor (one launch)
+        ((16, 96, 4096, 128), False, 256),  # many pairs: the ceiling
+        ((1, 1, 10, 64), False, 64),  # tiny: the floor (one launch)
     ],
 )
-def test_accumulator_budget(shape, deterministic, mib, monkeypatch):
-    """The dk/dv accumulators per backward launch: 8 MiB where the chunks take turns over
-    several streams, else half of what every pair needs, within [64 MiB, 256 MiB]; or exactly
-    what SPARSEK_BWD_ACC_MIB says."""
+def test_accumulator_budget_one_stream(shape, deterministic, mib, monkeypatch):
+    """One stream (or the launch geometry not given): half of what every pair needs, within
+    [64 MiB, 256 MiB], or exactly what SPARSEK_BWD_ACC_MIB says."""
     monkeypatch.delenv("SPARSEK_BWD_ACC_MIB", raising=False)
+    monkeypatch.setenv("SPARSEK_BWD_STREAMS", "1")
     k = torch.empty(shape, dtype=torch.bfloat16, device="meta")
-    assert _cuda.accumulator_budget(k, deterministic) == mib << 20
+    assert _cuda.accumulator_budget(k, deterministic, block_q=32, sms=132) == mib << 20
+    monkeypatch.delenv("SPARSEK_BWD_STREAMS")
+    assert _cuda.accumulator_budget(k, deterministic) == mib << 20  # no geometry: the same rule
     monkeypatch.setenv("SPARSEK_BWD_ACC_MIB", "7")
     assert _cuda.accumulator_budget(k, deterministic) == 7 << 20
     monkeypatch.delenv("SPARSEK_BWD_ACC_MIB")
@@ -134,19 +135,29 @@ def test_accumulator_budget(shape, deterministic, mib, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "shape, deterministic, streams",
+    "shape, block_q, deterministic, mib",
     [
-        ((16, 96, 4096, 128), False, 3),  # seed: 4 MiB of float32 accumulators per pair
-        ((1, 4, 8192, 128), False, 3),  # 8 MiB: still fits a chunk
-        ((1, 8, 16384, 128), False, 1),  # long-16k: 16 MiB per pair, one stream
-        ((16, 96, 4096, 128), True, 1),  # int64 sums: one stream
+        ((16, 96, 4096, 128), 128, False, 16),  # seed: 32 blocks per 4 MiB pair, 4 pairs cover 132 SMs
+        ((1, 8, 16384, 128), 32, False, 16),  # long-16k: 512 blocks per pair, one pair of 16 MiB
+        ((1, 8, 65536, 128), 32, False, 64),  # long-64k: one pair of 64 MiB
+        ((1, 2, 131072, 128), 32, False, 128),  # one pair of 128 MiB
+        ((1, 8, 4096, 64), 64, False, 4),  # 64 blocks per 2 MiB pair: 2 pairs
+        ((16, 96, 4096, 128), 128, True, 256),  # deterministic: one stream, the ceiling
     ],
 )
-def test_backward_streams(shape, deterministic, streams, monkeypatch):
-    """Several streams only where a pair's float32 accumulators fit the L2-sized chunk;
-    SPARSEK_BWD_STREAMS fixes the count except in the deterministic mode."""
+def test_accumulator_budget_streams(shape, block_q, deterministic, mib, monkeypatch):
+    """Several streams: the fewest pairs whose blocks give each of 132 SMs one (at least one pair)."""
+    monkeypatch.delenv("SPARSEK_BWD_ACC_MIB", raising=False)
     monkeypatch.delenv("SPARSEK_BWD_STREAMS", raising=False)
     k = torch.empty(shape, dtype=torch.bfloat16, device="meta")
+    assert _cuda.accumulator_budget(k, deterministic, block_q=block_q, sms=132) == mib << 20
+
+
+@pytest.mark.parametrize("deterministic, streams", [(False, 2), (True, 1)])
+def test_backward_streams(deterministic, streams, monkeypatch):
+    """Two streams unless deterministic; SPARSEK_BWD_STREAMS fixes the count except then."""
+    monkeypatch.delenv("SPARSEK_BWD_STREAMS", raising=False)
+    k = torch.empty(16, 96, 4096, 128, dtype=torch.bfloat16, device="meta")
     assert _cuda.backward_streams(k, deterministic) == streams
     monkeypatch.setenv("SPARSEK_BWD_STREAMS", "5")
     assert _cuda.backward_streams(k, deterministic) == (1 if deterministic else 5)
