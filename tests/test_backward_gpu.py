@@ -276,6 +276,8 @@ def test_compute_sanitizer_clean(tool):
     cuda_kernels()  # build once outside the sanitizer
     code = (
         "import torch, warnings, sparsek\n"
+        "from sparsek import _cuda\n"
+        "_cuda.BACKWARD_ACC_BUDGET = 1  # one pair per chunk: both accumulator streams run\n"
         "warnings.simplefilter('error', RuntimeWarning)\n"
         "g = torch.Generator().manual_seed(0)\n"
         "q = torch.randn(1, 8, 203, 64, generator=g).cuda().bfloat16().requires_grad_()\n"
