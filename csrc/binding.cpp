@@ -92,6 +92,18 @@ int64_t select_chunk(sparsek::SelectAlgo algo, int64_t S, int64_t rows, int64_t 
   return chunk;
 }
 
+// The forward attention kernel: 5 (attention_fwd.cu, the default) or 7 (attention_fwd_ws.cu, a
+// producer warpgroup and two consumer warpgroups taking turns; docs/perf-notes.md, v7), chosen
+// with SPARSEK_FWD_KERNEL and read per call so one process can time both.
+int forward_kernel() {
+  const char* name = std::getenv("SPARSEK_FWD_KERNEL");
+  if (name == nullptr || *name == '\0') return 5;
+  const std::string value(name);
+  SPARSEK_CHECK(value == "5" || value == "7", "SPARSEK_FWD_KERNEL must be 5 (the default kernel) or 7 (warp-specialised), got '",
+                value, "'");
+  return value == "7" ? 7 : 5;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_cuda(
     const at::Tensor& scores,  // (B, H, S) float32
     int64_t topk, int64_t window, int64_t block_q, bool poison) {
@@ -299,7 +311,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
   fill_common(p, shape, qa, ka, va, u, tau, end, block_keys, block_count, window, scale, block_q);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  const cudaError_t err = sparsek::launch_attention_fwd(p, static_cast<int>(D), c10::cuda::getCurrentCUDAStream());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaError_t err = forward_kernel() == 7 ? sparsek::launch_attention_fwd_ws(p, static_cast<int>(D), stream)
+                                                : sparsek::launch_attention_fwd(p, static_cast<int>(D), stream);
   TORCH_CHECK(err == cudaSuccess, sparsek_msg::build("sparsek_cuda: attention launch failed: ", cudaGetErrorString(err)));
   return {out, lse};
 }

@@ -25,6 +25,14 @@ from sparsek import selection as sel_mod
 pytestmark = pytest.mark.gpu
 
 
+@pytest.fixture(autouse=True, params=["5", "7"], ids=["fwd-v5", "fwd-v7"])
+def forward_kernel(request, monkeypatch):
+    """Every test runs both forward attention kernels: v5 (the default) and the warp-specialised
+    v7 (SPARSEK_FWD_KERNEL=7; children such as the sanitizer's inherit the setting)."""
+    monkeypatch.setenv("SPARSEK_FWD_KERNEL", request.param)
+    return request.param
+
+
 def _floor(dtype, ref):
     """One unit in the last place of the output: the kernel rounds P to the input dtype before
     P @ V (as FlashAttention does) and rounds the output, so even a one-key row can be off by an
