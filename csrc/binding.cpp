@@ -62,7 +62,10 @@ namespace {
 // same selection. Read per call so one process can time both.
 sparsek::SelectAlgo select_algo() {
   const char* name = std::getenv("SPARSEK_SELECT");
-  return name != nullptr && std::string(name) == "walk" ? sparsek::SelectAlgo::kWalk : sparsek::SelectAlgo::kSegmented;
+  if (name == nullptr || *name == '\0') return sparsek::SelectAlgo::kSegmented;
+  const std::string value(name);
+  SPARSEK_CHECK(value == "segmented" || value == "walk", "SPARSEK_SELECT must be 'segmented' or 'walk', got '", value, "'");
+  return value == "walk" ? sparsek::SelectAlgo::kWalk : sparsek::SelectAlgo::kSegmented;
 }
 
 // Prefix lengths walked by one CTA of the selection. Each CTA first scans the row's band (up to

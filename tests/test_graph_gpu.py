@@ -150,6 +150,20 @@ def test_select_chunk_override_rejects_bad_value(value, monkeypatch):
         _cuda.ops().select(torch.zeros(1, 1, 100, device="cuda"), 4, 2, 32)
 
 
+@pytest.mark.parametrize("variable, value, message", [
+    ("SPARSEK_SELECT", "serial", r"SPARSEK_SELECT must be 'segmented' or 'walk', got 'serial'"),
+    ("SPARSEK_FWD_KERNEL", "6", r"SPARSEK_FWD_KERNEL must be 5 \(the default kernel\) or 7 \(warp-specialised\), got '6'"),
+])
+def test_kernel_switch_rejects_bad_value(variable, value, message, monkeypatch):
+    """A mistyped switch is an error naming it, never a silent fallback to the default."""
+    cuda_kernels()
+    monkeypatch.setenv(variable, value)
+    q = torch.zeros(1, 4, 100, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.zeros(1, 1, 100, 64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=message):
+        sparsek.sparsek_attention(q, k, k, torch.zeros(1, 1, 100, device="cuda"), topk=4, window=2)
+
+
 def test_segmented_long_64k_matches_walk(monkeypatch):
     """long-64k's selection (B1 Hkv8 S65536, topk 2048, window 512): end bit for bit."""
     cuda_kernels()
