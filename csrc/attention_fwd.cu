@@ -24,6 +24,7 @@
 
 #include "ptx.h"
 #include "sparsek_params.h"
+#include "fwd_tile.h"
 #include "tile_plan.h"
 #include "wgmma.h"
 
@@ -34,9 +35,8 @@ constexpr int kRows = kAttnRows;       // rows (query x head) per CTA
 constexpr int kWgRows = 64;            // rows per warpgroup: the M of wgmma
 constexpr int kWarpgroups = kRows / kWgRows;
 constexpr int kThreads = kWarpgroups * 128;
-constexpr int kTileN = 64;             // keys per tile: the N of S = Q K^T, the K of O += P V
+constexpr int kTileN = kFwdTileN;      // keys per tile: the N of S = Q K^T, the K of O += P V
 constexpr int kStages = 4;             // ring slots: tiles t+1, t+2 in flight, t in use, t-1 in P.V
-constexpr float kLn2 = 0.69314718055994531f;
 
 template <int kD>
 struct Traits {
@@ -52,9 +52,7 @@ static_assert(kThreads % kTileN == 0, "whole loader threads per key row");
 template <int kD, typename Elem>
 __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnParams p) {
   using T = Traits<kD>;
-  constexpr int kKSteps = kD / 16;      // k-steps of Q.K^T
   constexpr int kDBlocks = kD / 8;      // n8 blocks of the output
-  constexpr int kPanelBytes = kPanel * 2;
 
   extern __shared__ unsigned char smem_raw[];
   // The swizzle is a function of the absolute shared address: start the operands on a 1024 B line.
@@ -83,7 +81,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnPa
   const int* ends = p.end + (size_t)bh * S;
 
   const TilePlan<kTileN> plan(p.block_keys, p.block_count, bh, blk, p.n_blocks, p.cap, i0, i1, W);
-  const int w0 = plan.w0, n_win = plan.n_win, count = plan.count, n_tiles = plan.n_tiles;
+  const int w0 = plan.w0, n_win = plan.n_win, n_tiles = plan.n_tiles;
 
   // Loader role: kLoadersPerRow consecutive threads copy key row r of every tile, each the same
   // kChunksPerThread consecutive 16-byte pieces; their swizzled places in a tile never change.
@@ -95,28 +93,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnPa
   for (int c = 0; c < T::kChunksPerThread; ++c) piece_off[c] = 2 * sw128<kTileN>(my_row, my_part * T::kChunksPerThread + c);
   auto tile_key = [&](int t) { return plan.key(t, my_row); };
   auto load_tile = [&](int t, int stage, int j) {
-    const bool ok = j >= 0;
-    const int64_t jj = ok ? j : 0;
-    const Elem* ksrc = k_base + jj * p.k_row_stride + my_part * T::kChunksPerThread * 8;
-    const Elem* vsrc = v_base + jj * p.v_row_stride + my_part * T::kChunksPerThread * 8;
-    const uint32_t kdst = k_addr + stage * kTileBytes, vdst = v_addr + stage * kTileBytes;
-#pragma unroll
-    for (int c = 0; c < T::kChunksPerThread; ++c) {
-      cp_async16(kdst + piece_off[c], ksrc + c * 8, ok);
-      cp_async16(vdst + piece_off[c], vsrc + c * 8, ok);
-    }
-    if (my_part == 0 && t >= n_win) {  // window tiles need no per-key data
-      const int m = stage * kTileN + my_row;
-      if (ok) {
-        sStart[m] = j + W;
-        cp_async4(&sEnd[m], ends + j);
-        cp_async4(&sU[m], scores + j);
-      } else {
-        sStart[m] = S;  // padding: selected by no row (i < S)
-        sEnd[m] = -1;
-        sU[m] = 0.f;
-      }
-    }
+    gather_key_row(p, k_base, v_base, ends, scores, piece_off, k_addr + stage * kTileBytes, v_addr + stage * kTileBytes, my_part, j,
+                   t >= n_win, sStart, sEnd, sU, stage * kTileN + my_row);
   };
 
   // ---- prologue: Q rows (zero beyond S) with tile 0, then tile 1 ----
@@ -137,43 +115,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnPa
   // Per-thread rows (wgmma accumulator layout): warp w of the CTA holds rows 16w .. 16w + 15;
   // this thread rows r_lo = 16w + lane/4 and r_lo + 8.
   const int r_lo = warp * 16 + (lane >> 2);
-  int qi[2], head_of[2];
-  float tau_row[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int r = r_lo + 8 * h;
-    qi[h] = i0 + r % p.block_q;
-    head_of[h] = hkv * p.group + r / p.block_q;
-    tau_row[h] = qi[h] < S ? p.tau[(size_t)bh * S + qi[h]] : 0.f;
-  }
+  const FwdRows rows(p, r_lo, i0, hkv, bh);
 
-  // Descriptors. Q and K are K-major (a row's D elements contiguous): 8-row groups 1024 B apart
-  // (stride), the leading offset unused under the 128-byte swizzle; a k-step of 16 elements
-  // advances 32 B within a panel. V is MN-major for O += P V (keys are its K): 8-key groups
-  // 1024 B apart (stride), the 64-column panels of D a tile's panel apart (leading).
-  const uint32_t q_addr = smem_addr(sQ) + wg * kWgRows * kPanelBytes;
-  constexpr uint32_t kGroupBytes = 8 * kPanelBytes;
-  constexpr uint32_t kTilePanelBytes = kTileN * kPanelBytes;
-  auto q_desc = [&](int kk) {
-    return smem_desc(q_addr + (kk / 4) * (kRows * kPanelBytes) + (kk % 4) * 32, 16, kGroupBytes);
-  };
-  auto k_desc = [&](int stage, int kk) {
-    return smem_desc(k_addr + stage * kTileBytes + (kk / 4) * kTilePanelBytes + (kk % 4) * 32, 16, kGroupBytes);
-  };
-  auto v_desc = [&](int stage, int kk) {
-    return smem_desc(v_addr + stage * kTileBytes + kk * 16 * kPanelBytes, kTilePanelBytes, kGroupBytes);
-  };
-  // O += P V for the tile in `stage`, P (64 rows x 64 keys) in A-fragment registers.
-  auto pv = [&](float (&acc)[kDBlocks][4], const uint32_t (&pa)[kTileN / 16][4], int stage) {
-#pragma unroll
-    for (int kk = 0; kk < kTileN / 16; ++kk) {
-      if constexpr (kD == 128) {
-        Wgmma<Elem>::rs_n128(acc, pa[kk], v_desc(stage, kk));
-      } else {
-        Wgmma<Elem>::rs_n64(acc, pa[kk], v_desc(stage, kk));
-      }
-    }
-  };
+  const FwdOperands<kD, Elem, kRows> operands(sQ, sK, sV, wg);
 
   float o[kDBlocks][4];
 #pragma unroll
@@ -198,10 +142,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnPa
     // S = Q K^T for this warpgroup's 64 rows x 64 keys, then O += P V of the previous tile.
     float s[kTileN / 8][4];
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kKSteps; ++kk) Wgmma<Elem>::ss_n64(s, q_desc(kk), k_desc(stage, kk), kk > 0);
+    operands.qk(s, stage);
     wgmma_commit();
-    if (t > 0) pv(o, p_prev, (t - 1) % kStages);
+    if (t > 0) operands.pv(o, p_prev, (t - 1) % kStages);
     wgmma_commit();
     wgmma_wait<1>();  // S done; P.V of tile t - 1 may still run
     fence_regs(s);
@@ -209,122 +152,19 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnPa
     // Mask, gate, online softmax. Each row lives in the 4 threads of a quad. Masking works on the
     // raw logits (scale > 0 keeps the max where it is); the scale and the log2(e) of the base-2
     // exponent are applied once, in the FFMA that feeds exp2.
-    float tile_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
-    if (t < n_win) {
-      const int j0 = w0 + t * kTileN;
-      // Most window tiles lie inside every row's window (j <= i and j > i - W for all pairs).
-      if (!(j0 + kTileN - 1 <= i0 && j0 > i1 - 1 - W)) {
-#pragma unroll
-        for (int nb = 0; nb < kTileN / 8; ++nb) {
-#pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            const int behind = qi[c >> 1] - (j0 + 8 * nb + 2 * quad + (c & 1));  // i - j
-            if (static_cast<unsigned>(behind) >= static_cast<unsigned>(W)) s[nb][c] = -CUDART_INF_F;
-          }
-        }
-      }
-#pragma unroll
-      for (int nb = 0; nb < kTileN / 8; ++nb) {
-#pragma unroll
-        for (int c = 0; c < 4; ++c) tile_max[c >> 1] = fmaxf(tile_max[c >> 1], s[nb][c]);
-      }
-    } else {
-      const int* start = sStart + stage * kTileN;
-      const int* end = sEnd + stage * kTileN;
-      const float* u = sU + stage * kTileN;
-#pragma unroll
-      for (int nb = 0; nb < kTileN / 8; ++nb) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = 8 * nb + 2 * quad + e;
-          const int start_j = start[col], end_j = end[col];
-          const float u_j = u[col];
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int i = qi[h];
-            // Selected by row i: j + W <= i < end_j. The gate clip(u_j - tau_i, 0, 1) is one
-            // saturating add; a masked entry's weight is exp2(-inf) = 0 whatever its gate.
-            if (!(start_j <= i && i < end_j)) s[nb][2 * h + e] = -CUDART_INF_F;
-            gate[nb][2 * h + e] = __saturatef(u_j - tau_row[h]);
-            tile_max[h] = fmaxf(tile_max[h], s[nb][2 * h + e]);
-          }
-        }
-      }
-    }
-    float alpha[2], m_scaled[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
-      tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
-      const float m_new = fmaxf(m_run[h], tile_max[h] * p.scale_log2);  // base-2 units
-      const float m_use = m_new == -CUDART_INF_F ? 0.f : m_new;         // a row with nothing valid yet
-      alpha[h] = exp2f(m_run[h] - m_use);                               // 0 when m_run is -inf
-      m_run[h] = m_new;
-      m_scaled[h] = -m_use;
-    }
-    float row_sum[2] = {0.f, 0.f};
-    const bool gated = t >= n_win;
-#pragma unroll
-    for (int nb = 0; nb < kTileN / 8; ++nb) {
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int h = c >> 1;
-        float pv = exp2f(fmaf(s[nb][c], p.scale_log2, m_scaled[h]));
-        if (gated) pv *= gate[nb][c];
-        s[nb][c] = pv;
-        row_sum[h] += pv;
-      }
-    }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) l_run[h] = l_run[h] * alpha[h] + row_sum[h];
+    float alpha[2];
+    tile_softmax(s, gate, m_run, l_run, alpha, rows, t < n_win, w0 + t * kTileN, i0, i1, W, sStart + stage * kTileN,
+                 sEnd + stage * kTileN, sU + stage * kTileN, quad, p.scale_log2);
 
     wgmma_wait<0>();  // P.V of tile t - 1 done: O and p_prev are free
     fence_regs(o);
     fence_regs(p_prev);
-    // The running max settles after the first tiles: skip the rescale when no row of the warp moved.
-    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
-#pragma unroll
-      for (int nd = 0; nd < kDBlocks; ++nd) {
-        o[nd][0] *= alpha[0];
-        o[nd][1] *= alpha[0];
-        o[nd][2] *= alpha[1];
-        o[nd][3] *= alpha[1];
-      }
-    }
-#pragma unroll
-    for (int kk = 0; kk < kTileN / 16; ++kk) {
-      p_prev[kk][0] = pack2<Elem>(s[2 * kk][0], s[2 * kk][1]);
-      p_prev[kk][1] = pack2<Elem>(s[2 * kk][2], s[2 * kk][3]);
-      p_prev[kk][2] = pack2<Elem>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      p_prev[kk][3] = pack2<Elem>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-    }
+    rescale_out(o, alpha);
+    pack_p<Elem>(p_prev, s);
   }
-  if (n_tiles > 0) {
-    wgmma_fence();
-    pv(o, p_prev, (n_tiles - 1) % kStages);
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_regs(o);
-  }
+  if (n_tiles > 0) operands.last_pv(o, p_prev, (n_tiles - 1) % kStages);
 
-  // ---- epilogue: normalise, write out and lse ----
-  Elem* out = static_cast<Elem*>(p.out);
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float l = l_run[h];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const int i = qi[h];
-    if (i >= S) continue;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    const size_t row_off = ((size_t)b * p.q_heads + head_of[h]) * S + i;
-    Elem* dst = out + row_off * kD;
-#pragma unroll
-    for (int nd = 0; nd < kDBlocks; ++nd) {
-      *reinterpret_cast<uint32_t*>(dst + 8 * nd + 2 * quad) = pack2<Elem>(o[nd][2 * h] * inv, o[nd][2 * h + 1] * inv);
-    }
-    if (quad == 0) p.lse[row_off] = l > 0.f ? (m_run[h] + log2f(l)) * kLn2 : -CUDART_INF_F;
-  }
+  write_rows<kD, Elem>(p, o, l_run, m_run, rows, b, quad);
 }
 
 template <int kD, typename Elem>
