@@ -187,9 +187,9 @@ def backward(grad_out, q, k, v, scores, out, lse, tau, end, keys, count, window:
 # the step's extra memory does not grow with B * Hkv. BACKWARD_ACC_BUDGET is the ceiling.
 # Float32 chunks take turns over BACKWARD_STREAMS streams, each chunk just enough pairs to give
 # every SM a block (seed: 4 pairs of 4 MiB; long-16k and long-64k: 1 pair of 16 or 64 MiB): one
-# stream's launch fills the SMs the other's last wave leaves idle, seed's small chunks stay in L2,
-# and the accumulators are a fraction of the single-stream chunks' (docs/perf-notes.md, backward
-# v2.8). SPARSEK_BWD_ACC_MIB and SPARSEK_BWD_STREAMS fix the two instead (for measuring them).
+# stream's launch fills the SMs the other's last wave leaves idle, a chunk's conversion runs beside
+# the other stream's launch, and the accumulators are a fraction of the single-stream chunks'
+# (docs/perf-notes.md, backward v2.8). SPARSEK_BWD_ACC_MIB and SPARSEK_BWD_STREAMS fix the two instead (for measuring them).
 BACKWARD_ACC_BUDGET = 256 << 20
 BACKWARD_ACC_FLOOR = 64 << 20
 BACKWARD_STREAMS = 2

@@ -107,7 +107,7 @@ def probe_train(name: str, peaks: dict) -> list[dict]:
                    case.window, scale, block_q, False, None)
     # Both kernels in one run (the mma.sync v1 kept for this comparison), and the default kernel
     # in one launch with accumulators for every (batch, kv head) pair: what the chunking costs.
-    budget = _cuda.accumulator_budget(k, block_q=block_q, sms=torch.cuda.get_device_properties(q.device).multi_processor_count)
+    budget = _cuda.accumulator_budget(k, block_q=block_q, sms=_cuda._sm_count(q.device))
     streams = _cuda.backward_streams(k)
     for kernel, label, acc, lanes in ((1, "mma.sync", budget, streams), (2, "wgmma", budget, streams),
                                       (2, "wgmma, unchunked", 1 << 60, 1)):
