@@ -362,7 +362,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
                   "deterministic mode needs fixed_scale: a contiguous float64 CUDA tensor of 2 elements");
   }
   const c10::cuda::CUDAGuard guard(q.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current.stream();
   const at::Tensor qa = rows_aligned(q), ka = rows_aligned(k), va = rows_aligned(v);
   const at::Tensor dout_c = dout.contiguous(), out_c = out.contiguous(), lse_c = lse.contiguous(), u = scores.contiguous();
 
@@ -424,8 +425,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   // so callers (and the caching allocator, whose blocks belong to the current stream) see one
   // ordered stream.
   std::vector<c10::cuda::CUDAStream> lane_streams;
-  std::vector<at::cuda::CUDAEvent> lane_done(static_cast<size_t>(lanes));
-  const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream();
   if (lanes > 1) {
     at::cuda::CUDAEvent inputs_ready;
     inputs_ready.record(current);
@@ -468,9 +467,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     }
   }
   if (lanes > 1) {
-    for (int64_t i = 0; i < lanes; ++i) {
-      lane_done[static_cast<size_t>(i)].record(lane_streams[static_cast<size_t>(i)]);
-      lane_done[static_cast<size_t>(i)].block(current);
+    for (const c10::cuda::CUDAStream& lane_stream : lane_streams) {
+      at::cuda::CUDAEvent done;  // destroying it after the wait is queued leaves the wait in place
+      done.record(lane_stream);
+      done.block(current);
     }
   }
   return {dq, dk, dv, du, gamma_rows};
