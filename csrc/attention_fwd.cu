@@ -93,8 +93,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnPa
   for (int c = 0; c < T::kChunksPerThread; ++c) piece_off[c] = 2 * sw128<kTileN>(my_row, my_part * T::kChunksPerThread + c);
   auto tile_key = [&](int t) { return plan.key(t, my_row); };
   auto load_tile = [&](int t, int stage, int j) {
-    gather_key_row(p, k_base, v_base, ends, scores, piece_off, k_addr + stage * kTileBytes, v_addr + stage * kTileBytes, my_part, j,
-                   t >= n_win, sStart, sEnd, sU, stage * kTileN + my_row);
+    gather_key_row<1>(p, k_base, v_base, ends, scores, piece_off, k_addr + stage * kTileBytes, v_addr + stage * kTileBytes,
+                      my_part * T::kChunksPerThread, j, t >= n_win, sStart, sEnd, sU, stage * kTileN + my_row);
   };
 
   // ---- prologue: Q rows (zero beyond S) with tile 0, then tile 1 ----

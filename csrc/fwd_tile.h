@@ -70,24 +70,28 @@ struct FwdOperands {
 };
 
 // The gather of one key row into a stage of the ring, by the threads that share the row: this
-// thread's kPieces 16-byte pieces of K and of V (at the swizzled byte offsets piece_off, fixed
-// for a thread), zero-filled for padding (j < 0); and, on a list tile, the key's start (j + W),
-// end and score at slot m of the per-key arrays (padding: selected by no row).
-template <int kPieces, typename Elem>
+// thread's kPieces 16-byte pieces of K and of V, the row's chunks first, first + kStride, ...
+// (at the swizzled byte offsets piece_off, fixed for a thread and computed from the same chunks),
+// zero-filled for padding (j < 0); and, on a list tile, the key's start (j + W), end and score at
+// slot m of the per-key arrays (padding: selected by no row). kStride 1 gives each thread a
+// contiguous run of the row; kStride = the row's thread count interleaves them, so the threads of
+// a row cover adjacent 16-byte pieces in each copy instruction (one 128-byte line per row instead
+// of two: half the L2 requests per byte when two threads share a row).
+template <int kStride, int kPieces, typename Elem>
 __device__ __forceinline__ void gather_key_row(const AttnParams& p, const Elem* k_base, const Elem* v_base, const int* ends,
                                                const float* scores, const uint32_t (&piece_off)[kPieces], uint32_t kdst,
-                                               uint32_t vdst, int part, int j, bool list_tile, int* sStart, int* sEnd, float* sU,
+                                               uint32_t vdst, int first, int j, bool list_tile, int* sStart, int* sEnd, float* sU,
                                                int m) {
   const bool ok = j >= 0;
   const int64_t jj = ok ? j : 0;
-  const Elem* ksrc = k_base + jj * p.k_row_stride + part * kPieces * 8;
-  const Elem* vsrc = v_base + jj * p.v_row_stride + part * kPieces * 8;
+  const Elem* ksrc = k_base + jj * p.k_row_stride + first * 8;
+  const Elem* vsrc = v_base + jj * p.v_row_stride + first * 8;
 #pragma unroll
   for (int c = 0; c < kPieces; ++c) {
-    cp_async16(kdst + piece_off[c], ksrc + c * 8, ok);
-    cp_async16(vdst + piece_off[c], vsrc + c * 8, ok);
+    cp_async16(kdst + piece_off[c], ksrc + c * kStride * 8, ok);
+    cp_async16(vdst + piece_off[c], vsrc + c * kStride * 8, ok);
   }
-  if (part == 0 && list_tile) {  // window tiles need no per-key data
+  if (first == 0 && list_tile) {  // one thread per row: the one that holds chunk 0  // window tiles need no per-key data
     if (ok) {
       sStart[m] = j + p.window;
       cp_async4(&sEnd[m], ends + j);
