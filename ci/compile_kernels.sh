@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Compile every CUDA kernel file with plain nvcc for sm_90a, as CI does on a machine without a
 # GPU or torch's CUDA libraries. Prints registers, shared memory and spills per kernel and
-# fails on any compile error or on any spill.
+# fails on any compile error, on any spill, and on ptxas serialising warpgroup MMAs ("wgmma.mma_async
+# instructions are serialized", e.g. C7520: each wgmma then waits for the one before it to finish,
+# which cost the forward's v7 its overlap without any other symptom than its speed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NVCC=${NVCC:-nvcc}
@@ -23,6 +25,11 @@ for cu in csrc/*.cu; do
   grep -E "Compiling entry|Used [0-9]+ registers|spill" "$out/log" | sed 's/^ptxas info    : //'
   if grep -E "[1-9][0-9]* bytes spill (stores|loads)" "$out/log" >/dev/null; then
     echo "!! $cu spills registers" >&2
+    status=1
+  fi
+  if grep -E "wgmma.mma_async instructions are serialized" "$out/log" >/dev/null; then
+    grep -E "wgmma.mma_async instructions are serialized" "$out/log" | sed 's/^ptxas info    : //' | cut -c1-160
+    echo "!! $cu: ptxas serialised warpgroup MMAs" >&2
     status=1
   fi
 done

@@ -134,7 +134,13 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_ws_kernel(const Att
   }
   __syncthreads();
 
-  if (tid < 128) {
+  // The warpgroup's role, read through a shuffle so that ptxas knows it is the same in every
+  // lane of a warp: with `tid < 128` as the role branch, ptxas treated the consumers' code as a
+  // divergent path, inserted its own warpgroup.arrive there and serialised every wgmma behind a
+  // wait (its warning C7520; the SASS had a `WARPGROUP.DEPBAR.LE gsb0, 0x0` after each HGMMA,
+  // which took away v4's overlap of P.V with the softmax and the k-steps' pipelining).
+  const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
+  if (wg == 0) {
     // ---- producer ----
     regs_lower<kProducerRegs>();
     const Elem* k_base = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + hkv * p.k_head_stride;
@@ -175,7 +181,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_ws_kernel(const Att
 
   // ---- consumers ----
   regs_raise<kConsumerRegs>();
-  const int cwg = tid / 128 - 1;           // consumer warpgroup: rows 64 cwg .. 64 cwg + 63
+  const int cwg = wg - 1;                  // consumer warpgroup: rows 64 cwg .. 64 cwg + 63
   const int cwarp = (tid - 128) >> 5;      // consumer warp: rows 16 cwarp .. 16 cwarp + 15
   const int quad = lane & 3;
   const int r_lo = cwarp * 16 + (lane >> 2);
