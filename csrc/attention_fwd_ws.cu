@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_ws_kernel(const Att
   const FwdRows rows(p, r_lo, i0, hkv, bh);
   const int w0 = plan.w0;
 
-  const FwdOperands<kD, Elem, kRows> operands(sQ, sK, sV, cwg);
+  const FwdOperands<kD, Elem, kRows, /*kDescAdd=*/true> operands(sQ, sK, sV, cwg);
 
   float o[kDBlocks][4];
 #pragma unroll

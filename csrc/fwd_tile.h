@@ -23,7 +23,13 @@ constexpr int kFwdTileN = 64;  // keys per tile: the N of S = Q K^T, the K of O 
 // groups 1024 B apart (stride), the leading offset unused under the 128-byte swizzle; a k-step of
 // 16 elements advances 32 B within a panel. V is MN-major for O += P V (keys are its K): 8-key
 // groups 1024 B apart (stride), the 64-column panels of D a tile's panel apart (leading).
-template <int kD, typename Elem, int kRows>
+//
+// kDescAdd: build each k-step's descriptor by adding its byte offset / 16 to the low word of one
+// base descriptor per operand, instead of masking and shifting the address again for every
+// k-step. Exact because shared-memory addresses stay below 2^18, so the 14-bit start-address
+// field never carries into the fields above it. (v7 uses it; v5 keeps the per-k-step form until
+// the two have been timed against each other on a GPU.)
+template <int kD, typename Elem, int kRows, bool kDescAdd = false>
 struct FwdOperands {
   static constexpr uint32_t kPanelBytes = kPanel * 2;
   static constexpr uint32_t kGroupBytes = 8 * kPanelBytes;
@@ -34,14 +40,24 @@ struct FwdOperands {
   __device__ __forceinline__ FwdOperands(const Elem* sQ, const Elem* sK, const Elem* sV, int wg)
       : q_addr(smem_addr(sQ) + wg * 64 * kPanelBytes), k_addr(smem_addr(sK)), v_addr(smem_addr(sV)) {}
 
+  // The descriptor of `base` + `offset` bytes (offset a multiple of 16).
+  static __device__ __forceinline__ uint64_t at(uint32_t base, uint32_t offset, uint32_t lead, uint32_t stride) {
+    if constexpr (kDescAdd) {
+      const uint64_t d = smem_desc(base, lead, stride);
+      const uint32_t lo = static_cast<uint32_t>(d) + (offset >> 4);
+      return (d & 0xFFFFFFFF00000000ull) | lo;
+    } else {
+      return smem_desc(base + offset, lead, stride);
+    }
+  }
   __device__ __forceinline__ uint64_t q(int kk) const {
-    return smem_desc(q_addr + (kk / 4) * (kRows * kPanelBytes) + (kk % 4) * 32, 16, kGroupBytes);
+    return at(q_addr, (kk / 4) * (kRows * kPanelBytes) + (kk % 4) * 32, 16, kGroupBytes);
   }
   __device__ __forceinline__ uint64_t k(int stage, int kk) const {
-    return smem_desc(k_addr + stage * kTileBytes + (kk / 4) * kTilePanelBytes + (kk % 4) * 32, 16, kGroupBytes);
+    return at(k_addr, stage * kTileBytes + (kk / 4) * kTilePanelBytes + (kk % 4) * 32, 16, kGroupBytes);
   }
   __device__ __forceinline__ uint64_t v(int stage, int kk) const {
-    return smem_desc(v_addr + stage * kTileBytes + kk * 16 * kPanelBytes, kTilePanelBytes, kGroupBytes);
+    return at(v_addr, stage * kTileBytes + kk * 16 * kPanelBytes, kTilePanelBytes, kGroupBytes);
   }
   // S = Q K^T: this warpgroup's 64 rows x the 64 keys of the tile in `stage` (issued, not waited).
   __device__ __forceinline__ void qk(float (&s)[kFwdTileN / 8][4], int stage) const {
