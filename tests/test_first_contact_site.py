@@ -39,7 +39,7 @@ def test_results_files_give_one_history_per_card_with_t3():
     h100 = {key for p in histories["NVIDIA H100 80GB HBM3"].points for key in p.speedups}
     # runs of different cards never share a history: the H100's points are its own files' alone
     assert h100 == measured(sorted(RUNS.glob("*-nvidia-h100-*.json")))
-    assert {t for t, _ in h100} == {"T1-train", "T2-train", "T3"}
+    assert {t for t, _ in h100} == {"T1", "T2", "T1-train", "T2-train", "T3"}
     # A file written without git names its commit only in its file name.
     assert "e9a1520" in [p.commit for p in histories["NVIDIA H200"].points]
 
