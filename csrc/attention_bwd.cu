@@ -602,7 +602,10 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
   const int i0 = blk * p.block_q, i1 = min(S, i0 + p.block_q);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, quad = lane & 3;
-  const int wgi = warp / 4;
+  // The warpgroup, read through a shuffle so that ptxas knows it is warp-uniform: from `warp / 4`
+  // it built every Q / dO wgmma descriptor (which depends on it) in vector registers and moved it
+  // into uniform registers with two R2UR per k-step; now they are built in uniform registers.
+  const int wgi = __shfl_sync(0xffffffffu, warp / 4, 0);
 
   const Elem* k_base = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + hkv * p.k_head_stride;
   const Elem* v_base = static_cast<const Elem*>(p.v) + b * p.v_batch_stride + hkv * p.v_head_stride;
