@@ -232,8 +232,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_ws_kernel(const Att
     fence_regs(s);
 
     float alpha[2];
-    tile_softmax(s, gate, m_run, l_run, alpha, rows, t < n_win, w0 + t * kTileN, i0, i1, W, sStart + stage * kTileN,
-                 sEnd + stage * kTileN, sU + stage * kTileN, quad, p.scale_log2);
+    tile_softmax</*kPairLoads=*/true>(s, gate, m_run, l_run, alpha, rows, t < n_win, w0 + t * kTileN, i0, i1, W,
+                                      sStart + stage * kTileN, sEnd + stage * kTileN, sU + stage * kTileN, quad,
+                                      p.scale_log2);
 
     wgmma_wait<0>();  // P.V of tile t - 1 done: O and p_prev are free, and so is its stage
     fence_regs(o);

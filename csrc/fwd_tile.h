@@ -161,15 +161,30 @@ __device__ __forceinline__ void mask_window_tile(float (&s)[kFwdTileN / 8][4], f
 // List tile with per-key start (j + W), end and score in shared memory: -inf where row i does not
 // select the key (j + W <= i < end_j), and the gates clip(u_j - tau_i, 0, 1), one saturating add
 // each (a masked entry's weight is exp2(-inf) = 0 whatever its gate). Returns the rows' maxima.
+// kPairLoads: read a thread's two adjacent columns of each array with one 8-byte load (the arrays
+// start 8-byte aligned and the pair's first column is even): 24 shared loads per tile instead of
+// 48. (v7 uses it; v5 keeps single loads until the two have been timed against each other.)
+template <bool kPairLoads = false>
 __device__ __forceinline__ void mask_list_tile(float (&s)[kFwdTileN / 8][4], float (&gate)[kFwdTileN / 8][4], float (&tile_max)[2],
                                                const FwdRows& rows, const int* start, const int* end, const float* u, int quad) {
 #pragma unroll
   for (int nb = 0; nb < kFwdTileN / 8; ++nb) {
+    int start_pair[2], end_pair[2];
+    float u_pair[2];
+    const int col0 = 8 * nb + 2 * quad;
+    if constexpr (kPairLoads) {
+      const int2 st = *reinterpret_cast<const int2*>(start + col0);
+      const int2 en = *reinterpret_cast<const int2*>(end + col0);
+      const float2 uu = *reinterpret_cast<const float2*>(u + col0);
+      start_pair[0] = st.x, start_pair[1] = st.y, end_pair[0] = en.x, end_pair[1] = en.y, u_pair[0] = uu.x, u_pair[1] = uu.y;
+    } else {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) start_pair[e] = start[col0 + e], end_pair[e] = end[col0 + e], u_pair[e] = u[col0 + e];
+    }
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-      const int col = 8 * nb + 2 * quad + e;
-      const int start_j = start[col], end_j = end[col];
-      const float u_j = u[col];
+      const int start_j = start_pair[e], end_j = end_pair[e];
+      const float u_j = u_pair[e];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int i = rows.qi[h];
@@ -217,7 +232,8 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kFwdTileN / 8][4], const
 
 // One tile's masks, gates and online softmax: a window tile of keys [j0, j0 + 64), else a list
 // tile whose per-key start, end and score are at start, end, u. alpha: the rescale factor of the
-// previous O.
+// previous O. kPairLoads: see mask_list_tile.
+template <bool kPairLoads = false>
 __device__ __forceinline__ void tile_softmax(float (&s)[kFwdTileN / 8][4], float (&gate)[kFwdTileN / 8][4], float (&m_run)[2],
                                              float (&l_run)[2], float (&alpha)[2], const FwdRows& rows, bool window_tile, int j0,
                                              int i0, int i1, int W, const int* start, const int* end, const float* u, int quad,
@@ -226,7 +242,7 @@ __device__ __forceinline__ void tile_softmax(float (&s)[kFwdTileN / 8][4], float
   if (window_tile) {
     mask_window_tile(s, tile_max, rows, j0, i0, i1, W, quad);
   } else {
-    mask_list_tile(s, gate, tile_max, rows, start, end, u, quad);
+    mask_list_tile<kPairLoads>(s, gate, tile_max, rows, start, end, u, quad);
   }
   softmax_tile(s, gate, !window_tile, tile_max, m_run, l_run, alpha, scale_log2);
 }
