@@ -107,7 +107,7 @@ __device__ __forceinline__ void gather_key_row(const AttnParams& p, const Elem* 
     cp_async16(kdst + piece_off[c], ksrc + c * kStride * 8, ok);
     cp_async16(vdst + piece_off[c], vsrc + c * kStride * 8, ok);
   }
-  if (first == 0 && list_tile) {  // one thread per row: the one that holds chunk 0  // window tiles need no per-key data
+  if (first == 0 && list_tile) {  // the row's thread with chunk 0; window tiles need no per-key data
     if (ok) {
       sStart[m] = j + p.window;
       cp_async4(&sEnd[m], ends + j);
