@@ -42,6 +42,7 @@ constexpr int kProducerRegs = 56;
 constexpr int kConsumerRegs = 224;
 static_assert(128 * kProducerRegs + kConsumers * 128 * kConsumerRegs <= 65536, "register file");
 constexpr int kTurnBarrier = 1;  // named barriers kTurnBarrier + c: consumer c's turn to issue (0 is __syncthreads)
+constexpr int kQBarrier = kTurnBarrier + kConsumers;  // the consumers, once Q has landed
 
 template <int kD>
 struct Traits {
@@ -128,17 +129,19 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_ws_kernel(const Att
   const TilePlan<kTileN> plan(p.block_keys, p.block_count, bh, blk, p.n_blocks, p.cap, i0, i1, W);
   const int n_win = plan.n_win, n_tiles = plan.n_tiles;
 
-  // ---- prologue, all warpgroups: Q rows (zero beyond S) and the barriers ----
-  for (int c = tid; c < kRows * T::kChunks; c += kThreads) {
-    const int r = c / T::kChunks, ch = c % T::kChunks;
-    const int i = i0 + r % p.block_q, head = hkv * p.group + r / p.block_q;
-    const bool ok = i < S;
-    const Elem* src = q_base + head * p.q_head_stride + (int64_t)(ok ? i : 0) * p.q_row_stride + ch * 8;
-    cp_async16(smem_addr(sQ + sw128<kRows>(r, ch)), src, ok);
+  // ---- prologue: the consumers start copying Q rows (zero beyond S); thread 0 makes the barriers.
+  // Q is waited for only by the consumers, just before their first tile, so its copy overlaps the
+  // producer's first tiles instead of preceding them (a block at seed has only ~14 tiles).
+  if (tid >= 128) {
+    for (int c = tid - 128; c < kRows * T::kChunks; c += kConsumers * 128) {
+      const int r = c / T::kChunks, ch = c % T::kChunks;
+      const int i = i0 + r % p.block_q, head = hkv * p.group + r / p.block_q;
+      const bool ok = i < S;
+      const Elem* src = q_base + head * p.q_head_stride + (int64_t)(ok ? i : 0) * p.q_row_stride + ch * 8;
+      cp_async16(smem_addr(sQ + sw128<kRows>(r, ch)), src, ok);
+    }
+    cp_async_commit();
   }
-  cp_async_commit();
-  cp_async_wait<0>();
-  fence_proxy_async();
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(&full[s], 128);               // every producer thread, once its copies landed
@@ -210,6 +213,12 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_ws_kernel(const Att
   float l_run[2] = {0.f, 0.f};
   uint32_t p_prev[kTileN / 16][4];
   float gate[kTileN / 8][4];
+
+  // Q has landed: each consumer thread waits for its own copies and fences them for the async
+  // proxy, then both consumer warpgroups meet (the producer does not take part).
+  cp_async_wait<0>();
+  fence_proxy_async();
+  named_barrier_sync(kQBarrier, kConsumers * 128);
 
   // Turns: consumer 0 issues first; after each issue a consumer hands the turn to the other. The
   // arrivals and waits on each named barrier balance: consumer 1 skips the hand-over after its last
