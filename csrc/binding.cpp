@@ -95,14 +95,14 @@ int64_t select_chunk(sparsek::SelectAlgo algo, int64_t S, int64_t rows, int64_t 
   return chunk;
 }
 
-// The forward attention kernel: 5 (attention_fwd.cu, the default) or 7 (attention_fwd_ws.cu, a
-// producer warpgroup and two consumer warpgroups taking turns; docs/perf-notes.md, v7), chosen
-// with SPARSEK_FWD_KERNEL and read per call so one process can time both.
+// The forward attention kernel: 7 (attention_fwd_ws.cu, the default: a producer warpgroup and
+// two consumer warpgroups taking turns; docs/perf-notes.md, v7.1) or 5 (attention_fwd.cu, kept
+// for comparison), chosen with SPARSEK_FWD_KERNEL and read per call so one process can time both.
 int forward_kernel() {
   const char* name = std::getenv("SPARSEK_FWD_KERNEL");
-  if (name == nullptr || *name == '\0') return 5;
+  if (name == nullptr || *name == '\0') return 7;
   const std::string value(name);
-  SPARSEK_CHECK(value == "5" || value == "7", "SPARSEK_FWD_KERNEL must be 5 (the default kernel) or 7 (warp-specialised), got '",
+  SPARSEK_CHECK(value == "5" || value == "7", "SPARSEK_FWD_KERNEL must be 7 (the default, warp-specialised) or 5 (the previous kernel), got '",
                 value, "'");
   return value == "7" ? 7 : 5;
 }

@@ -152,7 +152,7 @@ def test_select_chunk_override_rejects_bad_value(value, monkeypatch):
 
 @pytest.mark.parametrize("variable, value, message", [
     ("SPARSEK_SELECT", "serial", r"SPARSEK_SELECT must be 'segmented' or 'walk', got 'serial'"),
-    ("SPARSEK_FWD_KERNEL", "6", r"SPARSEK_FWD_KERNEL must be 5 \(the default kernel\) or 7 \(warp-specialised\), got '6'"),
+    ("SPARSEK_FWD_KERNEL", "6", r"SPARSEK_FWD_KERNEL must be 7 \(the default, warp-specialised\) or 5 \(the previous kernel\), got '6'"),
 ])
 def test_kernel_switch_rejects_bad_value(variable, value, message, monkeypatch):
     """A mistyped switch is an error naming it, never a silent fallback to the default."""
