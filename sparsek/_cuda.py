@@ -2,13 +2,15 @@
 
 The extension is the one built ahead of time with the package when there is one (setup.py with
 SPARSEK_BUILD_CUDA=1), else compiled just in time on first use (cached by torch.utils.cpp_extension
-under TORCH_EXTENSIONS_DIR), for sm_90a either way. Every reason it cannot run is returned as a
+under TORCH_EXTENSIONS_DIR, in a directory named by a hash of the sources and flags), for sm_90a
+either way. Every reason it cannot run is returned as a
 sentence so the op can warn once and fall back to the reference.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -30,6 +32,22 @@ ATTN_ROWS = 128  # rows (query x head of a GQA group) per attention CTA: kAttnRo
 
 # An ahead-of-time build (setup.py with SPARSEK_BUILD_CUDA=1) puts the extension next to this file.
 PREBUILT_GLOB = "_C*.so"
+
+
+# What the just-in-time build compiles: a change to any of these files must rebuild.
+SOURCE_SUFFIXES = (".cpp", ".cu", ".h", ".cuh")
+
+
+def source_digest(csrc: Path = CSRC) -> str:
+    """A short hash of the kernel sources' contents and the build flags. The JIT build directory is
+    named by it: ninja decides what to rebuild from file times, so sources whose times are older
+    than the last build (an unpacked archive, a reinstalled older-dated wheel) would otherwise load
+    the stale binary."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in csrc.iterdir() if p.suffix in SOURCE_SUFFIXES):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    h.update(repr((CXX_FLAGS, CUDA_FLAGS, torch.__version__)).encode())
+    return h.hexdigest()[:12]
 
 
 def prebuilt() -> Path | None:
@@ -58,7 +76,10 @@ def _build() -> tuple[object | None, str | None]:
     try:
         from torch.utils.cpp_extension import _get_build_directory, load
 
-        built = Path(_get_build_directory("sparsek_cuda", verbose=False)) / "sparsek_cuda.so"
+        # One directory per version of the sources (under torch's own, in TORCH_EXTENSIONS_DIR).
+        build_dir = Path(_get_build_directory("sparsek_cuda", verbose=False)) / source_digest()
+        build_dir.mkdir(parents=True, exist_ok=True)
+        built = build_dir / "sparsek_cuda.so"
         if not built.exists():
             print(f"sparsek: building the CUDA kernels for sm_90a from {CSRC} (once; a few minutes, "
                   f"then cached under {built.parent})", file=sys.stderr, flush=True)
@@ -68,6 +89,7 @@ def _build() -> tuple[object | None, str | None]:
             extra_include_paths=[str(CSRC)],
             extra_cflags=CXX_FLAGS,
             extra_cuda_cflags=CUDA_FLAGS,
+            build_directory=str(build_dir),
             is_python_module=False,
             verbose=os.environ.get("SPARSEK_BUILD_VERBOSE") == "1",
         )

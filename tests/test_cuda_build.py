@@ -43,10 +43,32 @@ def test_first_build_says_what_it_builds_and_leaves_the_environment_alone(fake_b
 
 def test_cached_build_prints_nothing(fake_build, capsys):
     _, tmp_path = fake_build
-    (tmp_path / "sparsek_cuda").mkdir()
-    (tmp_path / "sparsek_cuda" / "sparsek_cuda.so").write_bytes(b"")
+    cached = tmp_path / "sparsek_cuda" / _cuda.source_digest()
+    cached.mkdir(parents=True)
+    (cached / "sparsek_cuda.so").write_bytes(b"")
     _cuda._build()
     assert "building" not in capsys.readouterr().err
+
+
+def test_the_build_directory_is_named_by_the_sources(fake_build):
+    calls, tmp_path = fake_build
+    _cuda._build()
+    (kwargs,) = calls
+    assert kwargs["build_directory"] == str(tmp_path / "sparsek_cuda" / _cuda.source_digest())
+
+
+def test_the_digest_follows_contents_not_file_times(tmp_path):
+    """A source older-dated than the last build but different from it must not reuse that build."""
+    for name in ("binding.cpp", "kernel.cu", "tile.h", "notes.txt"):
+        (tmp_path / name).write_text(f"// {name}\n")
+    first = _cuda.source_digest(tmp_path)
+    os.utime(tmp_path / "kernel.cu", (0, 0))  # only the time changes
+    assert _cuda.source_digest(tmp_path) == first
+    (tmp_path / "notes.txt").write_text("not a source\n")
+    assert _cuda.source_digest(tmp_path) == first
+    (tmp_path / "tile.h").write_text("// tile.h, edited\n")
+    os.utime(tmp_path / "tile.h", (0, 0))  # edited, yet dated 1970
+    assert _cuda.source_digest(tmp_path) != first
 
 
 def test_a_prebuilt_binary_that_does_not_load_falls_back_to_the_jit_build(fake_build, capsys, monkeypatch, tmp_path):
