@@ -3,8 +3,8 @@
 The extension is the one built ahead of time with the package when there is one (setup.py with
 SPARSEK_BUILD_CUDA=1), else compiled just in time on first use (cached by torch.utils.cpp_extension
 under TORCH_EXTENSIONS_DIR, in a directory named by a hash of the sources and flags), for sm_90a
-either way. Every reason it cannot run is returned as a
-sentence so the op can warn once and fall back to the reference.
+either way. Every reason it cannot run is returned as a sentence so the op can warn once and fall
+back to the reference.
 """
 
 from __future__ import annotations
