@@ -107,6 +107,21 @@ int forward_kernel() {
   return value == "7" ? 7 : 5;
 }
 
+// Keys of the row a segmented-walk CTA keeps in shared memory (24 bytes each). The rule (0 here):
+// every key up to 9,216, so at seed (S = 4096) 102 KB and two CTAs per SM where the registers
+// allow three; a chunk whose band is larger than the cap walks serially in global memory (the
+// same selection). SPARSEK_SELECT_BAND=N (256 <= N <= 9216) caps it lower, for measuring that
+// trade (docs/perf-notes.md, selection next steps).
+int select_band() {
+  const char* forced = std::getenv("SPARSEK_SELECT_BAND");
+  if (forced == nullptr || *forced == '\0') return 0;
+  char* rest = nullptr;
+  const long n = std::strtol(forced, &rest, 10);
+  SPARSEK_CHECK(*rest == '\0' && n >= 256 && n <= 9216, "SPARSEK_SELECT_BAND must be an integer in [256, 9216], got '",
+                forced, "'");
+  return static_cast<int>(n);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_cuda(
     const at::Tensor& scores,  // (B, H, S) float32
     int64_t topk, int64_t window, int64_t block_q, bool poison) {
@@ -178,6 +193,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_cuda(
   p.block_q = static_cast<int>(block_q);
   p.n_blocks = static_cast<int>(n_blocks);
   p.cap = static_cast<int>(cap);
+  p.band_cap = select_band();
   err = sparsek::launch_selection_with(p, algo, nonfinite.data_ptr<int>(), stream);
   TORCH_CHECK(err == cudaSuccess, sparsek_msg::build("sparsek_cuda: selection launch failed: ", cudaGetErrorString(err)));
   return {tau, end, keys, count};

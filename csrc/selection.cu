@@ -638,7 +638,8 @@ __global__ void __launch_bounds__(kPoisonThreads) poison_rows_kernel(const float
 cudaError_t launch_selection_with(const SelectParams& p, SelectAlgo algo, const int* nonfinite, cudaStream_t stream) {
   if (p.rows == 0 || p.seq_len == 0) return cudaSuccess;
   if (algo == SelectAlgo::kSegmented && p.n_chunks > 0) {
-    const int band_cap = p.seq_len < kSegMaxBand ? p.seq_len : kSegMaxBand;
+    int band_cap = p.seq_len < kSegMaxBand ? p.seq_len : kSegMaxBand;
+    if (p.band_cap > 0 && p.band_cap < band_cap) band_cap = p.band_cap;  // SPARSEK_SELECT_BAND
     const size_t smem = SegSmem::bytes(band_cap, p.chunk);
     if (cudaError_t e = cudaFuncSetAttribute(chunk_segwalk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         e != cudaSuccess) {

@@ -30,6 +30,7 @@ struct SelectParams {
   int block_q;    // queries per attention block
   int n_blocks;   // ceil(S / block_q)
   int cap;        // topk + block_q - 1: most keys a block can select
+  int band_cap;   // segmented walk: keys of a CTA's shared band; 0: the rule, min(S, 9216)
 };
 
 // Forward attention over the window and the selected keys of each query block.

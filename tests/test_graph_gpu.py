@@ -142,6 +142,27 @@ def test_segmented_chunk_sizes_match_walk(chunk, monkeypatch):
     assert torch.equal(seg[1], walk[1]) and torch.equal(seg[3], walk[3]), f"chunk {chunk}"
 
 
+@pytest.mark.parametrize("band", ["256", "2048", "9216"])
+def test_segmented_band_caps_match_walk(band, monkeypatch):
+    """SPARSEK_SELECT_BAND caps the keys a segmented CTA keeps in shared memory; a chunk whose band
+    is larger walks serially in global memory. Every cap gives the serial walk's integers."""
+    cuda_kernels()
+    gen = torch.Generator().manual_seed(6)
+    u = (torch.randn(2, 3, 5000, generator=gen).cumsum(-1) * 0.05 + torch.randn(2, 3, 5000, generator=gen)).float().cuda()
+    walk = _select(u, 512, 256, 32, "walk", monkeypatch)
+    monkeypatch.setenv("SPARSEK_SELECT_BAND", band)
+    seg = _select(u, 512, 256, 32, "segmented", monkeypatch)
+    assert torch.equal(seg[1], walk[1]) and torch.equal(seg[3], walk[3]), f"band {band}"
+
+
+@pytest.mark.parametrize("value", ["255", "9217", "2k"])
+def test_select_band_override_rejects_bad_value(value, monkeypatch):
+    cuda_kernels()
+    monkeypatch.setenv("SPARSEK_SELECT_BAND", value)
+    with pytest.raises(ValueError, match=r"SPARSEK_SELECT_BAND must be an integer in \[256, 9216\], got '" + value):
+        _cuda.ops().select(torch.zeros(1, 1, 2000, device="cuda"), 4, 2, 32)
+
+
 @pytest.mark.parametrize("value", ["4", "4096", "12x", "big"])
 def test_select_chunk_override_rejects_bad_value(value, monkeypatch):
     cuda_kernels()
