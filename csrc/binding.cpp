@@ -68,6 +68,18 @@ sparsek::SelectAlgo select_algo() {
   return value == "walk" ? sparsek::SelectAlgo::kWalk : sparsek::SelectAlgo::kSegmented;
 }
 
+// An integer override from the environment: nothing when unset or empty, else lo <= value <= hi
+// or an error naming the variable, the range and what it got.
+std::optional<long> env_int(const char* variable, long lo, long hi) {
+  const char* text = std::getenv(variable);
+  if (text == nullptr || *text == '\0') return std::nullopt;
+  char* rest = nullptr;
+  const long n = std::strtol(text, &rest, 10);
+  SPARSEK_CHECK(*rest == '\0' && n >= lo && n <= hi, variable, " must be an integer in [", lo, ", ", hi, "], got '", text,
+                "'");
+  return n;
+}
+
 // Prefix lengths walked by one CTA of the selection. Each CTA first scans the row's band (up to
 // S sorted positions) to rebuild its start state, so the scans cost O(S^2 / chunk) per row.
 // - The serial walk then costs O(chunk) in one thread: the chunk grows with S, within [256, 2048].
@@ -76,13 +88,7 @@ sparsek::SelectAlgo select_algo() {
 //   v3.1); it is halved, down to 256, while the grid would leave SMs idle (long-16k: 512).
 // SPARSEK_SELECT_CHUNK=N (8 <= N <= 2048) overrides both rules, for measuring them.
 int64_t select_chunk(sparsek::SelectAlgo algo, int64_t S, int64_t rows, int64_t n_prefix, int device) {
-  if (const char* forced = std::getenv("SPARSEK_SELECT_CHUNK"); forced != nullptr && *forced != '\0') {
-    char* rest = nullptr;
-    const long n = std::strtol(forced, &rest, 10);
-    SPARSEK_CHECK(*rest == '\0' && n >= 8 && n <= 2048, "SPARSEK_SELECT_CHUNK must be an integer in [8, 2048], got '",
-                  forced, "'");
-    return n;
-  }
+  if (const std::optional<long> forced = env_int("SPARSEK_SELECT_CHUNK", 8, 2048)) return *forced;
   int64_t chunk = 256;
   if (algo == sparsek::SelectAlgo::kWalk) {
     while (chunk < 2048 && chunk * 128 < S) chunk *= 2;
@@ -112,15 +118,7 @@ int forward_kernel() {
 // allow three; a chunk whose band is larger than the cap walks serially in global memory (the
 // same selection). SPARSEK_SELECT_BAND=N (256 <= N <= 9216) caps it lower, for measuring that
 // trade (docs/perf-notes.md, selection next steps).
-int select_band() {
-  const char* forced = std::getenv("SPARSEK_SELECT_BAND");
-  if (forced == nullptr || *forced == '\0') return 0;
-  char* rest = nullptr;
-  const long n = std::strtol(forced, &rest, 10);
-  SPARSEK_CHECK(*rest == '\0' && n >= 256 && n <= 9216, "SPARSEK_SELECT_BAND must be an integer in [256, 9216], got '",
-                forced, "'");
-  return static_cast<int>(n);
-}
+int select_band() { return static_cast<int>(env_int("SPARSEK_SELECT_BAND", 256, 9216).value_or(0)); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_cuda(
     const at::Tensor& scores,  // (B, H, S) float32

@@ -128,14 +128,19 @@ def test_segmented_matches_walk_and_reference(case, monkeypatch):
     torch.testing.assert_close(seg[0][finite], sel.tau[finite], rtol=2e-6, atol=1e-6)
 
 
+def _drifting_scores(seed):
+    """(2, 3, 5000) scores: a slow random walk plus noise, so bands vary from chunk to chunk."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 3, 5000, generator=gen).cumsum(-1) * 0.05 + torch.randn(2, 3, 5000, generator=gen)).float().cuda()
+
+
 @pytest.mark.parametrize("chunk", ["8", "100", "256", "1024", "2048"])
 def test_segmented_chunk_sizes_match_walk(chunk, monkeypatch):
     """The chunk rule picks 1024 prefix lengths per CTA, fewer (down to 256) where SMs would
     idle; any chunk, odd or not a multiple of the eight segments, gives the serial walk's
     integers."""
     cuda_kernels()
-    gen = torch.Generator().manual_seed(5)
-    u = (torch.randn(2, 3, 5000, generator=gen).cumsum(-1) * 0.05 + torch.randn(2, 3, 5000, generator=gen)).float().cuda()
+    u = _drifting_scores(5)
     walk = _select(u, 512, 256, 32, "walk", monkeypatch)
     monkeypatch.setenv("SPARSEK_SELECT_CHUNK", chunk)
     seg = _select(u, 512, 256, 32, "segmented", monkeypatch)
@@ -147,8 +152,7 @@ def test_segmented_band_caps_match_walk(band, monkeypatch):
     """SPARSEK_SELECT_BAND caps the keys a segmented CTA keeps in shared memory; a chunk whose band
     is larger walks serially in global memory. Every cap gives the serial walk's integers."""
     cuda_kernels()
-    gen = torch.Generator().manual_seed(6)
-    u = (torch.randn(2, 3, 5000, generator=gen).cumsum(-1) * 0.05 + torch.randn(2, 3, 5000, generator=gen)).float().cuda()
+    u = _drifting_scores(6)
     walk = _select(u, 512, 256, 32, "walk", monkeypatch)
     monkeypatch.setenv("SPARSEK_SELECT_BAND", band)
     seg = _select(u, 512, 256, 32, "segmented", monkeypatch)
