@@ -18,6 +18,7 @@
 #include <cuda_runtime.h>
 #include <math_constants.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "ptx.h"
@@ -263,7 +264,243 @@ cudaError_t launch(const AttnParams& p, cudaStream_t stream) {
                           Traits<kD>::kSmemBytes, stream, p);
 }
 
+// ---- v8: the same roles, persistent (docs/perf-notes.md, v8) ----
+// v7.1 launches one CTA per query block, and each pays its fill (Q and the first tiles in flight,
+// nothing to compute) and its drain (the last P.V and the output, nothing in flight) alone: one
+// CTA fits on an SM, so nothing else overlaps them. Fitted to v7.1's times at seed (~14 tiles a
+// block) and long-64k (~42), that is ~3 us a block, 13% of seed's attention. Here one CTA per SM
+// takes blocks from a global counter, heaviest first within a head, and the ring runs on across
+// blocks: the producer stages the next block's Q (a second Q buffer), its rows' tau and its tile
+// plan while the consumers finish the current one.
+constexpr int kQBuffers = 2;
+constexpr int kProducerBarrier = kQBarrier + 1;  // the producer warpgroup, around the counter's broadcast
+
+template <int kD>
+struct PersistTraits {
+  static constexpr int kSmemBytes = Traits<kD>::kSmemBytes + (kQBuffers - 1) * kRows * kD * 2  // the second Q buffer
+                                    + kQBuffers * (kRows * 4 + 16)                             // tau per row, the block's plan
+                                    + 2 * kQBuffers * 8;                                       // qfull, qempty
+};
+
+// A query block of the persistent schedule: item w is block n_blocks - 1 - w % n_blocks of
+// (batch, kv head) pair w / n_blocks, so a head's last blocks, which attend the most keys, go first.
+struct BlockItem {
+  int b, hkv, bh, blk, i0, i1;
+  __device__ __forceinline__ BlockItem(const AttnParams& p, int w) {
+    bh = w / p.n_blocks;
+    blk = p.n_blocks - 1 - (w - bh * p.n_blocks);
+    b = bh / p.kv_heads;
+    hkv = bh - b * p.kv_heads;
+    i0 = blk * p.block_q;
+    i1 = min(p.seq_len, i0 + p.block_q);
+  }
+};
+
+template <int kD, typename Elem>
+__global__ void __launch_bounds__(kThreads, 1) attention_fwd_persistent_kernel(const AttnParams p) {
+  using T = Traits<kD>;
+  constexpr int kDBlocks = kD / 8;
+  constexpr uint32_t kTileBytes = T::kTileElems * 2;
+
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw_addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  unsigned char* smem = smem_raw + ((kAlign - (raw_addr & (kAlign - 1))) & (kAlign - 1));
+  Elem* sQ = reinterpret_cast<Elem*>(smem);  // [kQBuffers][kRows x kD]
+  Elem* sK = sQ + kQBuffers * kRows * kD;
+  Elem* sV = sK + kStages * T::kTileElems;
+  int* sStart = reinterpret_cast<int*>(sV + kStages * T::kTileElems);  // [stage][key row]: j + W
+  int* sEnd = sStart + kStages * kTileN;
+  float* sU = reinterpret_cast<float*>(sEnd + kStages * kTileN);
+  float* sTau = sU + kStages * kTileN;                             // [Q buffer][row]
+  int4* sInfo = reinterpret_cast<int4*>(sTau + kQBuffers * kRows);  // [Q buffer]: item (-1: none left), n_win, n_tiles, w0
+  uint64_t* full = reinterpret_cast<uint64_t*>(sInfo + kQBuffers);
+  uint64_t* empty = full + kStages;
+  uint64_t* qfull = empty + kStages;   // [Q buffer]: the block's Q, tau and plan have landed
+  uint64_t* qempty = qfull + kQBuffers;  // [Q buffer]: the consumers are done with them
+  __shared__ int s_next;
+
+  const int n_items = p.n_blocks * p.batch * p.kv_heads;
+  const int S = p.seq_len, W = p.window;
+  const int tid = threadIdx.x, lane = tid & 31;
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(&full[s], 128);
+      mbar_init(&empty[s], kConsumers * 4);
+    }
+    for (int s = 0; s < kQBuffers; ++s) {
+      mbar_init(&qfull[s], 128);             // every producer thread, once its Q and tau copies landed
+      mbar_init(&qempty[s], kConsumers * 4);  // every consumer warp, after the block's last P.V
+    }
+  }
+  __syncthreads();
+
+  const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);  // warp-uniform role (see v7.1)
+  if (wg == 0) {
+    // ---- producer: for each block, its Q, tau and plan, then its tiles, into the rings ----
+    regs_lower<kProducerRegs>();
+    const int my_row = tid / T::kLoadersPerRow, my_part = tid % T::kLoadersPerRow;
+    const uint32_t k_addr = smem_addr(sK), v_addr = smem_addr(sV);
+    uint32_t piece_off[T::kChunksPerThread];
+#pragma unroll
+    for (int c = 0; c < T::kChunksPerThread; ++c) piece_off[c] = 2 * sw128<kTileN>(my_row, my_part + c * T::kLoadersPerRow);
+    // Copy groups are published one behind: after committing a group, the thread waits for the one
+    // before it (cp.async groups complete in order), fences it for the async proxy and arrives on
+    // its mbarrier: `pending` is that group's, a stage (< kStages) or kStages + a Q buffer.
+    int pending = -1;
+    auto commit_and_publish = [&](int next) {
+      cp_async_commit();
+      if (pending >= 0) {
+        cp_async_wait<1>();
+        fence_proxy_async();
+        mbar_arrive(pending < kStages ? &full[pending] : &qfull[pending - kStages]);
+      }
+      pending = next;
+    };
+    int g = 0;  // tiles gathered so far: the ring position
+    for (int k = 0;; ++k) {
+      const int qb = k % kQBuffers;
+      named_barrier_sync(kProducerBarrier, 128);  // every producer thread has read the previous item
+      if (tid == 0) s_next = atomicAdd(p.work_counter, 1);
+      named_barrier_sync(kProducerBarrier, 128);
+      const int w = s_next;
+      if (k >= kQBuffers) mbar_wait(&qempty[qb], (k / kQBuffers - 1) & 1);
+      if (w >= n_items) {  // none left: tell the consumers (an empty group keeps the order)
+        if (tid == 0) sInfo[qb] = make_int4(-1, 0, 0, 0);
+        commit_and_publish(kStages + qb);
+        break;
+      }
+      const BlockItem it(p, w);
+      const TilePlan<kTileN> plan(p.block_keys, p.block_count, it.bh, it.blk, p.n_blocks, p.cap, it.i0, it.i1, W);
+      if (tid == 0) sInfo[qb] = make_int4(w, plan.n_win, plan.n_tiles, plan.w0);
+      // Q rows (zero beyond S), two whole rows per copy instruction of a warp, and each row's tau.
+      const Elem* q_base = static_cast<const Elem*>(p.q) + it.b * p.q_batch_stride;
+      Elem* q_dst = sQ + qb * kRows * kD;
+      for (int c = tid; c < kRows * T::kChunks; c += 128) {
+        const int r = c / T::kChunks, ch = c % T::kChunks;
+        const int i = it.i0 + r % p.block_q, head = it.hkv * p.group + r / p.block_q;
+        const bool ok = i < S;
+        const Elem* src = q_base + head * p.q_head_stride + (int64_t)(ok ? i : 0) * p.q_row_stride + ch * 8;
+        cp_async16(smem_addr(q_dst + sw128<kRows>(r, ch)), src, ok);
+      }
+      {
+        const int i = it.i0 + tid % p.block_q;  // row tid
+        if (i < S) {
+          cp_async4(&sTau[qb * kRows + tid], p.tau + (size_t)it.bh * S + i);
+        } else {
+          sTau[qb * kRows + tid] = 0.f;
+        }
+      }
+      commit_and_publish(kStages + qb);
+
+      const Elem* k_base = static_cast<const Elem*>(p.k) + it.b * p.k_batch_stride + it.hkv * p.k_head_stride;
+      const Elem* v_base = static_cast<const Elem*>(p.v) + it.b * p.v_batch_stride + it.hkv * p.v_head_stride;
+      const float* scores = p.scores + (size_t)it.bh * S;
+      const int* ends = p.end + (size_t)it.bh * S;
+      int key = plan.key(0, my_row);
+      for (int t = 0; t < plan.n_tiles; ++t, ++g) {
+        const int stage = g % kStages;
+        if (g >= kStages) mbar_wait(&empty[stage], (g / kStages - 1) & 1);  // tile g - 4's P.V done
+        gather_key_row<T::kLoadersPerRow>(p, k_base, v_base, ends, scores, piece_off, k_addr + stage * kTileBytes,
+                                          v_addr + stage * kTileBytes, my_part, key, t >= plan.n_win, sStart, sEnd, sU,
+                                          stage * kTileN + my_row);
+        key = plan.key(t + 1, my_row);
+        commit_and_publish(stage);
+      }
+    }
+    cp_async_wait<0>();
+    fence_proxy_async();
+    mbar_arrive(pending < kStages ? &full[pending] : &qfull[pending - kStages]);
+    return;
+  }
+
+  // ---- consumers: v7.1's loop, block after block ----
+  regs_raise<kConsumerRegs>();
+  const int cwg = wg - 1;
+  const int cwarp = (tid - 128) >> 5;
+  const int quad = lane & 3;
+  const int r_lo = cwarp * 16 + (lane >> 2);
+
+  // Turns as in v7.1, continued across blocks; consumer 1's last hand-over is taken by consumer
+  // 0's barrier after the loop, so every named barrier balances.
+  if (cwg == 1) named_barrier_arrive(kTurnBarrier, kConsumers * 128);
+  int g = 0;  // tiles consumed so far: the ring position
+  for (int k = 0;; ++k) {
+    const int qb = k % kQBuffers;
+    mbar_wait(&qfull[qb], (k / kQBuffers) & 1);
+    const int4 info = sInfo[qb];
+    if (info.x < 0) break;
+    const BlockItem it(p, info.x);
+    const int n_win = info.y, n_tiles = info.z, w0 = info.w;
+    const FwdRows rows(p, r_lo, it.i0, it.hkv, sTau + qb * kRows);
+    const FwdOperands<kD, Elem, kRows, /*kDescAdd=*/true> operands(sQ + qb * kRows * kD, sK, sV, cwg);
+
+    float o[kDBlocks][4];
+#pragma unroll
+    for (int nd = 0; nd < kDBlocks; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.f;
+    float m_run[2] = {-CUDART_INF_F, -CUDART_INF_F};
+    float l_run[2] = {0.f, 0.f};
+    uint32_t p_prev[kTileN / 16][4];
+    float gate[kTileN / 8][4];
+
+    for (int t = 0; t < n_tiles; ++t) {
+      const int stage = (g + t) % kStages;
+      mbar_wait(&full[stage], ((g + t) / kStages) & 1);
+
+      named_barrier_sync(kTurnBarrier + cwg, kConsumers * 128);
+      float s[kTileN / 8][4];
+      wgmma_fence();
+      operands.qk(s, stage);
+      wgmma_commit();
+      if (t > 0) operands.pv(o, p_prev, (g + t - 1) % kStages);
+      wgmma_commit();
+      named_barrier_arrive(kTurnBarrier + (1 - cwg), kConsumers * 128);
+      wgmma_wait<1>();  // S done; P.V of tile t - 1 may still run
+      fence_regs(s);
+
+      float alpha[2];
+      tile_softmax</*kPairLoads=*/true>(s, gate, m_run, l_run, alpha, rows, t < n_win, w0 + t * kTileN, it.i0, it.i1, W,
+                                        sStart + stage * kTileN, sEnd + stage * kTileN, sU + stage * kTileN, quad,
+                                        p.scale_log2);
+
+      wgmma_wait<0>();  // P.V of tile t - 1 done: O and p_prev are free, and so is its stage
+      fence_regs(o);
+      fence_regs(p_prev);
+      if (t > 0 && lane == 0) mbar_arrive(&empty[(g + t - 1) % kStages]);
+      rescale_out(o, alpha);
+      pack_p<Elem>(p_prev, s);
+    }
+    if (n_tiles > 0) {
+      const int last = (g + n_tiles - 1) % kStages;
+      operands.last_pv(o, p_prev, last);
+      if (lane == 0) mbar_arrive(&empty[last]);
+    }
+    if (lane == 0) mbar_arrive(&qempty[qb]);  // this block's Q, tau and plan are read
+    g += n_tiles;
+    write_rows<kD, Elem>(p, o, l_run, m_run, rows, it.b, quad);
+  }
+  if (cwg == 0) named_barrier_sync(kTurnBarrier, kConsumers * 128);
+}
+
+template <int kD, typename Elem>
+cudaError_t launch_persistent(const AttnParams& p, cudaStream_t stream) {
+  int device = 0, sms = 0;
+  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+  if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device); e != cudaSuccess) return e;
+  const int64_t items = static_cast<int64_t>(p.n_blocks) * p.batch * p.kv_heads;
+  // One CTA per SM (its shared memory allows no second one), unless the caller asks for fewer or more.
+  const int grid = static_cast<int>(std::min<int64_t>(items, p.persistent_ctas > 0 ? p.persistent_ctas : sms));
+  return launch_with_smem(attention_fwd_persistent_kernel<kD, Elem>, dim3(grid), kThreads, PersistTraits<kD>::kSmemBytes, stream, p);
+}
+
 }  // namespace
+
+cudaError_t launch_attention_fwd_persistent(const AttnParams& p, int head_dim, cudaStream_t stream) {
+  if (p.n_blocks == 0 || p.batch * p.kv_heads == 0) return cudaSuccess;
+  if (p.work_counter == nullptr) return cudaErrorInvalidValue;
+  if (head_dim == 128) return p.is_bf16 ? launch_persistent<128, __nv_bfloat16>(p, stream) : launch_persistent<128, __half>(p, stream);
+  if (head_dim == 64) return p.is_bf16 ? launch_persistent<64, __nv_bfloat16>(p, stream) : launch_persistent<64, __half>(p, stream);
+  return cudaErrorInvalidValue;
+}
 
 cudaError_t launch_attention_fwd_ws(const AttnParams& p, int head_dim, cudaStream_t stream) {
   if (p.n_blocks == 0 || p.batch * p.kv_heads == 0) return cudaSuccess;

@@ -102,15 +102,19 @@ int64_t select_chunk(sparsek::SelectAlgo algo, int64_t S, int64_t rows, int64_t 
 }
 
 // The forward attention kernel: 7 (attention_fwd_ws.cu, the default: a producer warpgroup and
-// two consumer warpgroups taking turns; docs/perf-notes.md, v7.1) or 5 (attention_fwd.cu, kept
-// for comparison), chosen with SPARSEK_FWD_KERNEL and read per call so one process can time both.
+// two consumer warpgroups taking turns; docs/perf-notes.md, v7.1), 8 (the same, persistent: one
+// CTA per SM taking query blocks from a counter; v8, not yet the default) or 5 (attention_fwd.cu,
+// kept for comparison), chosen with SPARSEK_FWD_KERNEL and read per call so one process can time
+// them all.
 int forward_kernel() {
   const char* name = std::getenv("SPARSEK_FWD_KERNEL");
   if (name == nullptr || *name == '\0') return 7;
   const std::string value(name);
-  SPARSEK_CHECK(value == "5" || value == "7", "SPARSEK_FWD_KERNEL must be 7 (the default, warp-specialised) or 5 (the previous kernel), got '",
+  SPARSEK_CHECK(value == "5" || value == "7" || value == "8",
+                "SPARSEK_FWD_KERNEL must be 7 (the default, warp-specialised), 8 (warp-specialised and persistent) or 5 "
+                "(the previous kernel), got '",
                 value, "'");
-  return value == "7" ? 7 : 5;
+  return value[0] - '0';
 }
 
 // Keys of the row a segmented-walk CTA keeps in shared memory (24 bytes each). The rule (0 here):
@@ -118,6 +122,11 @@ int forward_kernel() {
 // allow three; a chunk whose band is larger than the cap walks serially in global memory (the
 // same selection). SPARSEK_SELECT_BAND=N (256 <= N <= 9216) caps it lower, for measuring that
 // trade (docs/perf-notes.md, selection next steps).
+// CTAs of the persistent forward (v8). The rule (0 here): one per SM. SPARSEK_FWD_CTAS=N
+// (1 <= N <= 65535) launches N instead, so that a test of a small shape still has every CTA take
+// several query blocks (the ring and the two Q buffers carried from one block to the next).
+int forward_ctas() { return static_cast<int>(env_int("SPARSEK_FWD_CTAS", 1, 65535).value_or(0)); }
+
 int select_band() { return static_cast<int>(env_int("SPARSEK_SELECT_BAND", 256, 9216).value_or(0)); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_cuda(
@@ -329,8 +338,16 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const cudaError_t err = forward_kernel() == 7 ? sparsek::launch_attention_fwd_ws(p, static_cast<int>(D), stream)
-                                                : sparsek::launch_attention_fwd(p, static_cast<int>(D), stream);
+  const int kernel = forward_kernel();
+  at::Tensor work_counter;  // v8: the query blocks handed out so far; zeroed on the stream (graph-capturable)
+  if (kernel == 8) {
+    work_counter = at::zeros({1}, q.options().dtype(at::kInt));
+    p.work_counter = work_counter.data_ptr<int>();
+    p.persistent_ctas = forward_ctas();
+  }
+  const cudaError_t err = kernel == 8   ? sparsek::launch_attention_fwd_persistent(p, static_cast<int>(D), stream)
+                          : kernel == 7 ? sparsek::launch_attention_fwd_ws(p, static_cast<int>(D), stream)
+                                        : sparsek::launch_attention_fwd(p, static_cast<int>(D), stream);
   TORCH_CHECK(err == cudaSuccess, sparsek_msg::build("sparsek_cuda: attention launch failed: ", cudaGetErrorString(err)));
   return {out, lse};
 }

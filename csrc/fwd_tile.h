@@ -135,6 +135,18 @@ struct FwdRows {
       tau[h] = qi[h] < p.seq_len ? p.tau[(size_t)bh * p.seq_len + qi[h]] : 0.f;
     }
   }
+
+  // The same rows with tau read from `tau_rows` (kAttnRows floats in shared memory, 0 past the end
+  // of the sequence), where a producer staged it with the block's Q (the persistent v8).
+  __device__ __forceinline__ FwdRows(const AttnParams& p, int r_lo, int i0, int hkv, const float* tau_rows) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = r_lo + 8 * h;
+      qi[h] = i0 + r % p.block_q;
+      head_of[h] = hkv * p.group + r / p.block_q;
+      tau[h] = tau_rows[r];
+    }
+  }
 };
 
 // Window tile of keys [j0, j0 + 64): -inf outside each row's window (i - W < j <= i); most

@@ -59,6 +59,8 @@ struct AttnParams {
   int cap;
   float scale_log2;  // softmax scale * log2(e)
   bool is_bf16;
+  int* work_counter;  // v8 (persistent) only: query blocks handed out so far, 0 at launch
+  int persistent_ctas;  // v8 only: CTAs to launch; 0: one per SM
 };
 
 // Backward attention: one CTA per (batch, kv head, query block), the forward's tile plan.
@@ -141,6 +143,9 @@ cudaError_t launch_selection(const SelectParams& p, cudaStream_t stream);
 cudaError_t launch_attention_fwd(const AttnParams& p, int head_dim, cudaStream_t stream);
 // The warp-specialised forward (v7.1, attention_fwd_ws.cu, the default): same inputs and outputs.
 cudaError_t launch_attention_fwd_ws(const AttnParams& p, int head_dim, cudaStream_t stream);
+// v8, the same kernel made persistent (attention_fwd_ws.cu): one CTA per SM takes query blocks
+// from p.work_counter (zeroed by the caller) until none are left.
+cudaError_t launch_attention_fwd_persistent(const AttnParams& p, int head_dim, cudaStream_t stream);
 cudaError_t launch_bwd_dot(const BwdDotParams& p, cudaStream_t stream);
 cudaError_t launch_bwd_convert(const BwdConvertParams& p, cudaStream_t stream);
 // Launches the (batch, kv head) pairs bh_offset .. bh_offset + bh_count - 1.

@@ -26,10 +26,13 @@ def _inputs(seed, B, Hq, Hkv, S, D, dtype=torch.bfloat16, ties=False):
     return q, k, v, u.float().cuda()
 
 
+@pytest.mark.parametrize("kernel", ["7", "8"], ids=["fwd-v7", "fwd-v8"])
 @pytest.mark.parametrize("check_finite", [False, True], ids=["check_finite=False", "check_finite=True"])
-def test_forward_captured_in_a_cuda_graph(check_finite):
-    """check_finite=True is skipped during the capture (a capture cannot synchronise)."""
+def test_forward_captured_in_a_cuda_graph(check_finite, kernel, monkeypatch):
+    """check_finite=True is skipped during the capture (a capture cannot synchronise). v8 zeroes
+    its block counter on the stream, so the capture holds that too and each replay starts at 0."""
     cuda_kernels()
+    monkeypatch.setenv("SPARSEK_FWD_KERNEL", kernel)
     topk, window = 40, 16
     static = _inputs(1, 2, 8, 2, 300, 128)
     side = torch.cuda.Stream()
@@ -177,7 +180,9 @@ def test_select_chunk_override_rejects_bad_value(value, monkeypatch):
 
 @pytest.mark.parametrize("variable, value, message", [
     ("SPARSEK_SELECT", "serial", r"SPARSEK_SELECT must be 'segmented' or 'walk', got 'serial'"),
-    ("SPARSEK_FWD_KERNEL", "6", r"SPARSEK_FWD_KERNEL must be 7 \(the default, warp-specialised\) or 5 \(the previous kernel\), got '6'"),
+    ("SPARSEK_FWD_KERNEL", "6", r"SPARSEK_FWD_KERNEL must be 7 \(the default, warp-specialised\), 8 \(warp-specialised and "
+                                r"persistent\) or 5 \(the previous kernel\), got '6'"),
+    ("SPARSEK_FWD_KERNEL", "78", r"SPARSEK_FWD_KERNEL must be 7 .*got '78'"),
 ])
 def test_kernel_switch_rejects_bad_value(variable, value, message, monkeypatch):
     """A mistyped switch is an error naming it, never a silent fallback to the default."""
@@ -186,6 +191,18 @@ def test_kernel_switch_rejects_bad_value(variable, value, message, monkeypatch):
     q = torch.zeros(1, 4, 100, 64, device="cuda", dtype=torch.bfloat16)
     k = torch.zeros(1, 1, 100, 64, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=message):
+        sparsek.sparsek_attention(q, k, k, torch.zeros(1, 1, 100, device="cuda"), topk=4, window=2)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "3x"])
+def test_persistent_ctas_rejects_bad_value(value, monkeypatch):
+    """SPARSEK_FWD_CTAS (the persistent v8's grid, for tests) is checked when v8 runs."""
+    cuda_kernels()
+    monkeypatch.setenv("SPARSEK_FWD_KERNEL", "8")
+    monkeypatch.setenv("SPARSEK_FWD_CTAS", value)
+    q = torch.zeros(1, 4, 100, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.zeros(1, 1, 100, 64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"SPARSEK_FWD_CTAS must be an integer in \[1, 65535\], got '" + value):
         sparsek.sparsek_attention(q, k, k, torch.zeros(1, 1, 100, device="cuda"), topk=4, window=2)
 
 
