@@ -296,7 +296,9 @@ struct BlockItem {
   }
 };
 
-template <int kD, typename Elem>
+// kLazy (v9): the online softmax keeps a row's running max until a tile exceeds it by more than
+// 2^8 (fwd_tile.h, kLazyRescaleLog2), so O is rarely rescaled.
+template <int kD, typename Elem, bool kLazy>
 __global__ void __launch_bounds__(kThreads, 1) attention_fwd_persistent_kernel(const AttnParams p) {
   using T = Traits<kD>;
   constexpr int kDBlocks = kD / 8;
@@ -458,7 +460,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_persistent_kernel(c
       fence_regs(s);
 
       float alpha[2];
-      tile_softmax</*kPairLoads=*/true>(s, gate, m_run, l_run, alpha, rows, t < n_win, w0 + t * kTileN, it.i0, it.i1, W,
+      tile_softmax</*kPairLoads=*/true, kLazy>(s, gate, m_run, l_run, alpha, rows, t < n_win, w0 + t * kTileN, it.i0, it.i1, W,
                                         sStart + stage * kTileN, sEnd + stage * kTileN, sU + stage * kTileN, quad,
                                         p.scale_log2);
 
@@ -481,7 +483,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_persistent_kernel(c
   if (cwg == 0) named_barrier_sync(kTurnBarrier, kConsumers * 128);
 }
 
-template <int kD, typename Elem>
+template <int kD, typename Elem, bool kLazy>
 cudaError_t launch_persistent(const AttnParams& p, cudaStream_t stream) {
   int device = 0, sms = 0;
   if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
@@ -489,17 +491,27 @@ cudaError_t launch_persistent(const AttnParams& p, cudaStream_t stream) {
   const int64_t items = static_cast<int64_t>(p.n_blocks) * p.batch * p.kv_heads;
   // One CTA per SM (its shared memory allows no second one), unless the caller asks for fewer or more.
   const int grid = static_cast<int>(std::min<int64_t>(items, p.persistent_ctas > 0 ? p.persistent_ctas : sms));
-  return launch_with_smem(attention_fwd_persistent_kernel<kD, Elem>, dim3(grid), kThreads, PersistTraits<kD>::kSmemBytes, stream, p);
+  return launch_with_smem(attention_fwd_persistent_kernel<kD, Elem, kLazy>, dim3(grid), kThreads, PersistTraits<kD>::kSmemBytes,
+                          stream, p);
+}
+
+template <bool kLazy>
+cudaError_t launch_persistent(const AttnParams& p, int head_dim, cudaStream_t stream) {
+  if (head_dim == 128) {
+    return p.is_bf16 ? launch_persistent<128, __nv_bfloat16, kLazy>(p, stream) : launch_persistent<128, __half, kLazy>(p, stream);
+  }
+  if (head_dim == 64) {
+    return p.is_bf16 ? launch_persistent<64, __nv_bfloat16, kLazy>(p, stream) : launch_persistent<64, __half, kLazy>(p, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace
 
-cudaError_t launch_attention_fwd_persistent(const AttnParams& p, int head_dim, cudaStream_t stream) {
+cudaError_t launch_attention_fwd_persistent(const AttnParams& p, int head_dim, bool lazy_rescale, cudaStream_t stream) {
   if (p.n_blocks == 0 || p.batch * p.kv_heads == 0) return cudaSuccess;
   if (p.work_counter == nullptr) return cudaErrorInvalidValue;
-  if (head_dim == 128) return p.is_bf16 ? launch_persistent<128, __nv_bfloat16>(p, stream) : launch_persistent<128, __half>(p, stream);
-  if (head_dim == 64) return p.is_bf16 ? launch_persistent<64, __nv_bfloat16>(p, stream) : launch_persistent<64, __half>(p, stream);
-  return cudaErrorInvalidValue;
+  return lazy_rescale ? launch_persistent<true>(p, head_dim, stream) : launch_persistent<false>(p, head_dim, stream);
 }
 
 cudaError_t launch_attention_fwd_ws(const AttnParams& p, int head_dim, cudaStream_t stream) {

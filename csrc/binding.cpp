@@ -103,16 +103,16 @@ int64_t select_chunk(sparsek::SelectAlgo algo, int64_t S, int64_t rows, int64_t 
 
 // The forward attention kernel: 7 (attention_fwd_ws.cu, the default: a producer warpgroup and
 // two consumer warpgroups taking turns; docs/perf-notes.md, v7.1), 8 (the same, persistent: one
-// CTA per SM taking query blocks from a counter; v8, not yet the default) or 5 (attention_fwd.cu,
-// kept for comparison), chosen with SPARSEK_FWD_KERNEL and read per call so one process can time
-// them all.
+// CTA per SM taking query blocks from a counter; v8), 9 (v8 with lazy rescaling of the online
+// softmax; v9) or 5 (attention_fwd.cu, kept for comparison), chosen with SPARSEK_FWD_KERNEL and
+// read per call so one process can time them all. 8 and 9 are not yet the default.
 int forward_kernel() {
   const char* name = std::getenv("SPARSEK_FWD_KERNEL");
   if (name == nullptr || *name == '\0') return 7;
   const std::string value(name);
-  SPARSEK_CHECK(value == "5" || value == "7" || value == "8",
-                "SPARSEK_FWD_KERNEL must be 7 (the default, warp-specialised), 8 (warp-specialised and persistent) or 5 "
-                "(the previous kernel), got '",
+  SPARSEK_CHECK(value == "5" || value == "7" || value == "8" || value == "9",
+                "SPARSEK_FWD_KERNEL must be 7 (the default, warp-specialised), 8 (warp-specialised and persistent), 9 (8 "
+                "with lazy rescaling) or 5 (the previous kernel), got '",
                 value, "'");
   return value[0] - '0';
 }
@@ -340,12 +340,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int kernel = forward_kernel();
   at::Tensor work_counter;  // v8: the query blocks handed out so far; zeroed on the stream (graph-capturable)
-  if (kernel == 8) {
+  if (kernel == 8 || kernel == 9) {
     work_counter = at::zeros({1}, q.options().dtype(at::kInt));
     p.work_counter = work_counter.data_ptr<int>();
     p.persistent_ctas = forward_ctas();
   }
-  const cudaError_t err = kernel == 8   ? sparsek::launch_attention_fwd_persistent(p, static_cast<int>(D), stream)
+  const cudaError_t err = kernel >= 8   ? sparsek::launch_attention_fwd_persistent(p, static_cast<int>(D), kernel == 9, stream)
                           : kernel == 7 ? sparsek::launch_attention_fwd_ws(p, static_cast<int>(D), stream)
                                         : sparsek::launch_attention_fwd(p, static_cast<int>(D), stream);
   TORCH_CHECK(err == cudaSuccess, sparsek_msg::build("sparsek_cuda: attention launch failed: ", cudaGetErrorString(err)));

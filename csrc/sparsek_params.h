@@ -59,8 +59,8 @@ struct AttnParams {
   int cap;
   float scale_log2;  // softmax scale * log2(e)
   bool is_bf16;
-  int* work_counter;  // v8 (persistent) only: query blocks handed out so far, 0 at launch
-  int persistent_ctas;  // v8 only: CTAs to launch; 0: one per SM
+  int* work_counter;    // v8 and v9 (persistent) only: query blocks handed out so far, 0 at launch
+  int persistent_ctas;  // v8 and v9 only: CTAs to launch; 0: one per SM
 };
 
 // Backward attention: one CTA per (batch, kv head, query block), the forward's tile plan.
@@ -144,8 +144,9 @@ cudaError_t launch_attention_fwd(const AttnParams& p, int head_dim, cudaStream_t
 // The warp-specialised forward (v7.1, attention_fwd_ws.cu, the default): same inputs and outputs.
 cudaError_t launch_attention_fwd_ws(const AttnParams& p, int head_dim, cudaStream_t stream);
 // v8, the same kernel made persistent (attention_fwd_ws.cu): one CTA per SM takes query blocks
-// from p.work_counter (zeroed by the caller) until none are left.
-cudaError_t launch_attention_fwd_persistent(const AttnParams& p, int head_dim, cudaStream_t stream);
+// from p.work_counter (zeroed by the caller) until none are left. lazy_rescale: v9, the same with
+// the online softmax's running max kept until a tile exceeds it by more than 2^8.
+cudaError_t launch_attention_fwd_persistent(const AttnParams& p, int head_dim, bool lazy_rescale, cudaStream_t stream);
 cudaError_t launch_bwd_dot(const BwdDotParams& p, cudaStream_t stream);
 cudaError_t launch_bwd_convert(const BwdConvertParams& p, cudaStream_t stream);
 // Launches the (batch, kv head) pairs bh_offset .. bh_offset + bh_count - 1.

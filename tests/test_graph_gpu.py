@@ -26,11 +26,12 @@ def _inputs(seed, B, Hq, Hkv, S, D, dtype=torch.bfloat16, ties=False):
     return q, k, v, u.float().cuda()
 
 
-@pytest.mark.parametrize("kernel", ["7", "8"], ids=["fwd-v7", "fwd-v8"])
+@pytest.mark.parametrize("kernel", ["7", "8", "9"], ids=["fwd-v7", "fwd-v8", "fwd-v9"])
 @pytest.mark.parametrize("check_finite", [False, True], ids=["check_finite=False", "check_finite=True"])
 def test_forward_captured_in_a_cuda_graph(check_finite, kernel, monkeypatch):
-    """check_finite=True is skipped during the capture (a capture cannot synchronise). v8 zeroes
-    its block counter on the stream, so the capture holds that too and each replay starts at 0."""
+    """check_finite=True is skipped during the capture (a capture cannot synchronise). v8 and v9
+    zero their block counter on the stream, so the capture holds that too and each replay starts
+    at 0."""
     cuda_kernels()
     monkeypatch.setenv("SPARSEK_FWD_KERNEL", kernel)
     topk, window = 40, 16
@@ -181,7 +182,7 @@ def test_select_chunk_override_rejects_bad_value(value, monkeypatch):
 @pytest.mark.parametrize("variable, value, message", [
     ("SPARSEK_SELECT", "serial", r"SPARSEK_SELECT must be 'segmented' or 'walk', got 'serial'"),
     ("SPARSEK_FWD_KERNEL", "6", r"SPARSEK_FWD_KERNEL must be 7 \(the default, warp-specialised\), 8 \(warp-specialised and "
-                                r"persistent\) or 5 \(the previous kernel\), got '6'"),
+                                r"persistent\), 9 \(8 with lazy rescaling\) or 5 \(the previous kernel\), got '6'"),
     ("SPARSEK_FWD_KERNEL", "78", r"SPARSEK_FWD_KERNEL must be 7 .*got '78'"),
 ])
 def test_kernel_switch_rejects_bad_value(variable, value, message, monkeypatch):

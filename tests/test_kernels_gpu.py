@@ -25,14 +25,15 @@ from sparsek import selection as sel_mod
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(autouse=True, params=["5", "7", "8"], ids=["fwd-v5", "fwd-v7", "fwd-v8"])
+@pytest.fixture(autouse=True, params=["5", "7", "8", "9"], ids=["fwd-v5", "fwd-v7", "fwd-v8", "fwd-v9"])
 def forward_kernel(request, monkeypatch):
-    """Every test runs every forward attention kernel: v5, the warp-specialised v7.1 (the default)
-    and its persistent form v8 (SPARSEK_FWD_KERNEL; children such as the sanitizer's inherit the
-    setting). v8 runs on 3 CTAs here, so that even the small shapes give each CTA several query
-    blocks in turn; test_persistent_matches_v7 also runs its default grid."""
+    """Every test runs every forward attention kernel: v5, the warp-specialised v7.1 (the default),
+    its persistent form v8 and v9 (v8 with lazy rescaling) (SPARSEK_FWD_KERNEL; children such as
+    the sanitizer's inherit the setting). v8 and v9 run on 3 CTAs here, so that even the small
+    shapes give each CTA several query blocks in turn; test_persistent_matches_v7 also runs v8's
+    default grid."""
     monkeypatch.setenv("SPARSEK_FWD_KERNEL", request.param)
-    if request.param == "8":
+    if request.param in ("8", "9"):
         monkeypatch.setenv("SPARSEK_FWD_CTAS", "3")
     return request.param
 
@@ -120,6 +121,21 @@ SHAPES = [  # B, Hq, Hkv, S, D, topk, window
 def test_kernel_matches_reference(shape, dtype):
     B, Hq, Hkv, S, D, topk, window = shape
     q, k, v, u = _inputs(hash(shape) % 10_000, B, Hq, Hkv, S, D, dtype)
+    tau, end, keys, count, out, lse, block_q = _run_kernels(q, k, v, u, topk, window)
+    sel = _check_selection(u, topk, window, tau, end, keys, count, block_q)
+    _check_attention(q, k, v, u, topk, window, out, lse, sel)
+
+
+@pytest.mark.parametrize("logit_scale", [4.0, 16.0])
+@pytest.mark.parametrize("shape", [(1, 4, 1, 700, 128, 64, 40), (2, 8, 8, 300, 64, 30, 0)],
+                         ids=lambda s: "B{}-Hq{}-Hkv{}-S{}-D{}-K{}-W{}".format(*s))
+def test_kernel_matches_reference_on_peaky_logits(shape, logit_scale):
+    """Logits of standard deviation 4 and 16 (q scaled): a row's running max keeps jumping by more
+    than 2^8 in base-2 units, so v9's lazy rescaling takes both of its paths, moving the max and
+    keeping a stale one, many times in one row."""
+    B, Hq, Hkv, S, D, topk, window = shape
+    q, k, v, u = _inputs(int(logit_scale) * 31 + S, B, Hq, Hkv, S, D, torch.bfloat16)
+    q = (q.float() * logit_scale).to(q.dtype)
     tau, end, keys, count, out, lse, block_q = _run_kernels(q, k, v, u, topk, window)
     sel = _check_selection(u, topk, window, tau, end, keys, count, block_q)
     _check_attention(q, k, v, u, topk, window, out, lse, sel)
