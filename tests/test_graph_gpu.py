@@ -151,10 +151,11 @@ def test_segmented_chunk_sizes_match_walk(chunk, monkeypatch):
     assert torch.equal(seg[1], walk[1]) and torch.equal(seg[3], walk[3]), f"chunk {chunk}"
 
 
-@pytest.mark.parametrize("band", ["256", "2048", "9216"])
+@pytest.mark.parametrize("band", ["256", "2048", "2816", "9216"])
 def test_segmented_band_caps_match_walk(band, monkeypatch):
     """SPARSEK_SELECT_BAND caps the keys a segmented CTA keeps in shared memory; a chunk whose band
-    is larger walks serially in global memory. Every cap gives the serial walk's integers."""
+    is larger walks serially in global memory. Every cap gives the serial walk's integers, with the
+    64-register build (256, 2048: four CTAs fit in shared memory) and the 80-register one."""
     cuda_kernels()
     u = _drifting_scores(6)
     walk = _select(u, 512, 256, 32, "walk", monkeypatch)
