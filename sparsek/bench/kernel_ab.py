@@ -1,0 +1,169 @@
+"""Kernel A/B in one process: one CUDA op timed under the values of a kernel switch, in turn.
+
+    python -m sparsek.bench.kernel_ab --op attention_fwd --switch SPARSEK_FWD_KERNEL=7,8,9 \
+        --cases seed,long-16k,long-64k --rounds 2 --json OUT.json
+    python -m sparsek.bench.kernel_ab --op select --switch SPARSEK_SELECT_BAND=rule,2048,2816 --cases seed
+
+The switches are environment variables the binding reads on every call (docs/kernels.md), so one
+process, one set of inputs and one selection serve every value (``rule`` unsets the variable).
+The values are timed in turn, round after round (A B C A B C ...), so that a drift of the clocks
+shows as a spread between rounds rather than as a difference between values. Every value's
+outputs are compared with the first value's bit for bit; for ``select`` that means the same tau,
+end, block lists and counts. Each time is the median of ``measure`` (the suite's timer: CUDA
+events, L2 flushed before every call) for one op call, in milliseconds.
+
+This is the lab book's instrument (docs/perf-notes.md) for "v(n+1) against v(n) in one process";
+the suite (``sparsek-bench run``) measures the whole op against the baselines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Sequence
+
+RULE = "rule"  # a switch value that unsets the variable: the binding's default
+
+Outputs = Sequence  # tensors (or anything with torch.equal semantics) one call returns
+
+
+def parse_switch(text: str) -> tuple[str, list[str]]:
+    """'NAME=a,b,c' -> ('NAME', ['a', 'b', 'c']); a clear error for anything else."""
+    name, sep, values = text.partition("=")
+    vals = [v for v in values.split(",") if v]
+    if not sep or not name.startswith("SPARSEK_") or len(vals) < 2 or len(set(vals)) != len(vals):
+        raise ValueError(f"--switch must be SPARSEK_NAME=v1,v2[,...] with at least two different values, got {text!r}")
+    return name, vals
+
+
+def set_switch(name: str, value: str) -> None:
+    if value == RULE:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+def bitwise(a: Outputs, b: Outputs) -> dict:
+    """Every output equal, bit for bit."""
+    import torch
+
+    return {"bitwise_equal_to_first": len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))}
+
+
+def selection_compare(a: Outputs, b: Outputs) -> dict:
+    """ops.select's (tau, end, block keys, block counts): all bitwise, and the integers alone. A
+    chunk that walks serially sums tau in another order than a segmented one (the last bit may
+    differ); the integers never may."""
+    import torch
+
+    return {**bitwise(a, b), "integers_equal_to_first": all(torch.equal(x, y) for x, y in zip(a[1:], b[1:]))}
+
+
+def run_ab(name: str, values: list[str], rounds: int, call: Callable[[], Outputs], time_ms: Callable[[Callable], float],
+           compare: Callable[[Outputs, Outputs], dict] = bitwise) -> dict:
+    """Time ``call`` under each value of switch ``name``, ``rounds`` times in turn. Returns, per
+    value, its medians in round order and how its first outputs compare with the first value's.
+    The switch is restored to what it was, whatever happens."""
+    before = os.environ.get(name)
+    out: dict = {v: {"ms": []} for v in values}
+    reference = None
+    try:
+        for _ in range(rounds):
+            for v in values:
+                set_switch(name, v)
+                if len(out[v]) == 1:  # outputs not compared yet
+                    got = call()
+                    if reference is None:
+                        reference = got
+                    out[v].update({k: bool(x) for k, x in compare(got, reference).items()})
+                out[v]["ms"].append(time_ms(call))
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+    return out
+
+
+def op_call(op: str, case_name: str) -> Callable[[], Outputs]:
+    """One call of the op on the case's inputs (built once, on the GPU)."""
+    import torch
+
+    from .. import _cuda
+    from .cases import get_case, make_inputs
+
+    case = get_case(case_name)
+    inp = make_inputs(case, "cuda")
+    q, k, v, u = inp.q, inp.k, inp.v, inp.scores
+    ops = _cuda.ops()
+    block_q = _cuda.block_q_for(q.shape[1], k.shape[1])
+    if op == "select":
+        return lambda: ops.select(u, case.topk, case.window, block_q)
+    if op == "attention_fwd":
+        sel = ops.select(u, case.topk, case.window, block_q)  # once, under the default selection
+        torch.cuda.synchronize()
+        scale = q.shape[-1] ** -0.5
+        return lambda: ops.attention_fwd(q, k, v, u, *sel, case.window, scale, block_q)
+    raise ValueError(f"--op must be one of {OPS}, got {op!r}")
+
+
+OPS = ("attention_fwd", "select")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--op", choices=OPS, default="attention_fwd")
+    ap.add_argument("--switch", required=True, help="SPARSEK_NAME=v1,v2[,...]; 'rule' unsets it (the default)")
+    ap.add_argument("--cases", default="seed,long-16k,long-64k", help="prefill cases (default seed,long-16k,long-64k)")
+    ap.add_argument("--rounds", type=int, default=2, help="times each value is timed, in turn (default 2)")
+    ap.add_argument("--max-time", type=float, default=1.0, help="seconds of samples per timing (default 1)")
+    ap.add_argument("--json", help="write the results here (atomically)")
+    args = ap.parse_args(argv)
+    name, values = parse_switch(args.switch)
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("kernel_ab needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from .device import git_state
+    from .results import write_json_atomic
+    from .timing import measure
+
+    def time_ms(fn):
+        return measure(fn, device="cuda", max_time_s=args.max_time).median * 1e3
+
+    result = {"command": "python -m sparsek.bench.kernel_ab " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "device": torch.cuda.get_device_name(), "torch": torch.__version__, "git": git_state(), "op": args.op,
+              "switch": name, "values": values, "rounds": args.rounds, "timer": "sparsek.bench.timing.measure, cold L2, median",
+              "cases": []}
+    for case_name in args.cases.split(","):
+        try:
+            compare = selection_compare if args.op == "select" else bitwise
+            per_value = run_ab(name, values, args.rounds, op_call(args.op, case_name), time_ms, compare)
+            row = {"case": case_name, "per_value": per_value}
+        except Exception as exc:  # one failing case never loses the others
+            row = {"case": case_name, "error": f"{type(exc).__name__}: {exc}"}
+        result["cases"].append(row)
+        print(row, flush=True)
+        if args.json:
+            write_json_atomic(args.json, result)
+    base = values[0]
+    for row in result["cases"]:
+        if "error" in row:
+            print(f"{row['case']:10s} failed: {row['error']}")
+            continue
+        ref = min(row["per_value"][base]["ms"])
+        cells = []
+        for v, d in row["per_value"].items():
+            agrees = all(x for k, x in d.items() if k != "ms")
+            cells.append(f"{v}: {min(d['ms']):8.3f} ms ({min(d['ms']) / ref:5.3f}x){'' if agrees else ' DIFFERS'}")
+        print(f"{row['case']:10s} " + "  ".join(cells))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

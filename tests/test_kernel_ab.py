@@ -1,0 +1,74 @@
+"""The kernel A/B harness (sparsek.bench.kernel_ab) on the CPU: switch parsing, the order in
+which values are timed, the bitwise comparison, and that the environment is restored."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from sparsek.bench import kernel_ab
+
+
+def test_parse_switch():
+    assert kernel_ab.parse_switch("SPARSEK_FWD_KERNEL=7,8,9") == ("SPARSEK_FWD_KERNEL", ["7", "8", "9"])
+    assert kernel_ab.parse_switch("SPARSEK_SELECT_BAND=rule,2048") == ("SPARSEK_SELECT_BAND", ["rule", "2048"])
+    for bad in ("SPARSEK_FWD_KERNEL=7", "SPARSEK_FWD_KERNEL", "FWD_KERNEL=7,8", "SPARSEK_FWD_KERNEL=7,7", "SPARSEK_X=,"):
+        with pytest.raises(ValueError, match="--switch must be SPARSEK_NAME=v1,v2"):
+            kernel_ab.parse_switch(bad)
+
+
+def test_values_take_turns_and_outputs_are_compared(monkeypatch):
+    monkeypatch.setenv("SPARSEK_TEST_SWITCH", "original")
+    seen = []
+
+    def call():
+        v = os.environ.get("SPARSEK_TEST_SWITCH", "<unset>")
+        seen.append(("call", v))
+        x = torch.arange(4.0)
+        return (x + 1,) if v == "b" else (x,)
+
+    def time_ms(fn):
+        fn()
+        seen.append(("time", os.environ.get("SPARSEK_TEST_SWITCH", "<unset>")))
+        return {"a": 1.0, "b": 2.0, "<unset>": 3.0}[os.environ.get("SPARSEK_TEST_SWITCH", "<unset>")]
+
+    out = kernel_ab.run_ab("SPARSEK_TEST_SWITCH", ["a", "b", "rule"], 2, call, time_ms)
+    timed = [v for what, v in seen if what == "time"]
+    assert timed == ["a", "b", "<unset>", "a", "b", "<unset>"]  # in turn, round after round
+    assert out["a"]["ms"] == [1.0, 1.0] and out["b"]["ms"] == [2.0, 2.0] and out["rule"]["ms"] == [3.0, 3.0]
+    assert out["a"]["bitwise_equal_to_first"] and out["rule"]["bitwise_equal_to_first"]
+    assert out["b"]["bitwise_equal_to_first"] is False
+    assert os.environ["SPARSEK_TEST_SWITCH"] == "original"  # restored
+
+
+def test_selection_compare_tells_tau_bits_from_integers():
+    tau, end, keys, count = torch.tensor([0.5, 1.0]), torch.tensor([3, 4]), torch.tensor([[0, 1]]), torch.tensor([2])
+    nudged = torch.nextafter(tau, torch.full_like(tau, 2.0))
+    assert kernel_ab.selection_compare((tau, end, keys, count), (tau, end, keys, count)) == {
+        "bitwise_equal_to_first": True, "integers_equal_to_first": True}
+    assert kernel_ab.selection_compare((nudged, end, keys, count), (tau, end, keys, count)) == {
+        "bitwise_equal_to_first": False, "integers_equal_to_first": True}
+    assert not kernel_ab.selection_compare((tau, end + 1, keys, count), (tau, end, keys, count))["integers_equal_to_first"]
+
+
+def test_switch_restored_after_a_failure(monkeypatch):
+    monkeypatch.delenv("SPARSEK_TEST_SWITCH", raising=False)
+
+    def call():
+        raise RuntimeError("kernel fault")
+
+    with pytest.raises(RuntimeError, match="kernel fault"):
+        kernel_ab.run_ab("SPARSEK_TEST_SWITCH", ["a", "b"], 1, call, lambda fn: 0.0)
+    assert "SPARSEK_TEST_SWITCH" not in os.environ
+
+
+def test_cli_needs_a_gpu_and_checks_its_arguments(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert kernel_ab.main(["--switch", "SPARSEK_FWD_KERNEL=7,8"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--switch must be"):
+        kernel_ab.main(["--switch", "SPARSEK_FWD_KERNEL=7"])
+    with pytest.raises(SystemExit):
+        kernel_ab.main(["--switch", "SPARSEK_FWD_KERNEL=7,8", "--rounds", "0"])
