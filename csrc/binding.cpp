@@ -355,7 +355,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
 // Backward attention. Returns dq, dk and dv (the inputs' dtype), the per-key term of d scores
 // (deterministic: per block and list place, (B*Hkv, n_blocks, cap); otherwise summed,
 // (B, Hkv, S)) and gamma's per-row sums (B, Hq, S). The caller finishes d scores
-// (sparsek/_cuda.py). kernel: 2 = warpgroup MMA, 1 = the mma.sync version (for comparison);
+// (sparsek/_cuda.py). kernel: 2 = warpgroup MMA, 3 = the same with the dK/dV reductions as bulk
+// reductions of staged rows (v2.10, opt-in), 1 = the mma.sync version (for comparison);
 // acc_budget: bytes of dk/dv accumulators per launch chunk; streams: how many streams the chunks
 // take turns over (float32 accumulators only; 1 = the current stream alone).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
@@ -384,7 +385,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
                 ", got ", out.scalar_type(), " ", out.sizes());
   SPARSEK_CHECK(lse.sizes() == at::IntArrayRef({B, Hq, S}) && lse.scalar_type() == at::kFloat, "lse must be float32 ",
                 at::IntArrayRef({B, Hq, S}), ", got ", lse.scalar_type(), " ", lse.sizes());
-  SPARSEK_CHECK(kernel == 1 || kernel == 2, "kernel must be 1 (mma.sync) or 2 (warpgroup MMA), got ", kernel);
+  SPARSEK_CHECK(kernel >= 1 && kernel <= 3,
+                "kernel must be 1 (mma.sync), 2 (warpgroup MMA) or 3 (warpgroup MMA with bulk reductions), got ", kernel);
   SPARSEK_CHECK(acc_budget > 0, "acc_budget must be positive, got ", acc_budget);
   SPARSEK_CHECK(streams >= 1 && streams <= 8, "streams must be in [1, 8], got ", streams);
   if (deterministic) {

@@ -111,7 +111,7 @@ struct AttnBwdParams {
   float scale_log2;  // scale * log2(e)
   bool is_bf16;
   bool deterministic;
-  int kernel;        // 2: warpgroup MMA (default), 1: the mma.sync version (kept for comparison)
+  int kernel;        // 2: warpgroup MMA (default), 3: the same with bulk reductions (v2.10), 1: mma.sync (kept for comparison)
 };
 
 // rowsum(dout * out) per row, in float32: the D_i of dS = P (dP - D_i).
