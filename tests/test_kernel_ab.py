@@ -72,3 +72,10 @@ def test_cli_needs_a_gpu_and_checks_its_arguments(monkeypatch, capsys):
         kernel_ab.main(["--switch", "SPARSEK_FWD_KERNEL=7"])
     with pytest.raises(SystemExit):
         kernel_ab.main(["--switch", "SPARSEK_FWD_KERNEL=7,8", "--rounds", "0"])
+
+
+def test_relative_difference_of_gradients():
+    a = (torch.tensor([1.0, -4.0]), torch.tensor([0.0, 0.0]))
+    b = (torch.tensor([1.0, -4.0 + 0.04]), torch.tensor([0.0, 0.0]))
+    assert kernel_ab.relative_difference(a, a) == {"max_rel_diff_to_first": 0.0}
+    assert kernel_ab.relative_difference(a, b)["max_rel_diff_to_first"] == pytest.approx(0.04 / 3.96, rel=1e-4)

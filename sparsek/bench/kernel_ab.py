@@ -3,14 +3,17 @@
     python -m sparsek.bench.kernel_ab --op attention_fwd --switch SPARSEK_FWD_KERNEL=7,8,9 \
         --cases seed,long-16k,long-64k --rounds 2 --json OUT.json
     python -m sparsek.bench.kernel_ab --op select --switch SPARSEK_SELECT_BAND=rule,2048,2816 --cases seed
+    python -m sparsek.bench.kernel_ab --op backward --switch SPARSEK_BWD_KERNEL=2,3 --cases long-64k
 
 The switches are environment variables the binding reads on every call (docs/kernels.md), so one
 process, one set of inputs and one selection serve every value (``rule`` unsets the variable).
 The values are timed in turn, round after round (A B C A B C ...), so that a drift of the clocks
 shows as a spread between rounds rather than as a difference between values. Every value's
 outputs are compared with the first value's bit for bit; for ``select`` that means the same tau,
-end, block lists and counts. Each time is the median of ``measure`` (the suite's timer: CUDA
-events, L2 flushed before every call) for one op call, in milliseconds.
+end, block lists and counts; the backward's float32 atomics sum in no fixed order, so there the
+largest difference of each gradient, relative to its largest magnitude, is reported instead.
+Each time is the median of ``measure`` (the suite's timer: CUDA events, L2 flushed before every
+call) for one op call, in milliseconds.
 
 This is the lab book's instrument (docs/perf-notes.md) for "v(n+1) against v(n) in one process";
 the suite (``sparsek-bench run``) measures the whole op against the baselines.
@@ -60,6 +63,16 @@ def selection_compare(a: Outputs, b: Outputs) -> dict:
     return {**bitwise(a, b), "integers_equal_to_first": all(torch.equal(x, y) for x, y in zip(a[1:], b[1:]))}
 
 
+def relative_difference(a: Outputs, b: Outputs) -> dict:
+    """The backward's gradients: max |a - b| / max |b| per output (0 for equal outputs)."""
+    worst = 0.0
+    for x, y in zip(a, b):
+        scale = float(y.float().abs().max()) if y.numel() else 0.0
+        diff = float((x.float() - y.float()).abs().max()) if y.numel() else 0.0
+        worst = max(worst, diff / scale if scale > 0 else diff)
+    return {"max_rel_diff_to_first": worst}
+
+
 def run_ab(name: str, values: list[str], rounds: int, call: Callable[[], Outputs], time_ms: Callable[[Callable], float],
            compare: Callable[[Outputs, Outputs], dict] = bitwise) -> dict:
     """Time ``call`` under each value of switch ``name``, ``rounds`` times in turn. Returns, per
@@ -76,7 +89,7 @@ def run_ab(name: str, values: list[str], rounds: int, call: Callable[[], Outputs
                     got = call()
                     if reference is None:
                         reference = got
-                    out[v].update({k: bool(x) for k, x in compare(got, reference).items()})
+                    out[v].update(compare(got, reference))
                 out[v]["ms"].append(time_ms(call))
     finally:
         if before is None:
@@ -100,15 +113,21 @@ def op_call(op: str, case_name: str) -> Callable[[], Outputs]:
     block_q = _cuda.block_q_for(q.shape[1], k.shape[1])
     if op == "select":
         return lambda: ops.select(u, case.topk, case.window, block_q)
+    scale = q.shape[-1] ** -0.5
     if op == "attention_fwd":
         sel = ops.select(u, case.topk, case.window, block_q)  # once, under the default selection
         torch.cuda.synchronize()
-        scale = q.shape[-1] ** -0.5
         return lambda: ops.attention_fwd(q, k, v, u, *sel, case.window, scale, block_q)
+    if op == "backward":  # the op's backward (dot, attention kernel, conversion, score-gradient tail)
+        fwd = _cuda.forward(q, k, v, u, case.topk, case.window, scale)  # once, under the default kernels
+        gen = torch.Generator(device=q.device).manual_seed(case.seed + 1)
+        grad = torch.randn(q.shape, generator=gen, device=q.device, dtype=q.dtype)
+        torch.cuda.synchronize()
+        return lambda: _cuda.backward(grad, q, k, v, u, *fwd, case.window, scale)
     raise ValueError(f"--op must be one of {OPS}, got {op!r}")
 
 
-OPS = ("attention_fwd", "select")
+OPS = ("attention_fwd", "select", "backward")
 
 
 def main(argv=None) -> int:
@@ -142,7 +161,7 @@ def main(argv=None) -> int:
               "cases": []}
     for case_name in args.cases.split(","):
         try:
-            compare = selection_compare if args.op == "select" else bitwise
+            compare = {"select": selection_compare, "backward": relative_difference}.get(args.op, bitwise)
             per_value = run_ab(name, values, args.rounds, op_call(args.op, case_name), time_ms, compare)
             row = {"case": case_name, "per_value": per_value}
         except Exception as exc:  # one failing case never loses the others
@@ -159,8 +178,9 @@ def main(argv=None) -> int:
         ref = min(row["per_value"][base]["ms"])
         cells = []
         for v, d in row["per_value"].items():
-            agrees = all(x for k, x in d.items() if k != "ms")
-            cells.append(f"{v}: {min(d['ms']):8.3f} ms ({min(d['ms']) / ref:5.3f}x){'' if agrees else ' DIFFERS'}")
+            agrees = all(x for x in d.values() if isinstance(x, bool))
+            extra = "".join(f" {k} {x:.2g}" for k, x in d.items() if isinstance(x, float))
+            cells.append(f"{v}: {min(d['ms']):8.3f} ms ({min(d['ms']) / ref:5.3f}x){'' if agrees else ' DIFFERS'}{extra}")
         print(f"{row['case']:10s} " + "  ".join(cells))
     return 0
 
