@@ -637,9 +637,10 @@ __global__ void __launch_bounds__(kPoisonThreads) poison_rows_kernel(const float
   }
 }
 
-// The segmented walk with `band_cap` keys of shared band per CTA. When four CTAs fit in an SM's
-// shared memory (a band cap of about 2,100 keys: SPARSEK_SELECT_BAND), the 64-register build runs
-// so that registers do not hold it to three; otherwise the 80-register one.
+// The segmented walk with `band_cap` keys of shared band per CTA. When SPARSEK_SELECT_BAND set the
+// cap and four CTAs fit in an SM's shared memory (a cap up to about 2,190 keys at chunk 1024 on an
+// H100), the 64-register build runs so that registers do not hold it to three; otherwise, and
+// always under the default rule until the build has been timed, the 80-register one.
 cudaError_t launch_segwalk(const SelectParams& p, int band_cap, cudaStream_t stream) {
   const size_t smem = SegSmem::bytes(band_cap, p.chunk);
   int device = 0, per_sm = 0, reserved = 0;
@@ -648,7 +649,7 @@ cudaError_t launch_segwalk(const SelectParams& p, int band_cap, cudaStream_t str
   if (cudaError_t e = cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device); e != cudaSuccess) return e;
   if (cudaError_t e = cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device); e != cudaSuccess) return e;
   if (cudaError_t e = cudaFuncGetAttributes(&attr, chunk_segwalk_kernel<4>); e != cudaSuccess) return e;
-  const bool four = 4 * (smem + attr.sharedSizeBytes + static_cast<size_t>(reserved)) <= static_cast<size_t>(per_sm);
+  const bool four = p.band_cap > 0 && 4 * (smem + attr.sharedSizeBytes + static_cast<size_t>(reserved)) <= static_cast<size_t>(per_sm);
   auto run = [&](auto kernel) {
     if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem); e != cudaSuccess) {
       return e;
