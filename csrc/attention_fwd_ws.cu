@@ -325,13 +325,18 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_persistent_kernel(c
   const int S = p.seq_len, W = p.window;
   const int tid = threadIdx.x, lane = tid & 31;
   if (tid == 0) {
+    // Every consumer thread arrives on `empty` and `qempty` (v7.1 lets one lane per warp arrive):
+    // each thread's own reads of the stage's per-key data, and of tau, are then ordered before the
+    // producer's next writes there by its own release, which compute-sanitizer's racecheck can
+    // see; with one lane, the other lanes' reads were ordered only by the warp's lockstep, and
+    // racecheck reported the ring's reuse across blocks as a race.
     for (int s = 0; s < kStages; ++s) {
       mbar_init(&full[s], 128);
-      mbar_init(&empty[s], kConsumers * 4);
+      mbar_init(&empty[s], kConsumers * 128);
     }
     for (int s = 0; s < kQBuffers; ++s) {
-      mbar_init(&qfull[s], 128);             // every producer thread, once its Q and tau copies landed
-      mbar_init(&qempty[s], kConsumers * 4);  // every consumer warp, after the block's last P.V
+      mbar_init(&qfull[s], 128);                // every producer thread, once its Q and tau copies landed
+      mbar_init(&qempty[s], kConsumers * 128);  // every consumer thread, after the block's last P.V
     }
   }
   __syncthreads();
@@ -467,16 +472,16 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_persistent_kernel(c
       wgmma_wait<0>();  // P.V of tile t - 1 done: O and p_prev are free, and so is its stage
       fence_regs(o);
       fence_regs(p_prev);
-      if (t > 0 && lane == 0) mbar_arrive(&empty[(g + t - 1) % kStages]);
+      if (t > 0) mbar_arrive(&empty[(g + t - 1) % kStages]);
       rescale_out(o, alpha);
       pack_p<Elem>(p_prev, s);
     }
     if (n_tiles > 0) {
       const int last = (g + n_tiles - 1) % kStages;
       operands.last_pv(o, p_prev, last);
-      if (lane == 0) mbar_arrive(&empty[last]);
+      mbar_arrive(&empty[last]);
     }
-    if (lane == 0) mbar_arrive(&qempty[qb]);  // this block's Q, tau and plan are read
+    mbar_arrive(&qempty[qb]);  // this block's Q, tau and plan are read
     g += n_tiles;
     write_rows<kD, Elem>(p, o, l_run, m_run, rows, it.b, quad);
   }
