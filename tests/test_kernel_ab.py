@@ -44,13 +44,19 @@ def test_values_take_turns_and_outputs_are_compared(monkeypatch):
 
 
 def test_selection_compare_tells_tau_bits_from_integers():
-    tau, end, keys, count = torch.tensor([0.5, 1.0]), torch.tensor([3, 4]), torch.tensor([[0, 1]]), torch.tensor([2])
+    # (B*H, n_blocks, cap) lists with counts (B*H, n_blocks); past its count a list is garbage
+    tau, end = torch.tensor([0.5, 1.0]), torch.tensor([3, 4])
+    keys, count = torch.tensor([[[0, 1, 77], [2, 99, 5]]]), torch.tensor([[2, 1]])
+    other_tail = torch.tensor([[[0, 1, -4], [2, 12, 8]]])
     nudged = torch.nextafter(tau, torch.full_like(tau, 2.0))
-    assert kernel_ab.selection_compare((tau, end, keys, count), (tau, end, keys, count)) == {
-        "bitwise_equal_to_first": True, "integers_equal_to_first": True}
+    same = {"tau_bitwise_equal_to_first": True, "integers_equal_to_first": True}
+    assert kernel_ab.selection_compare((tau, end, keys, count), (tau, end, keys, count)) == same
+    assert kernel_ab.selection_compare((tau, end, other_tail, count), (tau, end, keys, count)) == same
     assert kernel_ab.selection_compare((nudged, end, keys, count), (tau, end, keys, count)) == {
-        "bitwise_equal_to_first": False, "integers_equal_to_first": True}
+        "tau_bitwise_equal_to_first": False, "integers_equal_to_first": True}
     assert not kernel_ab.selection_compare((tau, end + 1, keys, count), (tau, end, keys, count))["integers_equal_to_first"]
+    changed = torch.tensor([[[0, 3, 77], [2, 99, 5]]])
+    assert not kernel_ab.selection_compare((tau, end, changed, count), (tau, end, keys, count))["integers_equal_to_first"]
 
 
 def test_switch_restored_after_a_failure(monkeypatch):

@@ -55,12 +55,17 @@ def bitwise(a: Outputs, b: Outputs) -> dict:
 
 
 def selection_compare(a: Outputs, b: Outputs) -> dict:
-    """ops.select's (tau, end, block keys, block counts): all bitwise, and the integers alone. A
-    chunk that walks serially sums tau in another order than a segmented one (the last bit may
-    differ); the integers never may."""
+    """ops.select's (tau, end, block keys, block counts): tau bitwise, and the integers: end, the
+    counts and each block's keys up to its count (the list's tail past the count is never written,
+    so it holds whatever the allocation held). A chunk that walks serially sums tau in another
+    order than a segmented one, so its last bit may differ; the integers never may."""
     import torch
 
-    return {**bitwise(a, b), "integers_equal_to_first": all(torch.equal(x, y) for x, y in zip(a[1:], b[1:]))}
+    (tau_a, end_a, keys_a, count_a), (tau_b, end_b, keys_b, count_b) = a, b
+    listed = torch.arange(keys_a.shape[-1], device=keys_a.device) < count_a.unsqueeze(-1)
+    same_lists = torch.equal(count_a, count_b) and torch.equal(keys_a[listed], keys_b[listed])
+    return {"tau_bitwise_equal_to_first": torch.equal(tau_a, tau_b),
+            "integers_equal_to_first": torch.equal(end_a, end_b) and same_lists}
 
 
 def relative_difference(a: Outputs, b: Outputs) -> dict:
