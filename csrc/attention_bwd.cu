@@ -503,6 +503,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
 // (128 rows x 64 keys) are one panel of that layout, which is also the layout v1 writes them in.
 namespace wg {
 
+constexpr int kStages = 3;  // K/V ring: tile t in use, t + 1 and t + 2 in flight
 constexpr int kWgRows = 64;
 // dK/dV reductions go through shared memory in slices of 32 columns (128 bytes of a key's float32
 // row), so that each warp's 16-byte reductions cover 4 whole 128-byte lines instead of one 32-byte
@@ -512,44 +513,17 @@ constexpr int kWgRows = 64;
 constexpr int kSliceCols = 32;
 constexpr int kSliceStride = 40;
 
-// kBulk (v2.10): the dK/dV reductions go to the tensor memory accelerator as bulk reductions of
-// whole staged rows instead of through per-thread atomics (see the kernel). That needs a whole
-// 64 keys x kD float32 tile per warpgroup in shared memory, which a third K/V stage would not
-// leave room for at D128: the ring has two stages there (tile t in use, t + 1 in flight, loaded a
-// whole tile ahead).
-template <int kD, bool kBulk = false>
+template <int kD>
 struct Traits {
-  static constexpr int kStages = kBulk ? 2 : 3;  // K/V ring: tile t in use, then one or two in flight
   static constexpr int kChunks = kD / 8;
   static constexpr int kLoadersPerRow = kThreads / kTileN;
   static constexpr int kChunksPerThread = kChunks / kLoadersPerRow;
   static constexpr int kTileElems = kTileN * kD;
-  // kBulk: a warpgroup's staged tile, rows padded by 16 bytes so that the accumulator-layout
-  // stores (rows g, columns 2 quad + 8 nd) spread over the banks (two wavefronts per 64-bit store,
-  // the least); warpgroup 0's lies over [kStagePad before P, end of P), warpgroup 1's over [dS,
-  // kStagePad after dS): each over the panel only its own dV / dK product reads.
-  static constexpr int kStageRowFloats = kD + 4;
-  static constexpr int kStagePad = kBulk ? kTileN * kStageRowFloats * 4 - kRows * kTileN * 2 : 0;
   static constexpr int kSmemBytes = kAlign + (2 * kRows * kD + 2 * kStages * kTileElems + 2 * kRows * kTileN) * 2  // Q, dO, K, V, P, dS
-                                    + 2 * kStagePad                // kBulk: the staged tiles beyond P and dS
                                     + kStages * kTileN * (4 + 16)  // key; start, end, u as one 16-byte record
                                     + kWarps * kTileN * 4       // column sums of gamma
-                                    + (kBulk ? 0 : 2 * kTileN * kSliceStride * 4);  // one reduction slice per warpgroup
-  static_assert(kStagePad % kAlign == 0, "P and dS stay on 1024-byte lines");
+                                    + 2 * kTileN * kSliceStride * 4;  // one reduction slice per warpgroup
 };
-
-// kBulk: a warp's 16 key rows (key0 + g and + 8, every column) of its warpgroup's float32 tile to
-// the staged tile `stage` (kTileN rows of kD + 4 floats).
-template <int kD>
-__device__ __forceinline__ void stage_rows(const float (&acc)[kD / 8][4], float* stage, int key0, int g, int quad) {
-  constexpr int kRow = kD + 4;
-#pragma unroll
-  for (int nd = 0; nd < kD / 8; ++nd) {
-    const int col = 8 * nd + 2 * quad;
-    *reinterpret_cast<float2*>(stage + (key0 + g) * kRow + col) = make_float2(acc[nd][0], acc[nd][1]);
-    *reinterpret_cast<float2*>(stage + (key0 + g + 8) * kRow + col) = make_float2(acc[nd][2], acc[nd][3]);
-  }
-}
 
 // Adds a warpgroup's 64 keys x kD float32 tile (wgmma accumulator layout: warp w % 4 holds key rows
 // 16 (w % 4) + g and + 8, columns 8 nd + 2 quad and + 1) to the accumulator rows of its keys, one
@@ -594,10 +568,9 @@ __device__ __forceinline__ void reduce_slice(const float* slice, float* dst, con
   }
 }
 
-template <int kD, typename Elem, bool kBulk>
+template <int kD, typename Elem>
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBwdParams p) {
-  using T = Traits<kD, kBulk>;
-  constexpr int kStages = T::kStages;
+  using T = Traits<kD>;
   constexpr int kC = T::kChunks;
   constexpr uint32_t kPanelBytes = kPanel * 2;
   constexpr uint32_t kTileBytes = T::kTileElems * 2;
@@ -613,9 +586,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
   Elem* sDO = sQ + kRows * kD;
   Elem* sK = sDO + kRows * kD;
   Elem* sV = sK + kStages * T::kTileElems;
-  Elem* sP = reinterpret_cast<Elem*>(reinterpret_cast<unsigned char*>(sV + kStages * T::kTileElems) + T::kStagePad);
+  Elem* sP = sV + kStages * T::kTileElems;
   Elem* sDS = sP + kRows * kTileN;
-  int* sKey = reinterpret_cast<int*>(reinterpret_cast<unsigned char*>(sDS + kRows * kTileN) + T::kStagePad);  // [stage][key row]: key index, -1 = padding
+  int* sKey = reinterpret_cast<int*>(sDS + kRows * kTileN);  // [stage][key row]: key index, -1 = padding
   // [stage][key row]: {j + W, end_j, u_j (bits), unused}, so the softmax gradient reads a listed
   // key's three values with two loads instead of three.
   int4* sMeta = reinterpret_cast<int4*>(sKey + kStages * kTileN);
@@ -633,10 +606,6 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
   // it built every Q / dO wgmma descriptor (which depends on it) in vector registers and moved it
   // into uniform registers with two R2UR per k-step; now they are built in uniform registers.
   const int wgi = __shfl_sync(0xffffffffu, warp / 4, 0);
-  // kBulk: this warpgroup's staged tile (Traits::kStagePad): warpgroup 0's ends where P does,
-  // warpgroup 1's starts at dS.
-  float* const staged = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(sDS) -
-                                                 (wgi == 0 ? kTileN * T::kStageRowFloats * 4 : 0));
 
   const Elem* k_base = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + hkv * p.k_head_stride;
   const Elem* v_base = static_cast<const Elem*>(p.v) + b * p.v_batch_stride + hkv * p.v_head_stride;
@@ -693,11 +662,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
   }
   if (n_tiles > 0) load_tile(0, 0, tile_key(0));
   cp_async_commit();
-  if constexpr (!kBulk) {
-    if (n_tiles > 1) load_tile(1, 1, tile_key(1));
-    cp_async_commit();
-  }
-  int key_next = tile_key(kStages - 1);  // the first tile the loop loads
+  if (n_tiles > 1) load_tile(1, 1, tile_key(1));
+  cp_async_commit();
+  int key_next = tile_key(2);
 
   // Per-thread rows (wgmma accumulator layout): warp w holds rows 16w .. 16w + 15, this thread
   // rows r_lo = 16w + lane/4 and r_lo + 8.
@@ -774,34 +741,16 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
   // Per tile t (v2.4): S and dP issued; tile t - 1's dK/dV reductions while they run; the
   // softmax gradient, dQ; tile t + 2 loaded into tile t - 1's stage; dV / dK, then slice 0 of
   // the accumulator staged (docs/perf-notes.md).
-  // kBulk (v2.10) instead: tile t + 1 loaded into tile t - 1's stage at the top; after dV / dK,
-  // each warp stages its 16 rows of the warpgroup's tile and one lane hands them to the tensor
-  // memory accelerator as bulk reductions, whose reads of the staged tile are waited for only
-  // before the next tile's P and dS are stored over it.
   for (int t = 0; t < n_tiles; ++t) {
     const int stage = t % kStages;
     const uint32_t k_tile = k_addr + stage * kTileBytes;
-    if constexpr (kBulk) {
-      cp_async_wait<0>();  // tile t (and Q, dO) has landed
-    } else {
-      cp_async_wait<1>();  // tile t (and Q, dO) has landed; tile t + 1 may still be in flight
-    }
+    cp_async_wait<1>();  // tile t (and Q, dO) has landed; tile t + 1 may still be in flight
     fence_proxy_async();
     // Tile t is visible to every thread; every warpgroup is done with sP / sDS / sColSum (written
-    // again by tile t) and has staged slice 0 of tile t - 1 (kBulk: has issued tile t - 1's
-    // reductions, so tile t - 1's stage, keys included, is free).
+    // again by tile t) and has staged slice 0 of tile t - 1.
     __syncthreads();
     issue_s_dp(t);
-    if constexpr (kBulk) {
-      // After the products' issue: their descriptors are built before the load's per-thread
-      // branches (built after them, ptxas kept the descriptors in vector registers and moved
-      // them to uniform ones before every wgmma: 60 R2UR per tile instead of 4).
-      if (t + 1 < n_tiles) load_tile(t + 1, (t + 1) % kStages, key_next);
-      cp_async_commit();  // possibly empty: keeps the group count uniform
-      key_next = tile_key(t + 2);
-    } else {
-      if (t > 0 && !p.deterministic) reduce_rest((t - 1) % kStages);
-    }
+    if (t > 0 && !p.deterministic) reduce_rest((t - 1) % kStages);
     wgmma_wait<0>();
     fence_regs(s);
     fence_regs(dp);
@@ -822,12 +771,6 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
       });
     }
 
-    if constexpr (kBulk) {  // P and dS are about to be stored over tile t - 1's staged tiles
-      if (t > 0 && !p.deterministic) {
-        if (lane == 0) bulk_wait_reads();
-        __syncthreads();
-      }
-    }
     // P and dS to shared memory (for dV and dK); dS as A fragments for dQ += dS K.
     uint32_t ds_frag[kTileN / 16][4];
     store_p_ds<Elem>(s, dp, sP, sDS, r_lo, quad, ds_frag);
@@ -860,11 +803,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
     // t - 1 (its reductions read their keys from that stage), so the stage is loaded again here,
     // where only dq and ds_frag hold accumulator registers.
     __syncthreads();
-    if constexpr (!kBulk) {
-      if (t + 2 < n_tiles) load_tile(t + 2, (t + 2) % kStages, key_next);
-      cp_async_commit();  // possibly empty: keeps the group count uniform
-      key_next = tile_key(t + 3);
-    }
+    if (t + 2 < n_tiles) load_tile(t + 2, (t + 2) % kStages, key_next);
+    cp_async_commit();  // possibly empty: keeps the group count uniform
+    key_next = tile_key(t + 3);
 
     // ---- this warpgroup's half of the key-major products: 64 keys x D of dV or dK ----
     wgmma_fence();
@@ -901,24 +842,6 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
     fence_regs(ds_frag);
     if (p.deterministic) {
       add_tile<kD, kD / 8>(acc, kv_acc, sKey + stage * kTileN, key0, 0, lane, true, kv_fixed);
-    } else if constexpr (kBulk) {
-      // This warp's 16 rows, staged over the P or dS panel that only this warpgroup's product read
-      // (now complete), made visible to the async proxy, then one lane adds each to its key's
-      // accumulator row (kD floats, contiguous) with one bulk reduction. Padding keys add nothing.
-      stage_rows<kD>(acc, staged, key0, g, quad);
-      fence_proxy_async();
-      __syncwarp();
-      if (lane == 0) {
-        const int* keys = sKey + stage * kTileN + key0;
-#pragma unroll 1
-        for (int r = 0; r < 16; ++r) {
-          const int key = keys[r];
-          if (key >= 0) {
-            bulk_reduce_add_f32(kv_dst + static_cast<size_t>(key) * kD, staged + (key0 + r) * T::kStageRowFloats, kD * 4);
-          }
-        }
-        bulk_commit();
-      }
     } else {
       stage_slice<kD>(acc, slice, 0, key0, g, quad);
       // The rest of the accumulator is read in the next iteration while S / dP are in flight.
@@ -928,12 +851,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
     }
   }
   if (n_tiles > 0 && !p.deterministic) {
-    if constexpr (kBulk) {
-      if (lane == 0) bulk_wait_reads();  // the staged tiles must outlive the last reductions' reads
-    } else {
-      named_barrier_sync(bar, 128);  // slice 0 of the last tile is staged
-      reduce_rest((n_tiles - 1) % kStages);
-    }
+    named_barrier_sync(bar, 128);  // slice 0 of the last tile is staged
+    reduce_rest((n_tiles - 1) % kStages);
   }
   cp_async_wait<0>();
   wgmma_wait<0>();  // nothing is in flight after the last tile; tells ptxas so before dq is read
@@ -1012,10 +931,7 @@ template <int kD, typename Elem>
 cudaError_t launch(const AttnBwdParams& p, int bh_count, cudaStream_t stream) {
   const dim3 grid(p.n_blocks, bh_count);
   if (p.kernel == 1) return launch_with_smem(attention_bwd_kernel<kD, Elem>, grid, kThreads, Traits<kD>::kSmemBytes, stream, p);
-  if (p.kernel == 3) {
-    return launch_with_smem(wg::attention_bwd_kernel<kD, Elem, true>, grid, kThreads, wg::Traits<kD, true>::kSmemBytes, stream, p);
-  }
-  return launch_with_smem(wg::attention_bwd_kernel<kD, Elem, false>, grid, kThreads, wg::Traits<kD, false>::kSmemBytes, stream, p);
+  return launch_with_smem(wg::attention_bwd_kernel<kD, Elem>, grid, kThreads, wg::Traits<kD>::kSmemBytes, stream, p);
 }
 
 template <int kD, typename Elem>

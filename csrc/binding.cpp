@@ -102,19 +102,15 @@ int64_t select_chunk(sparsek::SelectAlgo algo, int64_t S, int64_t rows, int64_t 
 }
 
 // The forward attention kernel: 7 (attention_fwd_ws.cu, the default: a producer warpgroup and
-// two consumer warpgroups taking turns; docs/perf-notes.md, v7.1), 8 (the same, persistent: one
-// CTA per SM taking query blocks from a counter; v8), 9 (v8 with lazy rescaling of the online
-// softmax; v9) or 5 (attention_fwd.cu, kept for comparison), chosen with SPARSEK_FWD_KERNEL and
-// read per call so one process can time them all. 8 and 9 are not yet the default.
+// two consumer warpgroups taking turns; docs/perf-notes.md, v7.1) or 5 (attention_fwd.cu, kept
+// for comparison), chosen with SPARSEK_FWD_KERNEL and read per call so one process can time both.
 int forward_kernel() {
   const char* name = std::getenv("SPARSEK_FWD_KERNEL");
   if (name == nullptr || *name == '\0') return 7;
   const std::string value(name);
-  SPARSEK_CHECK(value == "5" || value == "7" || value == "8" || value == "9",
-                "SPARSEK_FWD_KERNEL must be 7 (the default, warp-specialised), 8 (warp-specialised and persistent), 9 (8 "
-                "with lazy rescaling) or 5 (the previous kernel), got '",
+  SPARSEK_CHECK(value == "5" || value == "7", "SPARSEK_FWD_KERNEL must be 7 (the default, warp-specialised) or 5 (the previous kernel), got '",
                 value, "'");
-  return value[0] - '0';
+  return value == "7" ? 7 : 5;
 }
 
 // Keys of the row a segmented-walk CTA keeps in shared memory (24 bytes each). The rule (0 here):
@@ -122,11 +118,6 @@ int forward_kernel() {
 // allow three; a chunk whose band is larger than the cap walks serially in global memory (the
 // same selection). SPARSEK_SELECT_BAND=N (256 <= N <= 9216) caps it lower, for measuring that
 // trade (docs/perf-notes.md, selection next steps).
-// CTAs of the persistent forward (v8). The rule (0 here): one per SM. SPARSEK_FWD_CTAS=N
-// (1 <= N <= 65535) launches N instead, so that a test of a small shape still has every CTA take
-// several query blocks (the ring and the two Q buffers carried from one block to the next).
-int forward_ctas() { return static_cast<int>(env_int("SPARSEK_FWD_CTAS", 1, 65535).value_or(0)); }
-
 int select_band() { return static_cast<int>(env_int("SPARSEK_SELECT_BAND", 256, 9216).value_or(0)); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_cuda(
@@ -338,16 +329,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int kernel = forward_kernel();
-  at::Tensor work_counter;  // v8: the query blocks handed out so far; zeroed on the stream (graph-capturable)
-  if (kernel == 8 || kernel == 9) {
-    work_counter = at::zeros({1}, q.options().dtype(at::kInt));
-    p.work_counter = work_counter.data_ptr<int>();
-    p.persistent_ctas = forward_ctas();
-  }
-  const cudaError_t err = kernel >= 8   ? sparsek::launch_attention_fwd_persistent(p, static_cast<int>(D), kernel == 9, stream)
-                          : kernel == 7 ? sparsek::launch_attention_fwd_ws(p, static_cast<int>(D), stream)
-                                        : sparsek::launch_attention_fwd(p, static_cast<int>(D), stream);
+  const cudaError_t err = forward_kernel() == 7 ? sparsek::launch_attention_fwd_ws(p, static_cast<int>(D), stream)
+                                                : sparsek::launch_attention_fwd(p, static_cast<int>(D), stream);
   TORCH_CHECK(err == cudaSuccess, sparsek_msg::build("sparsek_cuda: attention launch failed: ", cudaGetErrorString(err)));
   return {out, lse};
 }
@@ -355,8 +338,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
 // Backward attention. Returns dq, dk and dv (the inputs' dtype), the per-key term of d scores
 // (deterministic: per block and list place, (B*Hkv, n_blocks, cap); otherwise summed,
 // (B, Hkv, S)) and gamma's per-row sums (B, Hq, S). The caller finishes d scores
-// (sparsek/_cuda.py). kernel: 2 = warpgroup MMA, 3 = the same with the dK/dV reductions as bulk
-// reductions of staged rows (v2.10, opt-in), 1 = the mma.sync version (for comparison);
+// (sparsek/_cuda.py). kernel: 2 = warpgroup MMA, 1 = the mma.sync version (for comparison);
 // acc_budget: bytes of dk/dv accumulators per launch chunk; streams: how many streams the chunks
 // take turns over (float32 accumulators only; 1 = the current stream alone).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
@@ -385,8 +367,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
                 ", got ", out.scalar_type(), " ", out.sizes());
   SPARSEK_CHECK(lse.sizes() == at::IntArrayRef({B, Hq, S}) && lse.scalar_type() == at::kFloat, "lse must be float32 ",
                 at::IntArrayRef({B, Hq, S}), ", got ", lse.scalar_type(), " ", lse.sizes());
-  SPARSEK_CHECK(kernel >= 1 && kernel <= 3,
-                "kernel must be 1 (mma.sync), 2 (warpgroup MMA) or 3 (warpgroup MMA with bulk reductions), got ", kernel);
+  SPARSEK_CHECK(kernel == 1 || kernel == 2, "kernel must be 1 (mma.sync) or 2 (warpgroup MMA), got ", kernel);
   SPARSEK_CHECK(acc_budget > 0, "acc_budget must be positive, got ", acc_budget);
   SPARSEK_CHECK(streams >= 1 && streams <= 8, "streams must be in [1, 8], got ", streams);
   if (deterministic) {

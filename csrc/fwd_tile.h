@@ -135,18 +135,6 @@ struct FwdRows {
       tau[h] = qi[h] < p.seq_len ? p.tau[(size_t)bh * p.seq_len + qi[h]] : 0.f;
     }
   }
-
-  // The same rows with tau read from `tau_rows` (kAttnRows floats in shared memory, 0 past the end
-  // of the sequence), where a producer staged it with the block's Q (the persistent v8).
-  __device__ __forceinline__ FwdRows(const AttnParams& p, int r_lo, int i0, int hkv, const float* tau_rows) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = r_lo + 8 * h;
-      qi[h] = i0 + r % p.block_q;
-      head_of[h] = hkv * p.group + r / p.block_q;
-      tau[h] = tau_rows[r];
-    }
-  }
 };
 
 // Window tile of keys [j0, j0 + 64): -inf outside each row's window (i - W < j <= i); most
@@ -208,20 +196,10 @@ __device__ __forceinline__ void mask_list_tile(float (&s)[kFwdTileN / 8][4], flo
   }
 }
 
-// Lazy rescaling (v9): the running max a row's weights are taken against moves only when the
-// tile's max exceeds it by more than this many powers of two, so a weight is at most 2^8 before
-// the final division. O and l are rescaled only when the max moves, which after the first tiles
-// is rare: on the suite's inputs a new tile raises some row's max of a warp on most tiles, and
-// each such tile costs D / 2 multiplies per thread. The output is the same quotient, rounded
-// differently (P's relative rounding in the input type does not depend on its magnitude).
-constexpr float kLazyRescaleLog2 = 8.f;
-
 // Online softmax of one tile, in base 2: the running max m_run (already scaled by scale_log2),
 // the rescale factor alpha of the previous O and l, the weights exp2(s * scale_log2 - m) written
 // over s (times the gate on list tiles), and the running sum l_run. Each row lives in the 4
 // threads of a quad. Masking worked on the raw logits (scale > 0 keeps the max where it is).
-// kLazy: keep m_run while the tile's max is within kLazyRescaleLog2 of it (alpha = 1).
-template <bool kLazy = false>
 __device__ __forceinline__ void softmax_tile(float (&s)[kFwdTileN / 8][4], const float (&gate)[kFwdTileN / 8][4], bool gated,
                                              float (&tile_max)[2], float (&m_run)[2], float (&l_run)[2], float (&alpha)[2],
                                              float scale_log2) {
@@ -230,10 +208,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kFwdTileN / 8][4], const
   for (int h = 0; h < 2; ++h) {
     tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
     tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
-    float m_new = fmaxf(m_run[h], tile_max[h] * scale_log2);
-    // The same decision in the four threads of the row (they hold the same maxima). Written so
-    // that a row with nothing valid yet (both -inf: NaN) takes the usual path.
-    if (kLazy && m_new - m_run[h] <= kLazyRescaleLog2) m_new = m_run[h];
+    const float m_new = fmaxf(m_run[h], tile_max[h] * scale_log2);
     const float m_use = m_new == -CUDART_INF_F ? 0.f : m_new;  // a row with nothing valid yet
     alpha[h] = exp2f(m_run[h] - m_use);                        // 0 when m_run is -inf
     m_run[h] = m_new;
@@ -257,8 +232,8 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kFwdTileN / 8][4], const
 
 // One tile's masks, gates and online softmax: a window tile of keys [j0, j0 + 64), else a list
 // tile whose per-key start, end and score are at start, end, u. alpha: the rescale factor of the
-// previous O. kPairLoads: see mask_list_tile; kLazy: see softmax_tile.
-template <bool kPairLoads = false, bool kLazy = false>
+// previous O. kPairLoads: see mask_list_tile.
+template <bool kPairLoads = false>
 __device__ __forceinline__ void tile_softmax(float (&s)[kFwdTileN / 8][4], float (&gate)[kFwdTileN / 8][4], float (&m_run)[2],
                                              float (&l_run)[2], float (&alpha)[2], const FwdRows& rows, bool window_tile, int j0,
                                              int i0, int i1, int W, const int* start, const int* end, const float* u, int quad,
@@ -269,7 +244,7 @@ __device__ __forceinline__ void tile_softmax(float (&s)[kFwdTileN / 8][4], float
   } else {
     mask_list_tile<kPairLoads>(s, gate, tile_max, rows, start, end, u, quad);
   }
-  softmax_tile<kLazy>(s, gate, !window_tile, tile_max, m_run, l_run, alpha, scale_log2);
+  softmax_tile(s, gate, !window_tile, tile_max, m_run, l_run, alpha, scale_log2);
 }
 
 // O *= alpha per row; skipped when no row of the warp moved (the running max settles after the

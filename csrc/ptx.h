@@ -37,19 +37,6 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
-// Bulk reduction by the tensor memory accelerator: adds `bytes` (a multiple of 16) of float32 at
-// `src` in shared memory to `dst` in global memory (both 16-byte aligned), element by element,
-// atomically per element, asynchronously. The issuing thread commits its reductions as a group
-// and waits until their reads of shared memory are done before the source may be written again.
-// The source's writers make it visible to the async proxy first (fence_proxy_async in wgmma.h).
-__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, const float* src, uint32_t bytes) {
-  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst),
-               "r"(smem_addr(src)), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void bulk_wait_reads() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
-
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");

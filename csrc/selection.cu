@@ -484,11 +484,7 @@ __device__ void segment_state(const SegSmem& s, int m, int K, WalkerState* out) 
   __syncthreads();
 }
 
-// kMinBlocks: CTAs per SM that ptxas must leave registers for. 1 takes 80 registers (three CTAs
-// by registers); 4 caps it at 64 without spills, for bands small enough that four CTAs fit in
-// shared memory (see launch_segwalk).
-template <int kMinBlocks>
-__global__ void __launch_bounds__(kWalkThreads, kMinBlocks) chunk_segwalk_kernel(SelectParams p, int band_cap) {
+__global__ void __launch_bounds__(kWalkThreads, 1) chunk_segwalk_kernel(SelectParams p, int band_cap) {
   const int row = blockIdx.y;
   const int S = p.seq_len, K = p.topk;
   const int n0 = K + 1 + blockIdx.x * p.chunk;
@@ -637,29 +633,6 @@ __global__ void __launch_bounds__(kPoisonThreads) poison_rows_kernel(const float
   }
 }
 
-// The segmented walk with `band_cap` keys of shared band per CTA. When SPARSEK_SELECT_BAND set the
-// cap and four CTAs fit in an SM's shared memory (a cap up to about 2,190 keys at chunk 1024 on an
-// H100), the 64-register build runs so that registers do not hold it to three; otherwise, and
-// always under the default rule until the build has been timed, the 80-register one.
-cudaError_t launch_segwalk(const SelectParams& p, int band_cap, cudaStream_t stream) {
-  const size_t smem = SegSmem::bytes(band_cap, p.chunk);
-  int device = 0, per_sm = 0, reserved = 0;
-  cudaFuncAttributes attr{};
-  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
-  if (cudaError_t e = cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device); e != cudaSuccess) return e;
-  if (cudaError_t e = cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device); e != cudaSuccess) return e;
-  if (cudaError_t e = cudaFuncGetAttributes(&attr, chunk_segwalk_kernel<4>); e != cudaSuccess) return e;
-  const bool four = p.band_cap > 0 && 4 * (smem + attr.sharedSizeBytes + static_cast<size_t>(reserved)) <= static_cast<size_t>(per_sm);
-  auto run = [&](auto kernel) {
-    if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem); e != cudaSuccess) {
-      return e;
-    }
-    kernel<<<dim3(p.n_chunks, p.rows), kWalkThreads, smem, stream>>>(p, band_cap);
-    return cudaGetLastError();
-  };
-  return four ? run(chunk_segwalk_kernel<4>) : run(chunk_segwalk_kernel<1>);
-}
-
 }  // namespace
 
 cudaError_t launch_selection_with(const SelectParams& p, SelectAlgo algo, const int* nonfinite, cudaStream_t stream) {
@@ -667,7 +640,13 @@ cudaError_t launch_selection_with(const SelectParams& p, SelectAlgo algo, const 
   if (algo == SelectAlgo::kSegmented && p.n_chunks > 0) {
     int band_cap = p.seq_len < kSegMaxBand ? p.seq_len : kSegMaxBand;
     if (p.band_cap > 0 && p.band_cap < band_cap) band_cap = p.band_cap;  // SPARSEK_SELECT_BAND
-    if (cudaError_t e = launch_segwalk(p, band_cap, stream); e != cudaSuccess) return e;
+    const size_t smem = SegSmem::bytes(band_cap, p.chunk);
+    if (cudaError_t e = cudaFuncSetAttribute(chunk_segwalk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        e != cudaSuccess) {
+      return e;
+    }
+    chunk_segwalk_kernel<<<dim3(p.n_chunks, p.rows), kWalkThreads, smem, stream>>>(p, band_cap);
+    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   } else if (algo == SelectAlgo::kWalk && p.n_chunks > 0) {
     // The shared band holds at most every key of the row (12 bytes each) plus the chunk's slots;
     // past kMaxBand keys a chunk that needs more walks in global memory instead.

@@ -59,8 +59,6 @@ struct AttnParams {
   int cap;
   float scale_log2;  // softmax scale * log2(e)
   bool is_bf16;
-  int* work_counter;    // v8 and v9 (persistent) only: query blocks handed out so far, 0 at launch
-  int persistent_ctas;  // v8 and v9 only: CTAs to launch; 0: one per SM
 };
 
 // Backward attention: one CTA per (batch, kv head, query block), the forward's tile plan.
@@ -111,7 +109,7 @@ struct AttnBwdParams {
   float scale_log2;  // scale * log2(e)
   bool is_bf16;
   bool deterministic;
-  int kernel;        // 2: warpgroup MMA (default), 3: the same with bulk reductions (v2.10), 1: mma.sync (kept for comparison)
+  int kernel;        // 2: warpgroup MMA (default), 1: the mma.sync version (kept for comparison)
 };
 
 // rowsum(dout * out) per row, in float32: the D_i of dS = P (dP - D_i).
@@ -143,10 +141,6 @@ cudaError_t launch_selection(const SelectParams& p, cudaStream_t stream);
 cudaError_t launch_attention_fwd(const AttnParams& p, int head_dim, cudaStream_t stream);
 // The warp-specialised forward (v7.1, attention_fwd_ws.cu, the default): same inputs and outputs.
 cudaError_t launch_attention_fwd_ws(const AttnParams& p, int head_dim, cudaStream_t stream);
-// v8, the same kernel made persistent (attention_fwd_ws.cu): one CTA per SM takes query blocks
-// from p.work_counter (zeroed by the caller) until none are left. lazy_rescale: v9, the same with
-// the online softmax's running max kept until a tile exceeds it by more than 2^8.
-cudaError_t launch_attention_fwd_persistent(const AttnParams& p, int head_dim, bool lazy_rescale, cudaStream_t stream);
 cudaError_t launch_bwd_dot(const BwdDotParams& p, cudaStream_t stream);
 cudaError_t launch_bwd_convert(const BwdConvertParams& p, cudaStream_t stream);
 // Launches the (batch, kv head) pairs bh_offset .. bh_offset + bh_count - 1.

@@ -262,13 +262,11 @@ def accumulator_budget(k: torch.Tensor, deterministic: bool = False, *, block_q:
 
 
 def backward_kernel() -> int:
-    """2: the warpgroup-MMA backward kernel (default); 3: the same with its dK/dV reductions handed
-    to the tensor memory accelerator as bulk reductions (v2.10, slower on an H100:
-    docs/perf-notes.md); 1: the mma.sync one. Kept so they can be timed in one run
-    (SPARSEK_BWD_KERNEL)."""
+    """2: the warpgroup-MMA backward kernel (default); 1: the mma.sync one, kept so both can be
+    timed in one run (SPARSEK_BWD_KERNEL=1)."""
     value = os.environ.get("SPARSEK_BWD_KERNEL", "2")
-    if value not in ("1", "2", "3"):
-        raise ValueError(f"SPARSEK_BWD_KERNEL must be 1, 2 or 3, got {value!r}")
+    if value not in ("1", "2"):
+        raise ValueError(f"SPARSEK_BWD_KERNEL must be 1 or 2, got {value!r}")
     return int(value)
 
 

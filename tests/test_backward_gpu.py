@@ -145,17 +145,11 @@ SHAPES = [  # B, Hq, Hkv, S, D, topk, window
 ]
 
 
-# The warpgroup-MMA kernel (the default), the same with bulk reductions (v2.10) and the mma.sync one.
-KERNELS = pytest.mark.parametrize("kernel", ["2", "3", "1"], ids=["wgmma", "wgmma-bulk", "mma-sync"])
-# The tests of the whole path run the default and v2.10.
-WGMMA_KERNELS = pytest.mark.parametrize("kernel", ["2", "3"], ids=["wgmma", "wgmma-bulk"])
-
-
-@KERNELS
+@pytest.mark.parametrize("kernel", ["2", "1"], ids=["wgmma", "mma-sync"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-Hq{}-Hkv{}-S{}-D{}-K{}-W{}".format(*s))
 def test_gradients_match_reference(shape, dtype, kernel, monkeypatch):
-    """Every backward kernel."""
+    """Both backward kernels: the warpgroup-MMA one (the default) and the mma.sync one."""
     monkeypatch.setenv("SPARSEK_BWD_KERNEL", kernel)
     cuda_kernels()
     B, Hq, Hkv, S, D, topk, window = shape
@@ -171,13 +165,11 @@ def test_constant_scores(dtype):
     _check(_kernel_grads(q, k, v, u, grad, 30, 10), _reference_grads(q, k, v, u, grad, 30, 10), dtype)
 
 
-@WGMMA_KERNELS
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-def test_accumulator_chunks(deterministic, kernel, monkeypatch):
+def test_accumulator_chunks(deterministic, monkeypatch):
     """With an accumulator budget of one byte every (batch, kv head) pair runs as its own launch
     (bh_offset > 0, the accumulators reused): the gradients still match, bitwise so in the
     deterministic mode, where the chunking must not change a single sum."""
-    monkeypatch.setenv("SPARSEK_BWD_KERNEL", kernel)
     cuda_kernels()
     q, k, v, u, grad = _inputs(17, 2, 6, 3, 333, 128, torch.bfloat16)
     with _deterministic(deterministic):
@@ -205,10 +197,8 @@ def test_accumulator_streams(streams, dtype, monkeypatch):
     _check(got, _reference_grads(q, k, v, u, grad, 70, 33), dtype, f"{streams} streams: ")
 
 
-@WGMMA_KERNELS
-def test_random_sweep(kernel, monkeypatch):
+def test_random_sweep():
     """At least 200 seeded random configurations: gradients of all four inputs match."""
-    monkeypatch.setenv("SPARSEK_BWD_KERNEL", kernel)
     cuda_kernels()
     rng = random.Random(int(os.environ.get("SPARSEK_SWEEP_SEED", "20261207")))
     cases, failures = int(os.environ.get("SPARSEK_BWD_SWEEP_CASES", "210")), []
@@ -235,11 +225,9 @@ def test_random_sweep(kernel, monkeypatch):
     assert not failures, f"{len(failures)} of {cases} configurations fail:\n" + "\n".join(failures)
 
 
-@WGMMA_KERNELS
-def test_long_sequence_against_float32_reference(kernel, monkeypatch):
+def test_long_sequence_against_float32_reference():
     """S = 65536 (the long-64k selection, fewer heads): every gradient element against the
     blocked reference in float32 on the GPU."""
-    monkeypatch.setenv("SPARSEK_BWD_KERNEL", kernel)
     cuda_kernels()
     S, topk, window = 65536, 2048, 512
     q, k, v, u, grad = _inputs(64, 1, 8, 2, S, 128, torch.bfloat16)
@@ -253,9 +241,7 @@ def test_long_sequence_against_float32_reference(kernel, monkeypatch):
     _check(got, [w.double() for w in want], torch.bfloat16, "S=65536: ")
 
 
-@WGMMA_KERNELS
-def test_deterministic_mode_is_bitwise_repeatable(kernel, monkeypatch):
-    monkeypatch.setenv("SPARSEK_BWD_KERNEL", kernel)
+def test_deterministic_mode_is_bitwise_repeatable():
     cuda_kernels()
     q, k, v, u, grad = _inputs(5, 2, 8, 2, 1000, 128, torch.bfloat16)
     with _deterministic(True):
@@ -285,12 +271,8 @@ def test_training_step_allocates_nothing_of_size_s_times_budget():
     assert all(torch.isfinite(g).all() for g in grads)
 
 
-@WGMMA_KERNELS
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
-def test_compute_sanitizer_clean(tool, kernel, monkeypatch):
-    """The child inherits SPARSEK_BWD_KERNEL: for v2.10, the staged tiles read by the bulk
-    reductions while the next tile's P and dS are about to be stored over them."""
-    monkeypatch.setenv("SPARSEK_BWD_KERNEL", kernel)
+def test_compute_sanitizer_clean(tool):
     cuda_kernels()  # build once outside the sanitizer
     code = (
         "import torch, warnings, sparsek\n"

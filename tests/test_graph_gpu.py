@@ -26,14 +26,10 @@ def _inputs(seed, B, Hq, Hkv, S, D, dtype=torch.bfloat16, ties=False):
     return q, k, v, u.float().cuda()
 
 
-@pytest.mark.parametrize("kernel", ["7", "8", "9"], ids=["fwd-v7", "fwd-v8", "fwd-v9"])
 @pytest.mark.parametrize("check_finite", [False, True], ids=["check_finite=False", "check_finite=True"])
-def test_forward_captured_in_a_cuda_graph(check_finite, kernel, monkeypatch):
-    """check_finite=True is skipped during the capture (a capture cannot synchronise). v8 and v9
-    zero their block counter on the stream, so the capture holds that too and each replay starts
-    at 0."""
+def test_forward_captured_in_a_cuda_graph(check_finite):
+    """check_finite=True is skipped during the capture (a capture cannot synchronise)."""
     cuda_kernels()
-    monkeypatch.setenv("SPARSEK_FWD_KERNEL", kernel)
     topk, window = 40, 16
     static = _inputs(1, 2, 8, 2, 300, 128)
     side = torch.cuda.Stream()
@@ -154,8 +150,7 @@ def test_segmented_chunk_sizes_match_walk(chunk, monkeypatch):
 @pytest.mark.parametrize("band", ["256", "2048", "2816", "9216"])
 def test_segmented_band_caps_match_walk(band, monkeypatch):
     """SPARSEK_SELECT_BAND caps the keys a segmented CTA keeps in shared memory; a chunk whose band
-    is larger walks serially in global memory. Every cap gives the serial walk's integers, with the
-    64-register build (256, 2048: four CTAs fit in shared memory) and the 80-register one."""
+    is larger walks serially in global memory. Every cap gives the serial walk's integers."""
     cuda_kernels()
     u = _drifting_scores(6)
     walk = _select(u, 512, 256, 32, "walk", monkeypatch)
@@ -182,8 +177,7 @@ def test_select_chunk_override_rejects_bad_value(value, monkeypatch):
 
 @pytest.mark.parametrize("variable, value, message", [
     ("SPARSEK_SELECT", "serial", r"SPARSEK_SELECT must be 'segmented' or 'walk', got 'serial'"),
-    ("SPARSEK_FWD_KERNEL", "6", r"SPARSEK_FWD_KERNEL must be 7 \(the default, warp-specialised\), 8 \(warp-specialised and "
-                                r"persistent\), 9 \(8 with lazy rescaling\) or 5 \(the previous kernel\), got '6'"),
+    ("SPARSEK_FWD_KERNEL", "6", r"SPARSEK_FWD_KERNEL must be 7 \(the default, warp-specialised\) or 5 \(the previous kernel\), got '6'"),
     ("SPARSEK_FWD_KERNEL", "78", r"SPARSEK_FWD_KERNEL must be 7 .*got '78'"),
 ])
 def test_kernel_switch_rejects_bad_value(variable, value, message, monkeypatch):
@@ -193,18 +187,6 @@ def test_kernel_switch_rejects_bad_value(variable, value, message, monkeypatch):
     q = torch.zeros(1, 4, 100, 64, device="cuda", dtype=torch.bfloat16)
     k = torch.zeros(1, 1, 100, 64, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=message):
-        sparsek.sparsek_attention(q, k, k, torch.zeros(1, 1, 100, device="cuda"), topk=4, window=2)
-
-
-@pytest.mark.parametrize("value", ["0", "-1", "3x"])
-def test_persistent_ctas_rejects_bad_value(value, monkeypatch):
-    """SPARSEK_FWD_CTAS (the persistent v8's grid, for tests) is checked when v8 runs."""
-    cuda_kernels()
-    monkeypatch.setenv("SPARSEK_FWD_KERNEL", "8")
-    monkeypatch.setenv("SPARSEK_FWD_CTAS", value)
-    q = torch.zeros(1, 4, 100, 64, device="cuda", dtype=torch.bfloat16)
-    k = torch.zeros(1, 1, 100, 64, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match=r"SPARSEK_FWD_CTAS must be an integer in \[1, 65535\], got '" + value):
         sparsek.sparsek_attention(q, k, k, torch.zeros(1, 1, 100, device="cuda"), topk=4, window=2)
 
 

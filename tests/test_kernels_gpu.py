@@ -25,16 +25,11 @@ from sparsek import selection as sel_mod
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(autouse=True, params=["5", "7", "8", "9"], ids=["fwd-v5", "fwd-v7", "fwd-v8", "fwd-v9"])
+@pytest.fixture(autouse=True, params=["5", "7"], ids=["fwd-v5", "fwd-v7"])
 def forward_kernel(request, monkeypatch):
-    """Every test runs every forward attention kernel: v5, the warp-specialised v7.1 (the default),
-    its persistent form v8 and v9 (v8 with lazy rescaling) (SPARSEK_FWD_KERNEL; children such as
-    the sanitizer's inherit the setting). v8 and v9 run on 3 CTAs here, so that even the small
-    shapes give each CTA several query blocks in turn; test_persistent_matches_v7 also runs v8's
-    default grid."""
+    """Every test runs both forward attention kernels: v5 and the warp-specialised v7.1, the
+    default (SPARSEK_FWD_KERNEL; children such as the sanitizer's inherit the setting)."""
     monkeypatch.setenv("SPARSEK_FWD_KERNEL", request.param)
-    if request.param in ("8", "9"):
-        monkeypatch.setenv("SPARSEK_FWD_CTAS", "3")
     return request.param
 
 
@@ -130,40 +125,15 @@ def test_kernel_matches_reference(shape, dtype):
 @pytest.mark.parametrize("shape", [(1, 4, 1, 700, 128, 64, 40), (2, 8, 8, 300, 64, 30, 0)],
                          ids=lambda s: "B{}-Hq{}-Hkv{}-S{}-D{}-K{}-W{}".format(*s))
 def test_kernel_matches_reference_on_peaky_logits(shape, logit_scale):
-    """Logits of standard deviation 4 and 16 (q scaled): a row's running max keeps jumping by more
-    than 2^8 in base-2 units, so v9's lazy rescaling takes both of its paths, moving the max and
-    keeping a stale one, many times in one row."""
+    """Logits of standard deviation 4 and 16 (q scaled): a row's running max jumps far and often,
+    tile after tile, so the online softmax rescales O many times per row (the suite's inputs
+    rescale by small factors only)."""
     B, Hq, Hkv, S, D, topk, window = shape
     q, k, v, u = _inputs(int(logit_scale) * 31 + S, B, Hq, Hkv, S, D, torch.bfloat16)
     q = (q.float() * logit_scale).to(q.dtype)
     tau, end, keys, count, out, lse, block_q = _run_kernels(q, k, v, u, topk, window)
     sel = _check_selection(u, topk, window, tau, end, keys, count, block_q)
     _check_attention(q, k, v, u, topk, window, out, lse, sel)
-
-
-@pytest.mark.parametrize("ctas", ["1", "3", None], ids=["1-cta", "3-ctas", "one-per-sm"])
-def test_persistent_matches_v7(ctas, forward_kernel, monkeypatch):
-    """v8 computes each query block exactly as v7.1 does, whichever CTA takes it and whatever it
-    took before (the ring's stages and the Q buffers carried over, blocks without tiles): the same
-    output and lse bit for bit, with fewer CTAs than blocks and with one CTA per SM."""
-    if forward_kernel != "8":
-        pytest.skip("compares v8 with v7.1 once")
-    shapes = SHAPES + [(2, 4, 4, 1100, 128, 64, 16), (1, 8, 1, 3000, 64, 300, 0), (3, 2, 2, 700, 128, 900, 1)]
-    for i, (B, Hq, Hkv, S, D, topk, window) in enumerate(shapes):
-        dtype = torch.bfloat16 if i % 2 else torch.float16
-        q, k, v, u = _inputs(500 + i, B, Hq, Hkv, S, D, dtype)
-        monkeypatch.setenv("SPARSEK_FWD_KERNEL", "7")
-        want, want_lse = _run_kernels(q, k, v, u, topk, window)[4:6]
-        monkeypatch.setenv("SPARSEK_FWD_KERNEL", "8")
-        if ctas is None:
-            monkeypatch.delenv("SPARSEK_FWD_CTAS", raising=False)
-        else:
-            monkeypatch.setenv("SPARSEK_FWD_CTAS", ctas)
-        out, lse = _run_kernels(q, k, v, u, topk, window)[4:6]
-        shape = f"B{B} Hq{Hq} Hkv{Hkv} S{S} D{D} topk{topk} window{window} {dtype}"
-        assert not torch.isnan(out).any(), f"{shape}: unwritten (NaN-poisoned) output elements"
-        assert torch.equal(out, want), f"{shape}: v8 output differs from v7.1's"
-        assert torch.equal(lse, want_lse), f"{shape}: v8 lse differs from v7.1's"
 
 
 def test_public_op_uses_the_kernel():

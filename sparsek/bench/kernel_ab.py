@@ -1,9 +1,9 @@
 """Kernel A/B in one process: one CUDA op timed under the values of a kernel switch, in turn.
 
-    python -m sparsek.bench.kernel_ab --op attention_fwd --switch SPARSEK_FWD_KERNEL=7,8,9 \
+    python -m sparsek.bench.kernel_ab --op attention_fwd --switch SPARSEK_FWD_KERNEL=7,5 \
         --cases seed,long-16k,long-64k --rounds 2 --json OUT.json
-    python -m sparsek.bench.kernel_ab --op select --switch SPARSEK_SELECT_BAND=rule,2048,2816 --cases seed
-    python -m sparsek.bench.kernel_ab --op backward --switch SPARSEK_BWD_KERNEL=2,3 --cases long-64k
+    python -m sparsek.bench.kernel_ab --op select --switch SPARSEK_SELECT_BAND=rule,2816 --cases seed
+    python -m sparsek.bench.kernel_ab --op backward --switch SPARSEK_BWD_KERNEL=2,1 --cases long-64k
 
 The switches are environment variables the binding reads on every call (docs/kernels.md), so one
 process, one set of inputs and one selection serve every value (``rule`` unsets the variable).
