@@ -134,29 +134,22 @@ def _drifting_scores(seed):
     return (torch.randn(2, 3, 5000, generator=gen).cumsum(-1) * 0.05 + torch.randn(2, 3, 5000, generator=gen)).float().cuda()
 
 
-@pytest.mark.parametrize("chunk", ["8", "100", "256", "1024", "2048"])
-def test_segmented_chunk_sizes_match_walk(chunk, monkeypatch):
-    """The chunk rule picks 1024 prefix lengths per CTA, fewer (down to 256) where SMs would
-    idle; any chunk, odd or not a multiple of the eight segments, gives the serial walk's
-    integers."""
+@pytest.mark.parametrize("variable, value, seed", [
+    *(("SPARSEK_SELECT_CHUNK", chunk, 5) for chunk in ("8", "100", "256", "1024", "2048")),
+    *(("SPARSEK_SELECT_BAND", band, 6) for band in ("256", "2048", "2816", "9216")),
+])
+def test_segmented_overrides_match_walk(variable, value, seed, monkeypatch):
+    """Every override of the segmented walk gives the serial walk's integers.
+    SPARSEK_SELECT_CHUNK: the rule picks 1024 prefix lengths per CTA, fewer (down to 256) where
+    SMs would idle; any chunk, odd or not a multiple of the eight segments, is exact.
+    SPARSEK_SELECT_BAND: caps the keys a segmented CTA keeps in shared memory; a chunk whose band
+    is larger walks serially in global memory."""
     cuda_kernels()
-    u = _drifting_scores(5)
+    u = _drifting_scores(seed)
     walk = _select(u, 512, 256, 32, "walk", monkeypatch)
-    monkeypatch.setenv("SPARSEK_SELECT_CHUNK", chunk)
+    monkeypatch.setenv(variable, value)
     seg = _select(u, 512, 256, 32, "segmented", monkeypatch)
-    assert torch.equal(seg[1], walk[1]) and torch.equal(seg[3], walk[3]), f"chunk {chunk}"
-
-
-@pytest.mark.parametrize("band", ["256", "2048", "2816", "9216"])
-def test_segmented_band_caps_match_walk(band, monkeypatch):
-    """SPARSEK_SELECT_BAND caps the keys a segmented CTA keeps in shared memory; a chunk whose band
-    is larger walks serially in global memory. Every cap gives the serial walk's integers."""
-    cuda_kernels()
-    u = _drifting_scores(6)
-    walk = _select(u, 512, 256, 32, "walk", monkeypatch)
-    monkeypatch.setenv("SPARSEK_SELECT_BAND", band)
-    seg = _select(u, 512, 256, 32, "segmented", monkeypatch)
-    assert torch.equal(seg[1], walk[1]) and torch.equal(seg[3], walk[3]), f"band {band}"
+    assert torch.equal(seg[1], walk[1]) and torch.equal(seg[3], walk[3]), f"{variable}={value}"
 
 
 @pytest.mark.parametrize("value", ["255", "9217", "2k"])

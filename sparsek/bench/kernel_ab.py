@@ -27,6 +27,7 @@ import sys
 from typing import Callable, Sequence
 
 RULE = "rule"  # a switch value that unsets the variable: the binding's default
+OPS = ("attention_fwd", "select", "backward")
 
 Outputs = Sequence  # tensors (or anything with torch.equal semantics) one call returns
 
@@ -130,9 +131,6 @@ def op_call(op: str, case_name: str) -> Callable[[], Outputs]:
         torch.cuda.synchronize()
         return lambda: _cuda.backward(grad, q, k, v, u, *fwd, case.window, scale)
     raise ValueError(f"--op must be one of {OPS}, got {op!r}")
-
-
-OPS = ("attention_fwd", "select", "backward")
 
 
 def main(argv=None) -> int:
