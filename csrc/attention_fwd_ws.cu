@@ -145,7 +145,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_ws_kernel(const Att
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(&full[s], 128);               // every producer thread, once its copies landed
-      mbar_init(&empty[s], kConsumers * 4);   // every consumer warp, once its P.V of the tile completed
+      mbar_init(&empty[s], kConsumers * 128); // every consumer thread, once its P.V of the tile completed
     }
   }
   __syncthreads();
@@ -248,7 +248,11 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_ws_kernel(const Att
     wgmma_wait<0>();  // P.V of tile t - 1 done: O and p_prev are free, and so is its stage
     fence_regs(o);
     fence_regs(p_prev);
-    if (t > 0 && lane == 0) mbar_arrive(&empty[(t - 1) % kStages]);
+    // Every consumer thread arrives, not one lane per warp: an arrival releases only the arriving
+    // thread's own reads of the stage (its sStart/sEnd/sU loads in the softmax), so with one lane
+    // the other lanes' reads were unordered against the producer's refill (compute-sanitizer's
+    // racecheck flags it once the ring wraps; seen on the persistent v8, which had the same line).
+    if (t > 0) mbar_arrive(&empty[(t - 1) % kStages]);
     rescale_out(o, alpha);
     pack_p<Elem>(p_prev, s);
   }

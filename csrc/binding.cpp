@@ -113,11 +113,12 @@ int forward_kernel() {
   return value == "7" ? 7 : 5;
 }
 
-// Keys of the row a segmented-walk CTA keeps in shared memory (24 bytes each). The rule (0 here):
-// every key up to 9,216, so at seed (S = 4096) 102 KB and two CTAs per SM where the registers
-// allow three; a chunk whose band is larger than the cap walks serially in global memory (the
-// same selection). SPARSEK_SELECT_BAND=N (256 <= N <= 9216) caps it lower, for measuring that
-// trade (docs/perf-notes.md, selection next steps).
+// Keys of the row a segmented-walk CTA keeps in shared memory (24 bytes each) in its first
+// launch. The rule (0 here, seg_band_plan in selection.cu): every key up to 9,216, except for
+// topk <= 512, where 2,816 keys come first (three CTAs per SM at seed instead of two) and the
+// chunks whose band is larger go to a second launch with the full band (the same selection).
+// SPARSEK_SELECT_BAND=N (256 <= N <= 9216) sets the first launch's band, for measuring that
+// trade; N >= min(S, 9216) is the single launch of before (docs/perf-notes.md, selection v3.2).
 int select_band() { return static_cast<int>(env_int("SPARSEK_SELECT_BAND", 256, 9216).value_or(0)); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_cuda(
@@ -192,6 +193,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_cuda(
   p.n_blocks = static_cast<int>(n_blocks);
   p.cap = static_cast<int>(cap);
   p.band_cap = select_band();
+  at::Tensor overflow;  // the two-launch plan's list of deferred chunks (tens of KB at most)
+  if (algo == sparsek::SelectAlgo::kSegmented && n_chunks > 0 && sparsek::seg_band_plan(p).second_cap > 0) {
+    overflow = at::zeros({2 + B * H * n_chunks}, iopt);
+    p.overflow = overflow.data_ptr<int>();
+  }
   err = sparsek::launch_selection_with(p, algo, nonfinite.data_ptr<int>(), stream);
   TORCH_CHECK(err == cudaSuccess, sparsek_msg::build("sparsek_cuda: selection launch failed: ", cudaGetErrorString(err)));
   return {tau, end, keys, count};

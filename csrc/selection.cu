@@ -158,8 +158,11 @@ struct ChunkScan {
 //    stops once the scores fall to u_(K+1) - 1: tau(n0) lies in [u_(K+1) - 1, u_(K)) (below it
 //    K+1 keys are saturated; at u_(K) at most K-1 keys are above) and tau only grows, so lower
 //    keys never contribute during this chunk.
+//    With stop_over_cap the pass also stops once more than band_cap keys are in the band: the
+//    caller then only needs to know that the band does not fit (seen_end > band_cap).
 __device__ ChunkScan scan_band(const float* sorted, const int* key_at, int S, int K, int n0, int n_end, float* band_val,
-                               int* band_idx, int* band_pos, int* chunk_slot, int chunk, int band_cap) {
+                               int* band_idx, int* band_pos, int* chunk_slot, int chunk, int band_cap,
+                               bool stop_over_cap = false) {
   __shared__ int s_count0[kWarps], s_count_end[kWarps];
   __shared__ int s_found[2];
   __shared__ int s_kth_slot;
@@ -209,6 +212,7 @@ __device__ ChunkScan scan_band(const float* sorted, const int* key_at, int S, in
     seen_end += total_end;
     from = max(base - kWalkThreads + 1, 0);
     __syncthreads();
+    if (stop_over_cap && seen_end > band_cap) break;  // seen_end is the same in every thread
     if (seen0 > K && (double)sorted[from] <= (double)sorted[s_found[1]] - 1.0) break;
   }
   return {seen_end, from, s_kth_slot, s_found[0], s_found[1]};
@@ -324,6 +328,13 @@ __global__ void __launch_bounds__(kWalkThreads, 1) chunk_walk_kernel(SelectParam
 // an SM gives one CTA at the largest chunk (2048). A chunk whose band is larger walks serially
 // with the band in global memory instead (same results, slower).
 constexpr int kSegMaxBand = 9216;
+// A band this small (70 KB a CTA at chunk 1024) lets three CTAs share an SM where a 4,096-key
+// band (seed) holds two. The bands of scores like the suite's reach about 4.5 x topk (seed:
+// topk 512, at most 2,311 keys), so the small band is tried first only for topk <= 512; its
+// overflow, e.g. every chunk of a flat scorer, goes to a second launch with the large band
+// (seg_band_plan; docs/perf-notes.md, selection v3.2).
+constexpr int kSegSmallBand = 2816;
+constexpr int kSmallBandTopkFactor2 = 11;  // small band tried while 11 / 2 x topk fits in it
 constexpr int kSearchGroup = kWalkThreads / 2;  // threads per breakpoint family in the search
 
 struct SegSmem {
@@ -484,21 +495,22 @@ __device__ void segment_state(const SegSmem& s, int m, int K, WalkerState* out) 
   __syncthreads();
 }
 
-__global__ void __launch_bounds__(kWalkThreads, 1) chunk_segwalk_kernel(SelectParams p, int band_cap) {
-  const int row = blockIdx.y;
-  const int S = p.seq_len, K = p.topk;
-  const int n0 = K + 1 + blockIdx.x * p.chunk;
-  const int n_end = min(n0 + p.chunk, p.n_max + 1);
-  extern __shared__ __align__(16) unsigned char s_seg_raw[];
-  const SegSmem s = SegSmem::carve(s_seg_raw, band_cap);
-  const ChunkScan scan = scan_band(p.sorted + (size_t)row * S, p.key_at + (size_t)row * S, S, K, n0, n_end, s.band_val,
-                                   s.band_idx, s.band_pos, s.chunk_slot, p.chunk, band_cap);
-  const int m = scan.seen_end;
-  if (m > band_cap) {  // the band does not fit: the serial walk, reading the row in global memory
-    solve_and_walk(p, row, n0, n_end, scan, false, nullptr, nullptr, nullptr, nullptr);
-    return;
-  }
+// One chunk of the segmented walk (chunk index x of row `row`) with s holding band_cap keys.
+// A band larger than band_cap walks serially in global memory, unless `defer`: then the chunk
+// writes nothing and returns false, for the second launch to take it.
+__device__ bool segwalk_chunk(const SelectParams& p, int row, int x, const SegSmem& s, int band_cap, bool defer) {
   __shared__ WalkerState s_state[kWarps];
+  const int S = p.seq_len, K = p.topk;
+  const int n0 = K + 1 + x * p.chunk;
+  const int n_end = min(n0 + p.chunk, p.n_max + 1);
+  const ChunkScan scan = scan_band(p.sorted + (size_t)row * S, p.key_at + (size_t)row * S, S, K, n0, n_end, s.band_val,
+                                   s.band_idx, s.band_pos, s.chunk_slot, p.chunk, band_cap, defer);
+  const int m = scan.seen_end;
+  if (m > band_cap) {
+    if (defer) return false;
+    solve_and_walk(p, row, n0, n_end, scan, false, nullptr, nullptr, nullptr, nullptr);  // the row in global memory
+    return true;
+  }
   const int seg = (p.chunk + kWarps - 1) / kWarps;  // prefix lengths per segment
   for (int w = 0; w < kWarps && n0 + w * seg < n_end; ++w) {
     prefix_present(s, m, n0 + w * seg);
@@ -506,11 +518,47 @@ __global__ void __launch_bounds__(kWalkThreads, 1) chunk_segwalk_kernel(SelectPa
   }
   const int warp = threadIdx.x >> 5;
   const int ns = n0 + warp * seg;
-  if ((threadIdx.x & 31) != 0 || ns >= n_end) return;
-  const WalkerState st = s_state[warp];
-  const SharedBand band{s.band_val, s.band_idx, s.band_pos, s.chunk_slot, n0, m};
-  walk_chunk(band, p.scores + (size_t)row * S, p.tau + (size_t)row * S, p.kth + (size_t)row * (S + 1), p.window, K, ns,
-             min(ns + seg, n_end), st.tau, st.kth, st.cU, st.cF, st.sF);
+  if ((threadIdx.x & 31) == 0 && ns < n_end) {
+    const WalkerState st = s_state[warp];
+    const SharedBand band{s.band_val, s.band_idx, s.band_pos, s.chunk_slot, n0, m};
+    walk_chunk(band, p.scores + (size_t)row * S, p.tau + (size_t)row * S, p.kth + (size_t)row * (S + 1), p.window, K,
+               ns, min(ns + seg, n_end), st.tau, st.kth, st.cU, st.cF, st.sF);
+  }
+  return true;
+}
+
+// The overflow workspace (p.overflow, int32): the number of deferred chunks, the next one the
+// second launch hands out, then the deferred chunks as row * n_chunks + x.
+constexpr int kOverflowCount = 0, kOverflowNext = 1, kOverflowList = 2;
+
+// One CTA per chunk. With p.overflow set (the two-launch plan), a chunk whose band exceeds
+// band_cap is appended to the overflow list instead of walked.
+__global__ void __launch_bounds__(kWalkThreads, 1) chunk_segwalk_kernel(SelectParams p, int band_cap) {
+  extern __shared__ __align__(16) unsigned char s_seg_raw[];
+  const SegSmem s = SegSmem::carve(s_seg_raw, band_cap);
+  const bool walked = segwalk_chunk(p, blockIdx.y, blockIdx.x, s, band_cap, p.overflow != nullptr);
+  if (!walked && threadIdx.x == 0) {
+    p.overflow[kOverflowList + atomicAdd(&p.overflow[kOverflowCount], 1)] = blockIdx.y * p.n_chunks + blockIdx.x;
+  }
+}
+
+// The second launch: persistent CTAs with the larger band take the deferred chunks one at a
+// time (in whatever order the first launch appended them: each chunk writes only its own prefix
+// lengths, so the results do not depend on it).
+__global__ void __launch_bounds__(kWalkThreads, 1) chunk_segwalk_overflow_kernel(SelectParams p, int band_cap) {
+  extern __shared__ __align__(16) unsigned char s_seg_raw[];
+  __shared__ int s_item;
+  const SegSmem s = SegSmem::carve(s_seg_raw, band_cap);
+  const int count = p.overflow[kOverflowCount];  // final: the first launch has completed
+  for (;;) {
+    if (threadIdx.x == 0) s_item = atomicAdd(&p.overflow[kOverflowNext], 1);
+    __syncthreads();
+    const int item = s_item;
+    if (item >= count) return;
+    const int entry = p.overflow[kOverflowList + item];
+    segwalk_chunk(p, entry / p.n_chunks, entry % p.n_chunks, s, band_cap, false);
+    __syncthreads();  // s_item and the band are rewritten by the next chunk
+  }
 }
 
 // tau = -inf for queries whose prefix fits in topk, and the end of every key's selected run:
@@ -633,20 +681,63 @@ __global__ void __launch_bounds__(kPoisonThreads) poison_rows_kernel(const float
   }
 }
 
+// CTAs of `kernel` (a segmented-walk kernel) that fit on one SM with a band of band_cap keys; 0 if
+// none or the query fails.
+int seg_occupancy(const void* kernel, int band_cap, int chunk) {
+  int per_sm = 0;
+  const size_t smem = SegSmem::bytes(band_cap, chunk);
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWalkThreads, smem) != cudaSuccess) {
+    return 0;
+  }
+  return per_sm;
+}
+
 }  // namespace
+
+SegBandPlan seg_band_plan(const SelectParams& p) {
+  const int large = p.seq_len < kSegMaxBand ? p.seq_len : kSegMaxBand;
+  if (p.band_cap > 0) {  // SPARSEK_SELECT_BAND: this band first, the overflow to the large one
+    return p.band_cap < large ? SegBandPlan{p.band_cap, large} : SegBandPlan{large, 0};
+  }
+  if (large <= kSegSmallBand || (long long)kSmallBandTopkFactor2 * p.topk > 2LL * kSegSmallBand) return {large, 0};
+  // Only where the small band really fits more CTAs on an SM (registers or the chunk may not allow it).
+  const auto kernel = reinterpret_cast<const void*>(chunk_segwalk_kernel);
+  if (seg_occupancy(kernel, kSegSmallBand, p.chunk) <= seg_occupancy(kernel, large, p.chunk)) return {large, 0};
+  return {kSegSmallBand, large};
+}
 
 cudaError_t launch_selection_with(const SelectParams& p, SelectAlgo algo, const int* nonfinite, cudaStream_t stream) {
   if (p.rows == 0 || p.seq_len == 0) return cudaSuccess;
   if (algo == SelectAlgo::kSegmented && p.n_chunks > 0) {
-    int band_cap = p.seq_len < kSegMaxBand ? p.seq_len : kSegMaxBand;
-    if (p.band_cap > 0 && p.band_cap < band_cap) band_cap = p.band_cap;  // SPARSEK_SELECT_BAND
-    const size_t smem = SegSmem::bytes(band_cap, p.chunk);
+    SegBandPlan plan = seg_band_plan(p);
+    SelectParams first = p;
+    if (plan.second_cap == 0 || p.overflow == nullptr) {  // one launch with the large band
+      plan = {plan.second_cap > 0 ? plan.second_cap : plan.first_cap, 0};
+      first.overflow = nullptr;
+    }
+    const size_t smem = SegSmem::bytes(plan.first_cap, p.chunk);
     if (cudaError_t e = cudaFuncSetAttribute(chunk_segwalk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         e != cudaSuccess) {
       return e;
     }
-    chunk_segwalk_kernel<<<dim3(p.n_chunks, p.rows), kWalkThreads, smem, stream>>>(p, band_cap);
+    chunk_segwalk_kernel<<<dim3(p.n_chunks, p.rows), kWalkThreads, smem, stream>>>(first, plan.first_cap);
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+    if (plan.second_cap > 0) {
+      // As many persistent CTAs as fit at once (they loop over the deferred chunks), at most one
+      // per chunk. cudaFuncSetAttribute for the large band is inside seg_occupancy.
+      const auto kernel = reinterpret_cast<const void*>(chunk_segwalk_overflow_kernel);
+      const int per_sm = seg_occupancy(kernel, plan.second_cap, p.chunk);
+      if (per_sm == 0) return cudaErrorInvalidConfiguration;
+      int device = 0, sms = 0;
+      if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+      if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device); e != cudaSuccess) return e;
+      const long long chunks = (long long)p.n_chunks * p.rows;
+      const int ctas = (int)(chunks < (long long)per_sm * sms ? chunks : (long long)per_sm * sms);
+      chunk_segwalk_overflow_kernel<<<ctas, kWalkThreads, SegSmem::bytes(plan.second_cap, p.chunk), stream>>>(
+          p, plan.second_cap);
+      if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+    }
   } else if (algo == SelectAlgo::kWalk && p.n_chunks > 0) {
     // The shared band holds at most every key of the row (12 bytes each) plus the chunk's slots;
     // past kMaxBand keys a chunk that needs more walks in global memory instead.

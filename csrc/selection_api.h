@@ -16,6 +16,17 @@ namespace sparsek {
 // Both give the same kth (integers, so the same end and lists) and tau to float64 rounding.
 enum class SelectAlgo : int { kWalk = 0, kSegmented = 1 };
 
+// The segmented walk's shared bands: every chunk first runs with first_cap keys; when second_cap
+// is not 0, a chunk whose band is larger is deferred to a second launch with second_cap keys
+// (needs SelectParams::overflow, 2 + rows * n_chunks int32 starting zeroed; without it the
+// launch uses the larger band alone). A band larger than the last cap walks serially in global
+// memory. Host-side; queries the current device's occupancy.
+struct SegBandPlan {
+  int first_cap;
+  int second_cap;
+};
+SegBandPlan seg_band_plan(const SelectParams& p);
+
 // launch_selection with a chosen algorithm. nonfinite (rows) int32 or null: a row marked 1 gets
 // tau = NaN everywhere (its selection, made from sanitised scores, means nothing).
 cudaError_t launch_selection_with(const SelectParams& p, SelectAlgo algo, const int* nonfinite, cudaStream_t stream);

@@ -30,7 +30,8 @@ struct SelectParams {
   int block_q;    // queries per attention block
   int n_blocks;   // ceil(S / block_q)
   int cap;        // topk + block_q - 1: most keys a block can select
-  int band_cap;   // segmented walk: keys of a CTA's shared band; 0: the rule, min(S, 9216)
+  int band_cap;   // segmented walk: keys of the first launch's shared band; 0: the rule (seg_band_plan)
+  int* overflow;  // (2 + rows * n_chunks) zeroed workspace of the two-launch plan, or null
 };
 
 // Forward attention over the window and the selected keys of each query block.

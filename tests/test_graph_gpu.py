@@ -142,14 +142,40 @@ def test_segmented_overrides_match_walk(variable, value, seed, monkeypatch):
     """Every override of the segmented walk gives the serial walk's integers.
     SPARSEK_SELECT_CHUNK: the rule picks 1024 prefix lengths per CTA, fewer (down to 256) where
     SMs would idle; any chunk, odd or not a multiple of the eight segments, is exact.
-    SPARSEK_SELECT_BAND: caps the keys a segmented CTA keeps in shared memory; a chunk whose band
-    is larger walks serially in global memory."""
+    SPARSEK_SELECT_BAND: the keys a segmented CTA keeps in shared memory in the first launch; a
+    chunk whose band is larger goes to the second launch, with the whole band (9216: one launch)."""
     cuda_kernels()
     u = _drifting_scores(seed)
     walk = _select(u, 512, 256, 32, "walk", monkeypatch)
     monkeypatch.setenv(variable, value)
     seg = _select(u, 512, 256, 32, "segmented", monkeypatch)
     assert torch.equal(seg[1], walk[1]) and torch.equal(seg[3], walk[3]), f"{variable}={value}"
+
+
+@pytest.mark.parametrize("kind", ["drift", "flat", "constant"])
+def test_two_launch_plan_matches_one_launch(kind, monkeypatch):
+    """topk <= 512 at S = 4096 (the seed case's shape): the rule's first launch keeps 2,816 keys
+    and defers larger bands to a second launch of persistent CTAs (flat and constant scores: every
+    chunk from the third on, 512 of them, about two per CTA). The same tau, end and block lists,
+    bit for bit, as one launch with the whole band, and the serial walk's integers."""
+    cuda_kernels()
+    B, H, S, topk, window = 8, 32, 4096, 512, 256
+    gen = torch.Generator().manual_seed(11)
+    u = torch.randn(B, H, S, generator=gen).cumsum(-1) * 0.05 + torch.randn(B, H, S, generator=gen)
+    if kind == "flat":
+        u = u * 1e-3
+    if kind == "constant":
+        u = torch.zeros(B, H, S)
+    u = u.float().cuda()
+    two = _select(u, topk, window, 32, "segmented", monkeypatch)
+    monkeypatch.setenv("SPARSEK_SELECT_BAND", "9216")
+    one = _select(u, topk, window, 32, "segmented", monkeypatch)
+    walk = _select(u, topk, window, 32, "walk", monkeypatch)
+    assert torch.equal(two[0], one[0]), "tau differs between the two-launch plan and one launch"
+    for a, name in ((one, "one launch"), (walk, "the serial walk")):
+        assert torch.equal(two[1], a[1]) and torch.equal(two[3], a[3]), f"end or counts differ from {name}"
+        listed = torch.arange(two[2].shape[-1], device=u.device) < two[3].unsqueeze(-1)
+        assert torch.equal(two[2][listed], a[2][listed]), f"block lists differ from {name}"
 
 
 @pytest.mark.parametrize("value", ["255", "9217", "2k"])

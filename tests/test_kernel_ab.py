@@ -85,3 +85,16 @@ def test_relative_difference_of_gradients():
     b = (torch.tensor([1.0, -4.0 + 0.04]), torch.tensor([0.0, 0.0]))
     assert kernel_ab.relative_difference(a, a) == {"max_rel_diff_to_first": 0.0}
     assert kernel_ab.relative_difference(a, b)["max_rel_diff_to_first"] == pytest.approx(0.04 / 3.96, rel=1e-4)
+
+
+def test_shaped_scores_flat_and_constant():
+    u = torch.randn(2, 3, 500, generator=torch.Generator().manual_seed(4))
+    assert kernel_ab.shaped_scores(u, "case") is u
+    flat = kernel_ab.shaped_scores(u, "flat")
+    spread = flat.amax(-1) - flat.amin(-1)
+    assert bool((spread > 0).all()) and bool((spread < 0.02).all())  # distinct, yet every key within 1 of the rest
+    assert torch.equal(flat.argsort(dim=-1, stable=True), u.argsort(dim=-1, stable=True))  # the same order
+    const = kernel_ab.shaped_scores(u, "constant")
+    assert const.shape == u.shape and not bool(const.any())
+    with pytest.raises(ValueError, match="--scores must be one of"):
+        kernel_ab.shaped_scores(u, "peaky")

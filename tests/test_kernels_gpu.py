@@ -191,7 +191,8 @@ def test_long_sequence_sampled_rows(S):
 
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
 def test_compute_sanitizer_clean(tool):
-    """Selection (the segmented walk's eight walkers share the band in shared memory) and attention."""
+    """Selection (the segmented walk's eight walkers share the band in shared memory) and attention,
+    at a short sequence and at one whose blocks wrap the forward's ring of K/V stages."""
     cuda_kernels()  # build once outside the sanitizer
     # The child must run the kernels, not the reference: a build that fails inside the sanitizer
     # falls back with a RuntimeWarning, and "0 errors" would then be about PyTorch's kernels.
@@ -206,6 +207,13 @@ def test_compute_sanitizer_clean(tool):
         "reason = _cuda.unsupported_reason(q, k, v, u)\n"
         "assert reason is None, f'the CUDA kernels would not run: {reason}'\n"
         "o = sparsek.sparsek_attention(q, k, v, u, topk=17, window=9); torch.cuda.synchronize()\n"
-        "print('kernels ran', float(o.float().abs().sum()))\n"
+        "s = float(o.float().abs().sum())\n"
+        # long enough that a block has more tiles than v7.1's ring has stages (4), so the producer
+        # refills stages the consumers have read: the empty barrier's ordering is what is checked
+        "q = torch.randn(1, 4, 1100, 64, generator=g).cuda().half()\n"
+        "k = torch.randn(1, 2, 1100, 64, generator=g).cuda().half(); v = torch.randn_like(k)\n"
+        "u = torch.randn(1, 2, 1100, generator=g).cuda()\n"
+        "o = sparsek.sparsek_attention(q, k, v, u, topk=300, window=200); torch.cuda.synchronize()\n"
+        "print('kernels ran', s + float(o.float().abs().sum()))\n"
     )
     assert_sanitizer_clean(tool, code, done="kernels ran", timeout=600)

@@ -2,7 +2,7 @@
 
     python -m sparsek.bench.kernel_ab --op attention_fwd --switch SPARSEK_FWD_KERNEL=7,5 \
         --cases seed,long-16k,long-64k --rounds 2 --json OUT.json
-    python -m sparsek.bench.kernel_ab --op select --switch SPARSEK_SELECT_BAND=rule,2816 --cases seed
+    python -m sparsek.bench.kernel_ab --op select --switch SPARSEK_SELECT_BAND=9216,rule --cases seed --scores flat
     python -m sparsek.bench.kernel_ab --op backward --switch SPARSEK_BWD_KERNEL=2,1 --cases long-64k
 
 The switches are environment variables the binding reads on every call (docs/kernels.md), so one
@@ -105,7 +105,22 @@ def run_ab(name: str, values: list[str], rounds: int, call: Callable[[], Outputs
     return out
 
 
-def op_call(op: str, case_name: str) -> Callable[[], Outputs]:
+SCORES = ("case", "flat", "constant")
+
+
+def shaped_scores(u, kind: str):
+    """The case's scores (``case``), squeezed to within 0.01 of each other (``flat``: what a scorer
+    near its initialisation gives, every key in every chunk's band) or all zero (``constant``)."""
+    if kind == "case":
+        return u
+    if kind == "flat":
+        return u * 1e-3
+    if kind == "constant":
+        return u.new_zeros(u.shape)
+    raise ValueError(f"--scores must be one of {SCORES}, got {kind!r}")
+
+
+def op_call(op: str, case_name: str, scores: str = "case") -> Callable[[], Outputs]:
     """One call of the op on the case's inputs (built once, on the GPU)."""
     import torch
 
@@ -114,7 +129,7 @@ def op_call(op: str, case_name: str) -> Callable[[], Outputs]:
 
     case = get_case(case_name)
     inp = make_inputs(case, "cuda")
-    q, k, v, u = inp.q, inp.k, inp.v, inp.scores
+    q, k, v, u = inp.q, inp.k, inp.v, shaped_scores(inp.scores, scores)
     ops = _cuda.ops()
     block_q = _cuda.block_q_for(q.shape[1], k.shape[1])
     if op == "select":
@@ -140,6 +155,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", default="seed,long-16k,long-64k", help="prefill cases (default seed,long-16k,long-64k)")
     ap.add_argument("--rounds", type=int, default=2, help="times each value is timed, in turn (default 2)")
     ap.add_argument("--max-time", type=float, default=1.0, help="seconds of samples per timing (default 1)")
+    ap.add_argument("--scores", choices=SCORES, default="case",
+                    help="the case's scores (default), 'flat' (within 0.01 of each other) or 'constant' (zeros)")
     ap.add_argument("--json", help="write the results here (atomically)")
     args = ap.parse_args(argv)
     name, values = parse_switch(args.switch)
@@ -160,12 +177,12 @@ def main(argv=None) -> int:
 
     result = {"command": "python -m sparsek.bench.kernel_ab " + " ".join(argv if argv is not None else sys.argv[1:]),
               "device": torch.cuda.get_device_name(), "torch": torch.__version__, "git": git_state(), "op": args.op,
-              "switch": name, "values": values, "rounds": args.rounds, "timer": "sparsek.bench.timing.measure, cold L2, median",
+              "switch": name, "values": values, "scores": args.scores, "rounds": args.rounds, "timer": "sparsek.bench.timing.measure, cold L2, median",
               "cases": []}
     for case_name in args.cases.split(","):
         try:
             compare = {"select": selection_compare, "backward": relative_difference}.get(args.op, bitwise)
-            per_value = run_ab(name, values, args.rounds, op_call(args.op, case_name), time_ms, compare)
+            per_value = run_ab(name, values, args.rounds, op_call(args.op, case_name, args.scores), time_ms, compare)
             row = {"case": case_name, "per_value": per_value}
         except Exception as exc:  # one failing case never loses the others
             row = {"case": case_name, "error": f"{type(exc).__name__}: {exc}"}
