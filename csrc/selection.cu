@@ -19,6 +19,10 @@
 #include <cuda_runtime.h>
 #include <math_constants.h>
 
+#include <map>
+#include <mutex>
+#include <tuple>
+
 #include "sparsek_params.h"
 #include "selection_api.h"
 
@@ -681,15 +685,25 @@ __global__ void __launch_bounds__(kPoisonThreads) poison_rows_kernel(const float
   }
 }
 
-// CTAs of `kernel` (a segmented-walk kernel) that fit on one SM with a band of band_cap keys; 0 if
-// none or the query fails.
+// CTAs of `kernel` (a segmented-walk kernel) that fit on one SM of the current device with a
+// band of band_cap keys; 0 if none or the query fails. Remembered per (kernel, device, bytes):
+// every selection call asks, and the answer never changes. Leaves the kernel's dynamic shared
+// memory attribute at the bytes asked about, so a launch sets its own first.
 int seg_occupancy(const void* kernel, int band_cap, int chunk) {
-  int per_sm = 0;
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, size_t>, int> known;
   const size_t smem = SegSmem::bytes(band_cap, chunk);
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  const auto key = std::make_tuple(kernel, device, smem);
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (const auto it = known.find(key); it != known.end()) return it->second;
+  int per_sm = 0;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess ||
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWalkThreads, smem) != cudaSuccess) {
     return 0;
   }
+  known.emplace(key, per_sm);
   return per_sm;
 }
 
@@ -725,7 +739,7 @@ cudaError_t launch_selection_with(const SelectParams& p, SelectAlgo algo, const 
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
     if (plan.second_cap > 0) {
       // As many persistent CTAs as fit at once (they loop over the deferred chunks), at most one
-      // per chunk. cudaFuncSetAttribute for the large band is inside seg_occupancy.
+      // per chunk.
       const auto kernel = reinterpret_cast<const void*>(chunk_segwalk_overflow_kernel);
       const int per_sm = seg_occupancy(kernel, plan.second_cap, p.chunk);
       if (per_sm == 0) return cudaErrorInvalidConfiguration;
@@ -734,8 +748,12 @@ cudaError_t launch_selection_with(const SelectParams& p, SelectAlgo algo, const 
       if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device); e != cudaSuccess) return e;
       const long long chunks = (long long)p.n_chunks * p.rows;
       const int ctas = (int)(chunks < (long long)per_sm * sms ? chunks : (long long)per_sm * sms);
-      chunk_segwalk_overflow_kernel<<<ctas, kWalkThreads, SegSmem::bytes(plan.second_cap, p.chunk), stream>>>(
-          p, plan.second_cap);
+      const size_t smem2 = SegSmem::bytes(plan.second_cap, p.chunk);
+      if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem2);
+          e != cudaSuccess) {
+        return e;
+      }
+      chunk_segwalk_overflow_kernel<<<ctas, kWalkThreads, smem2, stream>>>(p, plan.second_cap);
       if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
     }
   } else if (algo == SelectAlgo::kWalk && p.n_chunks > 0) {
