@@ -102,7 +102,7 @@ int64_t select_chunk(sparsek::SelectAlgo algo, int64_t S, int64_t rows, int64_t 
 }
 
 // The forward attention kernel: 7 (attention_fwd_ws.cu, the default: a producer warpgroup and
-// two consumer warpgroups taking turns; docs/perf-notes.md, v7.1) or 5 (attention_fwd.cu, kept
+// two consumer warpgroups taking turns; docs/perf-notes.md, v7.1 and v7.2) or 5 (attention_fwd.cu, kept
 // for comparison), chosen with SPARSEK_FWD_KERNEL and read per call so one process can time both.
 int forward_kernel() {
   const char* name = std::getenv("SPARSEK_FWD_KERNEL");

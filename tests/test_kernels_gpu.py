@@ -27,7 +27,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(autouse=True, params=["5", "7"], ids=["fwd-v5", "fwd-v7"])
 def forward_kernel(request, monkeypatch):
-    """Every test runs both forward attention kernels: v5 and the warp-specialised v7.1, the
+    """Every test runs both forward attention kernels: v5 and the warp-specialised v7.2, the
     default (SPARSEK_FWD_KERNEL; children such as the sanitizer's inherit the setting)."""
     monkeypatch.setenv("SPARSEK_FWD_KERNEL", request.param)
     return request.param
@@ -208,7 +208,7 @@ def test_compute_sanitizer_clean(tool):
         "assert reason is None, f'the CUDA kernels would not run: {reason}'\n"
         "o = sparsek.sparsek_attention(q, k, v, u, topk=17, window=9); torch.cuda.synchronize()\n"
         "s = float(o.float().abs().sum())\n"
-        # long enough that a block has more tiles than v7.1's ring has stages (4), so the producer
+        # long enough that a block has more tiles than v7.2's ring has stages (4), so the producer
         # refills stages the consumers have read: the empty barrier's ordering is what is checked
         "q = torch.randn(1, 4, 1100, 64, generator=g).cuda().half()\n"
         "k = torch.randn(1, 2, 1100, 64, generator=g).cuda().half(); v = torch.randn_like(k)\n"

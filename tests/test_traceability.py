@@ -10,8 +10,8 @@ Selector: dotted keys; `key[field=value,...]` keeps the list items whose (dotted
 one of the `|`-separated values, or the one value in double quotes (which may hold `,` and `|`:
 `impl="backward (op, deterministic)"`; `!=` for the opposite; booleans and null as in JSON), and a key
 after such a filter applies to every kept item. `A / B` divides two selectors. A selector that
-ends with several values needs `reduce`: min, max, mean, count, set (sorted distinct values,
-", ", lists flattened), fraction ("k/n" of true values). Printing: `scale` multiplies a number, then
+ends with several values needs `reduce`: min, max, mean (lists flattened: a kernel_ab file's
+rounds), count, set (sorted distinct values, ", ", lists flattened), fraction ("k/n" of true values). Printing: `scale` multiplies a number, then
 `format` is a Python format string with `!u` (upper case) and `!j` (JSON: true/false/null) added.
 """
 
@@ -100,9 +100,9 @@ def _flat(values):
 
 
 REDUCERS = {
-    "min": min,
-    "max": max,
-    "mean": lambda vs: sum(vs) / len(vs),
+    "min": lambda vs: min(_flat(vs)),
+    "max": lambda vs: max(_flat(vs)),
+    "mean": lambda vs: sum(_flat(vs)) / len(list(_flat(vs))),
     "count": len,
     "set": lambda vs: ", ".join(sorted({_as_text(v) for v in _flat(vs)})),
     "fraction": lambda vs: f"{sum(1 for v in vs if v is True)}/{len(vs)}",
@@ -270,7 +270,8 @@ def test_table_cells_match_their_sources(table):
 RUN = {"run": {"throttled": True},
        "records": [{"case": "a", "impl": "x", "t": {"m": 2.0}, "ok": True},
                    {"case": "a", "impl": "y", "t": {"m": 4.0}, "ok": False},
-                   {"case": "b", "impl": "x", "t": {"m": 8.0}, "ok": True}]}
+                   {"case": "b", "impl": "x", "t": {"m": 8.0}, "ok": True}],
+       "cases": [{"case": "a", "ms": [3.0, 1.0, 2.0]}]}  # a kernel_ab file: one list of rounds
 
 
 @pytest.mark.parametrize("fig, shown", [
@@ -281,6 +282,8 @@ RUN = {"run": {"throttled": True},
     ({"value": "records[case=a|b,impl!=y].t.m", "reduce": "count"}, "2"),
     ({"value": "records[ok=false].impl", "reduce": "set"}, "y"),
     ({"value": "records[case=a].ok", "reduce": "fraction"}, "1/2"),
+    ({"value": "cases[case=a].ms", "reduce": "min"}, "1.0"),
+    ({"value": "cases[case=a].ms", "reduce": "mean"}, "2.0"),
     ({"value": "run.throttled", "format": "{!j}"}, "true"),
     ({"value": "records[case=b].impl", "format": "{!u}"}, "X"),
 ])
