@@ -140,7 +140,7 @@ struct BwdConvertParams {
 // Host launchers (defined in the .cu files). Each checks the launch and returns its error.
 cudaError_t launch_selection(const SelectParams& p, cudaStream_t stream);
 cudaError_t launch_attention_fwd(const AttnParams& p, int head_dim, cudaStream_t stream);
-// The warp-specialised forward (v7.1, attention_fwd_ws.cu, the default): same inputs and outputs.
+// The warp-specialised forward (v7.2, attention_fwd_ws.cu, the default): same inputs and outputs.
 cudaError_t launch_attention_fwd_ws(const AttnParams& p, int head_dim, cudaStream_t stream);
 cudaError_t launch_bwd_dot(const BwdDotParams& p, cudaStream_t stream);
 cudaError_t launch_bwd_convert(const BwdConvertParams& p, cudaStream_t stream);

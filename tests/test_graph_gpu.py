@@ -11,6 +11,7 @@ import sparsek
 from conftest import cuda_kernels
 from sparsek import _cuda
 from sparsek import selection as sel_mod
+from sparsek.bench.kernel_ab import shaped_scores
 
 pytestmark = pytest.mark.gpu
 
@@ -162,11 +163,7 @@ def test_two_launch_plan_matches_one_launch(kind, monkeypatch):
     B, H, S, topk, window = 8, 32, 4096, 512, 256
     gen = torch.Generator().manual_seed(11)
     u = torch.randn(B, H, S, generator=gen).cumsum(-1) * 0.05 + torch.randn(B, H, S, generator=gen)
-    if kind == "flat":
-        u = u * 1e-3
-    if kind == "constant":
-        u = torch.zeros(B, H, S)
-    u = u.float().cuda()
+    u = shaped_scores(u.float(), {"drift": "case"}.get(kind, kind)).cuda()  # kernel_ab's flat and constant scores
     two = _select(u, topk, window, 32, "segmented", monkeypatch)
     monkeypatch.setenv("SPARSEK_SELECT_BAND", "9216")
     one = _select(u, topk, window, 32, "segmented", monkeypatch)

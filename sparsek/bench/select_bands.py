@@ -3,10 +3,11 @@
 A segmented-walk CTA (csrc/selection.cu) keeps in shared memory, 24 bytes each, the keys that
 matter for its chunk of prefix lengths [n0, n0 + chunk): those present by the chunk's end (index
 < n0 + chunk) whose score lies above the floor u_(K+1)(n0) - 1, where u_(K+1)(n0) is the
-(K+1)-th best score of the keys present at n0. A chunk whose band exceeds the CTA's cap walks
-serially in global memory instead, which is much slower, and the cap sets how many CTAs share an
-SM. This tool prints the distribution of band sizes over a case's chunks, so a cap can be chosen
-from the scores the suite uses:
+(K+1)-th best score of the keys present at n0. The band's size sets how many CTAs share an SM; a
+chunk whose band exceeds the first launch's band is deferred to a second launch (selection v3.2),
+and one past 9,216 keys walks serially in global memory, much slower. This tool prints the
+distribution of band sizes over a case's chunks, so a band can be chosen from the scores the
+suite uses:
 
     python -m sparsek.bench.select_bands --case seed --rows 256 --chunk 1024 --json OUT.json
 
@@ -23,6 +24,7 @@ import sys
 import torch
 
 from .cases import get_case, realistic_scores
+from .results import write_json_atomic
 
 
 def band_sizes(scores: torch.Tensor, topk: int, window: int, chunk: int) -> torch.Tensor:  # scores: (R, S)
@@ -64,8 +66,8 @@ def main(argv=None) -> int:
               "rows": args.rows, **summary(band_sizes(scores, case.topk, case.window, args.chunk), caps)}
     print(json.dumps(result), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"command": "python -m sparsek.bench.select_bands " + " ".join(argv or sys.argv[1:]), **result}, f, indent=1)
+        write_json_atomic(args.json, {"command": "python -m sparsek.bench.select_bands " + " ".join(argv or sys.argv[1:]),
+                                      **result})
     return 0
 
 
