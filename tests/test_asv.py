@@ -140,6 +140,43 @@ def test_planned_cases_and_impls_from_the_environment(monkeypatch):
     assert not _common.quick()
 
 
+def _asv_selected(regexes, benchmark) -> set[tuple]:
+    """The parameter combinations of a discovered benchmark that asv 0.6's --bench selection keeps:
+    asv matches each regex against `name(repr(p0), repr(p1))` (asv/benchmarks.py)."""
+    import itertools
+    import re
+
+    kept = set()
+    for combo in itertools.product(*benchmark._params):
+        name = f"{benchmark.name}({', '.join(repr(p) for p in combo)})"
+        if any(re.search(r, name) for r in regexes):
+            kept.add(combo)
+    return kept
+
+
+def test_asv_select_keeps_only_the_planned_combinations(monkeypatch):
+    sys.path.insert(0, str(REPO / "ci"))
+    import asv_select
+
+    monkeypatch.setenv(_common.ENV_CASES, "long-16k,long-64k")
+    monkeypatch.setenv(_common.ENV_IMPLS, "sparsek,flex-window,sdpa-cudnn,cuda")
+    found = discovered()
+    regexes = [asv_select.selection_regex(c) for c in ("Prefill", "PrefillTiers", "Selection")]
+    want = {(c, i) for c in ("long-16k", "long-64k") for i in ("sparsek", "flex-window", "sdpa-cudnn")}
+    assert _asv_selected(regexes, found["bench_prefill.Prefill.track_time"]) == want
+    tiers = {(c, t) for c in ("long-16k", "long-64k") for t in _common.tier_names("prefill")}
+    assert _asv_selected(regexes, found["bench_prefill.PrefillTiers.track_speedup"]) == tiers
+    assert _asv_selected(regexes, found["bench_selection.Selection.track_time"]) == {("long-16k", "cuda"), ("long-64k", "cuda")}
+    assert not _asv_selected(regexes, found["bench_decode.Decode.track_time"])
+    # The expressions survive word splitting (no spaces), and a class with nothing planned is refused.
+    assert all(" " not in r for r in regexes)
+    monkeypatch.setenv(_common.ENV_IMPLS, "sparsek")
+    with pytest.raises(ValueError, match="Selection: nothing planned"):
+        asv_select.selection_regex("Selection")
+    with pytest.raises(ValueError, match="unknown asv class 'Nope'"):
+        asv_select.selection_regex("Nope")
+
+
 # ------------------------------------------------------------------------------------------------
 # asv for real
 

@@ -1,0 +1,77 @@
+"""Print asv --bench regular expressions that select only the planned parameter combinations.
+
+    python ci/asv_select.py Prefill PrefillTiers      # one regular expression per line
+
+asv runs every parameter combination of a benchmark in a process of its own (its default launch
+method spawns, and each process imports torch), even a combination whose ``setup`` only raises
+NotImplementedError because SPARSEK_ASV_CASES / SPARSEK_ASV_IMPLS did not plan it. The parameter
+grid stays the whole registry on every machine (asv publish drops results whose parameters the
+benchmark does not list), so a narrow run pays for ~80 processes per benchmark method. asv
+matches --bench against ``module.Class.method(param0, param1)`` with each parameter as its
+repr, so these expressions keep only the (case, impl) or (case, tier) combinations that
+benchmarks/_common.py plans from the same environment variables:
+
+    mapfile -t sel < <(python ci/asv_select.py Prefill PrefillTiers)
+    ci/asv_history.sh SHA1 SHA2 -- "${sel[@]/#/--bench=}"
+
+Spaces in the expressions are written as \\s, so the lines survive word splitting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# asv class -> (module under benchmarks/, case kind, what the second parameter lists)
+CLASSES = {
+    "Prefill": ("bench_prefill", "prefill", "impl"),
+    "PrefillTiers": ("bench_prefill", "prefill", "tier"),
+    "Train": ("bench_train", "train", "impl"),
+    "TrainTiers": ("bench_train", "train", "tier"),
+    "Decode": ("bench_decode", "decode", "impl"),
+    "DecodeTiers": ("bench_decode", "decode", "tier"),
+    "Selection": ("bench_selection", "prefill", "selection"),
+}
+
+
+def _alternatives(values) -> str:
+    return "(" + "|".join(re.escape(repr(v)).replace(" ", r"\s") for v in values) + ")"
+
+
+def selection_regex(cls: str) -> str:
+    """The --bench expression for asv class ``cls``: its planned cases x planned impls (or every
+    tier of the kind, for a tiers class)."""
+    if cls not in CLASSES:
+        raise ValueError(f"unknown asv class {cls!r}; valid classes: {', '.join(CLASSES)}")
+    from benchmarks import _common  # imports torch and asv_runner: only for a known class
+    module, kind, second = CLASSES[cls]
+    cases = _common.planned_cases(kind)
+    if second == "tier":
+        others = _common.tier_names(kind)
+    else:
+        others = _common.planned_impls("selection" if second == "selection" else kind)
+    if not cases or not others:
+        raise ValueError(f"{cls}: nothing planned (cases {cases}, {second}s {others}); "
+                         f"see {_common.ENV_CASES} / {_common.ENV_IMPLS}")
+    return rf"^{module}\.{cls}\.\w+\({_alternatives(cases)},\s{_alternatives(others)}\)$"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("classes", nargs="+", help=f"asv classes: {', '.join(CLASSES)}")
+    args = ap.parse_args(argv)
+    try:
+        for cls in args.classes:
+            print(selection_regex(cls))
+    except ValueError as exc:
+        print(f"asv_select: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
