@@ -555,35 +555,20 @@ __device__ __forceinline__ void stage_slice(const float (&acc)[kD / 8][4], float
 
 // Adds staged slice r to the accumulator rows of the tile's keys (`keys`: this thread's rows, see
 // slice_keys). Thread wtid adds chunk wtid % 8 of rows wtid / 8 + 16 i. Padding keys (-1) add nothing.
-// kBatched (v2.11): the slice's rows are read from shared memory all at once, before any reduction;
-// v2.9 read each row inside its key's branch, so every reduction waited for its own load and the
-// four round trips ran one after another (the largest stall of v2.9's profile at long-64k).
-template <int kD, bool kBatched>
+template <int kD>
 __device__ __forceinline__ void reduce_slice(const float* slice, float* dst, const int (&keys)[kSliceReds], int r, int wtid) {
   const unsigned row0 = static_cast<unsigned>(wtid) / kSliceChunks, chunk = static_cast<unsigned>(wtid) % kSliceChunks;
   const float* src = slice + row0 * kSliceStride + 4 * chunk;  // one base address, immediate offsets
-  if constexpr (kBatched) {
-    float4 rows[kSliceReds];
 #pragma unroll
-    for (int i = 0; i < kSliceReds; ++i) rows[i] = *reinterpret_cast<const float4*>(src + i * (128 / kSliceChunks) * kSliceStride);
-#pragma unroll
-    for (int i = 0; i < kSliceReds; ++i) {
-      if (keys[i] >= 0) atomicAdd(reinterpret_cast<float4*>(dst + static_cast<size_t>(keys[i]) * kD + r * kSliceCols + 4 * chunk), rows[i]);
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < kSliceReds; ++i) {
-      if (keys[i] >= 0) {
-        atomicAdd(reinterpret_cast<float4*>(dst + static_cast<size_t>(keys[i]) * kD + r * kSliceCols + 4 * chunk),
-                  *reinterpret_cast<const float4*>(src + i * (128 / kSliceChunks) * kSliceStride));
-      }
+  for (int i = 0; i < kSliceReds; ++i) {
+    if (keys[i] >= 0) {
+      atomicAdd(reinterpret_cast<float4*>(dst + static_cast<size_t>(keys[i]) * kD + r * kSliceCols + 4 * chunk),
+                *reinterpret_cast<const float4*>(src + i * (128 / kSliceChunks) * kSliceStride));
     }
   }
 }
 
-// kBatched: v2.11 (reduce_slice above; the reductions' keys read before the barrier at the top of the
-// tile instead of after S and dP are issued); false: v2.9.
-template <int kD, typename Elem, bool kBatched>
+template <int kD, typename Elem>
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBwdParams p) {
   using T = Traits<kD>;
   constexpr int kC = T::kChunks;
@@ -739,14 +724,16 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
   // Slices 1.. of the previous tile's accumulator (slice 0 was staged before the barrier that
   // precedes this call); keys from the previous tile's stage, which is reloaded only after the
   // next softmax barrier.
-  auto reduce_rest = [&](const int (&red_keys)[kSliceReds]) {
-    reduce_slice<kD, kBatched>(slice, kv_dst, red_keys, 0, wtid);
+  auto reduce_rest = [&](int prev_stage) {
+    int red_keys[kSliceReds];
+    slice_keys(red_keys, sKey + prev_stage * kTileN, wtid);
+    reduce_slice<kD>(slice, kv_dst, red_keys, 0, wtid);
 #pragma unroll
     for (int r = 1; r < kD / kSliceCols; ++r) {
       named_barrier_sync(bar, 128);  // every warp of the warpgroup has read slice r - 1
       stage_slice<kD>(acc, slice, r, key0, g, quad);
       named_barrier_sync(bar, 128);
-      reduce_slice<kD, kBatched>(slice, kv_dst, red_keys, r, wtid);
+      reduce_slice<kD>(slice, kv_dst, red_keys, r, wtid);
     }
     // The next barrier of the loop orders the next slice 0 after these reads.
   };
@@ -758,20 +745,12 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
     const int stage = t % kStages;
     const uint32_t k_tile = k_addr + stage * kTileBytes;
     cp_async_wait<1>();  // tile t (and Q, dO) has landed; tile t + 1 may still be in flight
-    // The keys of tile t - 1's reductions, from its stage (reloaded only after this tile's softmax
-    // barrier). v2.11 reads them here, so the loads complete under the barrier and S / dP's issue.
-    int red_keys[kSliceReds];
-    const bool reduce_prev = t > 0 && !p.deterministic;
-    if (kBatched && reduce_prev) slice_keys(red_keys, sKey + ((t + kStages - 1) % kStages) * kTileN, wtid);
     fence_proxy_async();
     // Tile t is visible to every thread; every warpgroup is done with sP / sDS / sColSum (written
     // again by tile t) and has staged slice 0 of tile t - 1.
     __syncthreads();
     issue_s_dp(t);
-    if (reduce_prev) {
-      if (!kBatched) slice_keys(red_keys, sKey + ((t - 1) % kStages) * kTileN, wtid);
-      reduce_rest(red_keys);
-    }
+    if (t > 0 && !p.deterministic) reduce_rest((t - 1) % kStages);
     wgmma_wait<0>();
     fence_regs(s);
     fence_regs(dp);
@@ -873,9 +852,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
   }
   if (n_tiles > 0 && !p.deterministic) {
     named_barrier_sync(bar, 128);  // slice 0 of the last tile is staged
-    int red_keys[kSliceReds];
-    slice_keys(red_keys, sKey + ((n_tiles - 1) % kStages) * kTileN, wtid);
-    reduce_rest(red_keys);
+    reduce_rest((n_tiles - 1) % kStages);
   }
   cp_async_wait<0>();
   wgmma_wait<0>();  // nothing is in flight after the last tile; tells ptxas so before dq is read
@@ -954,8 +931,7 @@ template <int kD, typename Elem>
 cudaError_t launch(const AttnBwdParams& p, int bh_count, cudaStream_t stream) {
   const dim3 grid(p.n_blocks, bh_count);
   if (p.kernel == 1) return launch_with_smem(attention_bwd_kernel<kD, Elem>, grid, kThreads, Traits<kD>::kSmemBytes, stream, p);
-  if (p.kernel == 3) return launch_with_smem(wg::attention_bwd_kernel<kD, Elem, true>, grid, kThreads, wg::Traits<kD>::kSmemBytes, stream, p);
-  return launch_with_smem(wg::attention_bwd_kernel<kD, Elem, false>, grid, kThreads, wg::Traits<kD>::kSmemBytes, stream, p);
+  return launch_with_smem(wg::attention_bwd_kernel<kD, Elem>, grid, kThreads, wg::Traits<kD>::kSmemBytes, stream, p);
 }
 
 template <int kD, typename Elem>
