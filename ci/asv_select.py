@@ -26,15 +26,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# asv class -> (module under benchmarks/, case kind, what the second parameter lists)
+# asv class -> (case kind, what its second parameter lists)
 CLASSES = {
-    "Prefill": ("bench_prefill", "prefill", "impl"),
-    "PrefillTiers": ("bench_prefill", "prefill", "tier"),
-    "Train": ("bench_train", "train", "impl"),
-    "TrainTiers": ("bench_train", "train", "tier"),
-    "Decode": ("bench_decode", "decode", "impl"),
-    "DecodeTiers": ("bench_decode", "decode", "tier"),
-    "Selection": ("bench_selection", "prefill", "selection"),
+    "Prefill": ("prefill", "impl"),
+    "PrefillTiers": ("prefill", "tier"),
+    "Train": ("train", "impl"),
+    "TrainTiers": ("train", "tier"),
+    "Decode": ("decode", "impl"),
+    "DecodeTiers": ("decode", "tier"),
+    "Selection": ("prefill", "selection"),
 }
 
 
@@ -48,7 +48,7 @@ def selection_regex(cls: str) -> str:
     if cls not in CLASSES:
         raise ValueError(f"unknown asv class {cls!r}; valid classes: {', '.join(CLASSES)}")
     from benchmarks import _common  # imports torch and asv_runner: only for a known class
-    module, kind, second = CLASSES[cls]
+    kind, second = CLASSES[cls]
     cases = _common.planned_cases(kind)
     if second == "tier":
         others = _common.tier_names(kind)
@@ -57,7 +57,7 @@ def selection_regex(cls: str) -> str:
     if not cases or not others:
         raise ValueError(f"{cls}: nothing planned (cases {cases}, {second}s {others}); "
                          f"see {_common.ENV_CASES} / {_common.ENV_IMPLS}")
-    return rf"^{module}\.{cls}\.\w+\({_alternatives(cases)},\s{_alternatives(others)}\)$"
+    return rf"^\w+\.{cls}\.\w+\({_alternatives(cases)},\s{_alternatives(others)}\)$"
 
 
 def main(argv=None) -> int:
