@@ -568,10 +568,15 @@ __device__ __forceinline__ void reduce_slice(const float* slice, float* dst, con
   }
 }
 
-template <int kD, typename Elem>
+// kSplit (v2.12): the second half of tile t - 1's reduction slices waits until tile t's dQ product
+// is issued, so the reductions go out in two bursts a softmax gradient apart; false: v2.9, all of
+// them while S and dP run.
+template <int kD, typename Elem, bool kSplit>
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBwdParams p) {
   using T = Traits<kD>;
   constexpr int kC = T::kChunks;
+  constexpr int kSlices = kD / kSliceCols;
+  constexpr int kEarly = kSplit ? kSlices / 2 : kSlices;  // slices reduced while S and dP run
   constexpr uint32_t kPanelBytes = kPanel * 2;
   constexpr uint32_t kTileBytes = T::kTileElems * 2;
   constexpr uint32_t kGroupBytes = 8 * kPanelBytes;          // 8 swizzled rows
@@ -724,19 +729,22 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
   // Slices 1.. of the previous tile's accumulator (slice 0 was staged before the barrier that
   // precedes this call); keys from the previous tile's stage, which is reloaded only after the
   // next softmax barrier.
-  auto reduce_rest = [&](int prev_stage) {
+  // Slices r0 .. r1 - 1 (r0 = 0: slice 0 is already staged).
+  auto reduce_slices = [&](int prev_stage, int r0, int r1) {
     int red_keys[kSliceReds];
     slice_keys(red_keys, sKey + prev_stage * kTileN, wtid);
-    reduce_slice<kD>(slice, kv_dst, red_keys, 0, wtid);
 #pragma unroll
-    for (int r = 1; r < kD / kSliceCols; ++r) {
-      named_barrier_sync(bar, 128);  // every warp of the warpgroup has read slice r - 1
-      stage_slice<kD>(acc, slice, r, key0, g, quad);
-      named_barrier_sync(bar, 128);
+    for (int r = r0; r < r1; ++r) {
+      if (r > 0) {
+        named_barrier_sync(bar, 128);  // every warp of the warpgroup has read the slice before
+        stage_slice<kD>(acc, slice, r, key0, g, quad);
+        named_barrier_sync(bar, 128);
+      }
       reduce_slice<kD>(slice, kv_dst, red_keys, r, wtid);
     }
     // The next barrier of the loop orders the next slice 0 after these reads.
   };
+  auto reduce_rest = [&](int prev_stage) { reduce_slices(prev_stage, 0, kEarly); };
 
   // Per tile t (v2.4): S and dP issued; tile t - 1's dK/dV reductions while they run; the
   // softmax gradient, dQ; tile t + 2 loaded into tile t - 1's stage; dV / dK, then slice 0 of
@@ -785,6 +793,11 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
       }
     }
     wgmma_commit();
+    // v2.12: the last slices of tile t - 1 while dQ runs; its stage is reloaded only after the
+    // barrier below, and acc is written again only by this tile's dV / dK.
+    if constexpr (kSplit) {
+      if (t > 0 && !p.deterministic) reduce_slices((t - 1) % kStages, kEarly, kSlices);
+    }
     if (listed) {  // column sums over the warp's 16 rows: lanes of one quad position share columns
 #pragma unroll
       for (int nb = 0; nb < kTileN / 8; ++nb) {
@@ -852,7 +865,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
   }
   if (n_tiles > 0 && !p.deterministic) {
     named_barrier_sync(bar, 128);  // slice 0 of the last tile is staged
-    reduce_rest((n_tiles - 1) % kStages);
+    reduce_slices((n_tiles - 1) % kStages, 0, kSlices);
   }
   cp_async_wait<0>();
   wgmma_wait<0>();  // nothing is in flight after the last tile; tells ptxas so before dq is read
@@ -931,7 +944,8 @@ template <int kD, typename Elem>
 cudaError_t launch(const AttnBwdParams& p, int bh_count, cudaStream_t stream) {
   const dim3 grid(p.n_blocks, bh_count);
   if (p.kernel == 1) return launch_with_smem(attention_bwd_kernel<kD, Elem>, grid, kThreads, Traits<kD>::kSmemBytes, stream, p);
-  return launch_with_smem(wg::attention_bwd_kernel<kD, Elem>, grid, kThreads, wg::Traits<kD>::kSmemBytes, stream, p);
+  if (p.kernel == 3) return launch_with_smem(wg::attention_bwd_kernel<kD, Elem, true>, grid, kThreads, wg::Traits<kD>::kSmemBytes, stream, p);
+  return launch_with_smem(wg::attention_bwd_kernel<kD, Elem, false>, grid, kThreads, wg::Traits<kD>::kSmemBytes, stream, p);
 }
 
 template <int kD, typename Elem>
