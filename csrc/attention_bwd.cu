@@ -568,15 +568,16 @@ __device__ __forceinline__ void reduce_slice(const float* slice, float* dst, con
   }
 }
 
-// kSplit (v2.12): the second half of tile t - 1's reduction slices waits until tile t's dQ product
-// is issued, so the reductions go out in two bursts a softmax gradient apart; false: v2.9, all of
-// them while S and dP run.
-template <int kD, typename Elem, bool kSplit>
+// kEarly: how many of tile t - 1's reduction slices go out while tile t's S and dP run; the rest
+// wait until tile t's dQ product is issued, so the reductions go out in two bursts a softmax
+// gradient apart. 0 means all of them early (v2.9); v2.12 takes half of them early, v2.12b one.
+template <int kD, typename Elem, int kEarlySlices>
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBwdParams p) {
   using T = Traits<kD>;
   constexpr int kC = T::kChunks;
   constexpr int kSlices = kD / kSliceCols;
-  constexpr int kEarly = kSplit ? kSlices / 2 : kSlices;  // slices reduced while S and dP run
+  constexpr int kEarly = kEarlySlices == 0 ? kSlices : kEarlySlices;  // slices reduced while S and dP run
+  static_assert(kEarly >= 1 && kEarly <= kSlices, "slice 0 is staged before the tile's barrier: it goes early");
   constexpr uint32_t kPanelBytes = kPanel * 2;
   constexpr uint32_t kTileBytes = T::kTileElems * 2;
   constexpr uint32_t kGroupBytes = 8 * kPanelBytes;          // 8 swizzled rows
@@ -795,7 +796,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
     wgmma_commit();
     // v2.12: the last slices of tile t - 1 while dQ runs; its stage is reloaded only after the
     // barrier below, and acc is written again only by this tile's dV / dK.
-    if constexpr (kSplit) {
+    if constexpr (kEarly < kSlices) {
       if (t > 0 && !p.deterministic) reduce_slices((t - 1) % kStages, kEarly, kSlices);
     }
     if (listed) {  // column sums over the warp's 16 rows: lanes of one quad position share columns
@@ -944,8 +945,10 @@ template <int kD, typename Elem>
 cudaError_t launch(const AttnBwdParams& p, int bh_count, cudaStream_t stream) {
   const dim3 grid(p.n_blocks, bh_count);
   if (p.kernel == 1) return launch_with_smem(attention_bwd_kernel<kD, Elem>, grid, kThreads, Traits<kD>::kSmemBytes, stream, p);
-  if (p.kernel == 3) return launch_with_smem(wg::attention_bwd_kernel<kD, Elem, true>, grid, kThreads, wg::Traits<kD>::kSmemBytes, stream, p);
-  return launch_with_smem(wg::attention_bwd_kernel<kD, Elem, false>, grid, kThreads, wg::Traits<kD>::kSmemBytes, stream, p);
+  constexpr int kSlices = kD / wg::kSliceCols;
+  if (p.kernel == 3) return launch_with_smem(wg::attention_bwd_kernel<kD, Elem, kSlices / 2>, grid, kThreads, wg::Traits<kD>::kSmemBytes, stream, p);
+  if (p.kernel == 4) return launch_with_smem(wg::attention_bwd_kernel<kD, Elem, 1>, grid, kThreads, wg::Traits<kD>::kSmemBytes, stream, p);
+  return launch_with_smem(wg::attention_bwd_kernel<kD, Elem, 0>, grid, kThreads, wg::Traits<kD>::kSmemBytes, stream, p);
 }
 
 template <int kD, typename Elem>

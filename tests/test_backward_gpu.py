@@ -146,7 +146,7 @@ SHAPES = [  # B, Hq, Hkv, S, D, topk, window
 
 
 # The warpgroup-MMA kernels whose whole path the sweep, the long sequence, determinism and the
-# sanitizers run (indirect parameter): v2.9 (the default) and v2.12.
+# sanitizers run (indirect parameter): v2.9 (the default), v2.12 and v2.12b.
 @pytest.fixture
 def wg_kernel(request, monkeypatch):
     """SPARSEK_BWD_KERNEL for the test and any child process it starts."""
@@ -154,11 +154,11 @@ def wg_kernel(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("kernel", ["2", "3", "1"], ids=["wgmma", "wgmma-v2.12", "mma-sync"])
+@pytest.mark.parametrize("kernel", ["2", "3", "4", "1"], ids=["wgmma", "wgmma-v2.12", "wgmma-v2.12b", "mma-sync"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-Hq{}-Hkv{}-S{}-D{}-K{}-W{}".format(*s))
 def test_gradients_match_reference(shape, dtype, kernel, monkeypatch):
-    """Every backward kernel: the warpgroup-MMA one (the default, v2.9), v2.12 and the mma.sync one."""
+    """Every backward kernel: the warpgroup-MMA one (the default, v2.9), v2.12, v2.12b and the mma.sync one."""
     monkeypatch.setenv("SPARSEK_BWD_KERNEL", kernel)
     cuda_kernels()
     B, Hq, Hkv, S, D, topk, window = shape
@@ -206,7 +206,7 @@ def test_accumulator_streams(streams, dtype, monkeypatch):
     _check(got, _reference_grads(q, k, v, u, grad, 70, 33), dtype, f"{streams} streams: ")
 
 
-@pytest.mark.parametrize("wg_kernel", ["2", "3"], ids=["v2.9", "v2.12"], indirect=True)
+@pytest.mark.parametrize("wg_kernel", ["2", "3", "4"], ids=["v2.9", "v2.12", "v2.12b"], indirect=True)
 def test_random_sweep(wg_kernel):
     """At least 200 seeded random configurations: gradients of all four inputs match."""
     cuda_kernels()
@@ -235,7 +235,7 @@ def test_random_sweep(wg_kernel):
     assert not failures, f"{len(failures)} of {cases} configurations fail:\n" + "\n".join(failures)
 
 
-@pytest.mark.parametrize("wg_kernel", ["2", "3"], ids=["v2.9", "v2.12"], indirect=True)
+@pytest.mark.parametrize("wg_kernel", ["2", "3", "4"], ids=["v2.9", "v2.12", "v2.12b"], indirect=True)
 def test_long_sequence_against_float32_reference(wg_kernel):
     """S = 65536 (the long-64k selection, fewer heads): every gradient element against the
     blocked reference in float32 on the GPU."""
@@ -252,7 +252,7 @@ def test_long_sequence_against_float32_reference(wg_kernel):
     _check(got, [w.double() for w in want], torch.bfloat16, "S=65536: ")
 
 
-@pytest.mark.parametrize("wg_kernel", ["2", "3"], ids=["v2.9", "v2.12"], indirect=True)
+@pytest.mark.parametrize("wg_kernel", ["2", "3", "4"], ids=["v2.9", "v2.12", "v2.12b"], indirect=True)
 def test_deterministic_mode_is_bitwise_repeatable(wg_kernel):
     cuda_kernels()
     q, k, v, u, grad = _inputs(5, 2, 8, 2, 1000, 128, torch.bfloat16)
@@ -283,7 +283,7 @@ def test_training_step_allocates_nothing_of_size_s_times_budget():
     assert all(torch.isfinite(g).all() for g in grads)
 
 
-@pytest.mark.parametrize("wg_kernel", ["2", "3"], ids=["v2.9", "v2.12"], indirect=True)
+@pytest.mark.parametrize("wg_kernel", ["2", "3", "4"], ids=["v2.9", "v2.12", "v2.12b"], indirect=True)
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
 def test_compute_sanitizer_clean(tool, wg_kernel):
     cuda_kernels()  # build once outside the sanitizer
