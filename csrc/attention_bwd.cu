@@ -568,7 +568,7 @@ __device__ __forceinline__ void reduce_slice(const float* slice, float* dst, con
   }
 }
 
-// kEarly: how many of tile t - 1's reduction slices go out while tile t's S and dP run; the rest
+// kEarlySlices: how many of tile t - 1's reduction slices go out while tile t's S and dP run; the rest
 // wait until tile t's dQ product is issued, so the reductions go out in two bursts a softmax
 // gradient apart. 0 means all of them early (v2.9); v2.12 takes half of them early, v2.12b one.
 template <int kD, typename Elem, int kEarlySlices>
@@ -727,10 +727,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
   float* const slice = sSlice + wgi * kTileN * kSliceStride;
   float* const kv_dst = reinterpret_cast<float*>(kv_acc);
   const int wtid = tid % 128, bar = 1 + wgi;
-  // Slices 1.. of the previous tile's accumulator (slice 0 was staged before the barrier that
-  // precedes this call); keys from the previous tile's stage, which is reloaded only after the
-  // next softmax barrier.
-  // Slices r0 .. r1 - 1 (r0 = 0: slice 0 is already staged).
+  // Slices r0 .. r1 - 1 of the previous tile's accumulator (slice 0 was staged before the barrier
+  // that precedes the first call; the others are staged here); keys from the previous tile's
+  // stage, which is reloaded only after the next softmax barrier.
   auto reduce_slices = [&](int prev_stage, int r0, int r1) {
     int red_keys[kSliceReds];
     slice_keys(red_keys, sKey + prev_stage * kTileN, wtid);
