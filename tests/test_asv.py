@@ -155,7 +155,7 @@ def _asv_selected(regexes, benchmark) -> set[tuple]:
 
 
 def test_asv_select_keeps_only_the_planned_combinations(monkeypatch):
-    sys.path.insert(0, str(REPO / "ci"))
+    monkeypatch.syspath_prepend(str(REPO / "ci"))
     import asv_select
 
     monkeypatch.setenv(_common.ENV_CASES, "long-16k,long-64k")

@@ -154,6 +154,9 @@ def wg_kernel(request, monkeypatch):
     return request.param
 
 
+WG_KERNELS = pytest.mark.parametrize("wg_kernel", ["2", "3", "4"], ids=["v2.9", "v2.12", "v2.12b"], indirect=True)
+
+
 @pytest.mark.parametrize("kernel", ["2", "3", "4", "1"], ids=["wgmma", "wgmma-v2.12", "wgmma-v2.12b", "mma-sync"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-Hq{}-Hkv{}-S{}-D{}-K{}-W{}".format(*s))
@@ -206,7 +209,7 @@ def test_accumulator_streams(streams, dtype, monkeypatch):
     _check(got, _reference_grads(q, k, v, u, grad, 70, 33), dtype, f"{streams} streams: ")
 
 
-@pytest.mark.parametrize("wg_kernel", ["2", "3", "4"], ids=["v2.9", "v2.12", "v2.12b"], indirect=True)
+@WG_KERNELS
 def test_random_sweep(wg_kernel):
     """At least 200 seeded random configurations: gradients of all four inputs match."""
     cuda_kernels()
@@ -235,7 +238,7 @@ def test_random_sweep(wg_kernel):
     assert not failures, f"{len(failures)} of {cases} configurations fail:\n" + "\n".join(failures)
 
 
-@pytest.mark.parametrize("wg_kernel", ["2", "3", "4"], ids=["v2.9", "v2.12", "v2.12b"], indirect=True)
+@WG_KERNELS
 def test_long_sequence_against_float32_reference(wg_kernel):
     """S = 65536 (the long-64k selection, fewer heads): every gradient element against the
     blocked reference in float32 on the GPU."""
@@ -252,7 +255,7 @@ def test_long_sequence_against_float32_reference(wg_kernel):
     _check(got, [w.double() for w in want], torch.bfloat16, "S=65536: ")
 
 
-@pytest.mark.parametrize("wg_kernel", ["2", "3", "4"], ids=["v2.9", "v2.12", "v2.12b"], indirect=True)
+@WG_KERNELS
 def test_deterministic_mode_is_bitwise_repeatable(wg_kernel):
     cuda_kernels()
     q, k, v, u, grad = _inputs(5, 2, 8, 2, 1000, 128, torch.bfloat16)
@@ -283,7 +286,7 @@ def test_training_step_allocates_nothing_of_size_s_times_budget():
     assert all(torch.isfinite(g).all() for g in grads)
 
 
-@pytest.mark.parametrize("wg_kernel", ["2", "3", "4"], ids=["v2.9", "v2.12", "v2.12b"], indirect=True)
+@WG_KERNELS
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
 def test_compute_sanitizer_clean(tool, wg_kernel):
     cuda_kernels()  # build once outside the sanitizer
