@@ -1,6 +1,7 @@
 """Print asv --bench regular expressions that select only the planned parameter combinations.
 
     python ci/asv_select.py Prefill PrefillTiers      # one regular expression per line
+    python ci/asv_select.py --methods track_time,track_speedup Prefill   # only these methods
 
 asv runs every parameter combination of a benchmark in a process of its own (its default launch
 method spawns, and each process imports torch), even a combination whose ``setup`` only raises
@@ -14,7 +15,9 @@ benchmarks/_common.py plans from the same environment variables:
     mapfile -t sel < <(python ci/asv_select.py Prefill PrefillTiers)
     ci/asv_history.sh SHA1 SHA2 -- "${sel[@]/#/--bench=}"
 
-Spaces in the expressions are written as \\s, so the lines survive word splitting.
+Spaces in the expressions are written as \\s, so the lines survive word splitting. Each kept
+combination still costs one process per method; --methods narrows a history run to the methods
+it needs (track_time and track_speedup, say).
 """
 
 from __future__ import annotations
@@ -42,9 +45,9 @@ def _alternatives(values) -> str:
     return "(" + "|".join(re.escape(repr(v)).replace(" ", r"\s") for v in values) + ")"
 
 
-def selection_regex(cls: str) -> str:
+def selection_regex(cls: str, methods=None) -> str:
     """The --bench expression for asv class ``cls``: its planned cases x planned impls (or every
-    tier of the kind, for a tiers class)."""
+    tier of the kind, for a tiers class); of every method, or of ``methods`` only."""
     if cls not in CLASSES:
         raise ValueError(f"unknown asv class {cls!r}; valid classes: {', '.join(CLASSES)}")
     from benchmarks import _common  # imports torch and asv_runner: only for a known class
@@ -57,16 +60,23 @@ def selection_regex(cls: str) -> str:
     if not cases or not others:
         raise ValueError(f"{cls}: nothing planned (cases {cases}, {second}s {others}); "
                          f"see {_common.ENV_CASES} / {_common.ENV_IMPLS}")
-    return rf"^\w+\.{cls}\.\w+\({_alternatives(cases)},\s{_alternatives(others)}\)$"
+    method = r"\w+" if not methods else "(" + "|".join(re.escape(m) for m in methods) + ")"
+    return rf"^\w+\.{cls}\.{method}\({_alternatives(cases)},\s{_alternatives(others)}\)$"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("classes", nargs="+", help=f"asv classes: {', '.join(CLASSES)}")
+    ap.add_argument("--methods", default="",
+                    help="comma-separated benchmark methods to keep (e.g. track_time,track_speedup; default all)")
     args = ap.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in methods if not re.fullmatch(r"track_\w+", m)]
+    if bad:
+        ap.error(f"--methods: {bad[0]!r} is not an asv track_* method name")
     try:
         for cls in args.classes:
-            print(selection_regex(cls))
+            print(selection_regex(cls, methods))
     except ValueError as exc:
         print(f"asv_select: {exc}", file=sys.stderr)
         return 2

@@ -168,6 +168,10 @@ def test_asv_select_keeps_only_the_planned_combinations(monkeypatch):
     assert _asv_selected(regexes, found["bench_prefill.PrefillTiers.track_speedup"]) == tiers
     assert _asv_selected(regexes, found["bench_selection.Selection.track_time"]) == {("long-16k", "cuda"), ("long-64k", "cuda")}
     assert not _asv_selected(regexes, found["bench_decode.Decode.track_time"])
+    # --methods keeps the same combinations of the named methods only.
+    timed = [asv_select.selection_regex("Prefill", ["track_time"])]
+    assert _asv_selected(timed, found["bench_prefill.Prefill.track_time"]) == want
+    assert not _asv_selected(timed, found["bench_prefill.Prefill.track_speedup"])
     # The expressions survive word splitting (no spaces), and a class with nothing planned is refused.
     assert all(" " not in r for r in regexes)
     monkeypatch.setenv(_common.ENV_IMPLS, "sparsek")
