@@ -522,8 +522,19 @@ struct Traits {
   static constexpr int kSmemBytes = kAlign + (2 * kRows * kD + 2 * kStages * kTileElems + 2 * kRows * kTileN) * 2  // Q, dO, K, V, P, dS
                                     + kStages * kTileN * (4 + 16)  // key; start, end, u as one 16-byte record
                                     + kWarps * kTileN * 4       // column sums of gamma
-                                    + 2 * kTileN * kSliceStride * 4;  // one reduction slice per warpgroup
+                                    + 2 * kTileN * kSliceStride * 4  // one reduction slice per warpgroup
+                                    + 4 * 8;                         // v2.13: the slices' full / empty mbarriers
 };
+
+// v2.13: a third warpgroup (the reducer) issues the dK/dV reductions from the staged slices, so the
+// two compute warpgroups only store each slice and go on; the reducer's REDs wait for the memory
+// pipe instead of theirs. Launched with 384 threads (168 registers each), then setmaxnreg moves
+// the registers to the compute warpgroups: 2 x 128 x 240 + 128 x 32 = 65,536.
+constexpr int kReducerThreads = 128;
+constexpr int kComputeRegs = 240;
+constexpr int kReducerRegs = 32;
+static_assert(kThreads * kComputeRegs + kReducerThreads * kReducerRegs <= 65536, "register file");
+constexpr int kComputeBarrier = 3;  // named barrier of the 256 compute threads (1 and 2: the warpgroups')
 
 // Adds a warpgroup's 64 keys x kD float32 tile (wgmma accumulator layout: warp w % 4 holds key rows
 // 16 (w % 4) + g and + 8, columns 8 nd + 2 quad and + 1) to the accumulator rows of its keys, one
@@ -571,8 +582,12 @@ __device__ __forceinline__ void reduce_slice(const float* slice, float* dst, con
 // kEarlySlices: how many of tile t - 1's reduction slices go out while tile t's S and dP run; the rest
 // wait until tile t's dQ product is issued, so the reductions go out in two bursts a softmax
 // gradient apart. 0 means all of them early (v2.9); v2.12 takes half of them early, v2.12b one.
-template <int kD, typename Elem, int kEarlySlices>
-__global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBwdParams p) {
+// kReducer (v2.13): the compute warpgroups hand each staged slice to the reducer warpgroup
+// through two mbarriers per warpgroup (full: staged; empty: read) instead of sending it
+// themselves; the deterministic mode never launches it (its int64 adds stay in the compute
+// warpgroups, launch() below).
+template <int kD, typename Elem, int kEarlySlices, bool kReducer>
+__global__ void __launch_bounds__(kReducer ? kThreads + kReducerThreads : kThreads, 1) attention_bwd_kernel(const AttnBwdParams p) {
   using T = Traits<kD>;
   constexpr int kC = T::kChunks;
   constexpr int kSlices = kD / kSliceCols;
@@ -600,6 +615,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
   int4* sMeta = reinterpret_cast<int4*>(sKey + kStages * kTileN);
   float* sColSum = reinterpret_cast<float*>(sMeta + kStages * kTileN);  // [warp][key]: column sums of gamma over the warp's rows
   float* sSlice = sColSum + kWarps * kTileN;  // [warpgroup][key][kSliceStride]: dK/dV reduction slices
+  uint64_t* slice_full = reinterpret_cast<uint64_t*>(sSlice + 2 * kTileN * kSliceStride);  // [warpgroup], v2.13
+  uint64_t* slice_empty = slice_full + 2;                                                    // [warpgroup], v2.13
 
   const int blk = blockIdx.x;
   const int bh = blockIdx.y + p.bh_offset;
@@ -620,6 +637,59 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
 
   const TilePlan<kTileN> plan(p.block_keys, p.block_count, bh, blk, p.n_blocks, p.cap, i0, i1, W);
   const int w0 = plan.w0, n_win = plan.n_win, count = plan.count, n_tiles = plan.n_tiles;
+
+  if constexpr (kReducer) {
+    if (tid == 0) {
+      for (int w = 0; w < 2; ++w) {
+        mbar_init(&slice_full[w], 128);   // every thread of the compute warpgroup, once its part is stored
+        mbar_init(&slice_empty[w], 128);  // every reducer thread, once its part is read
+      }
+    }
+    __syncthreads();  // the only CTA-wide barrier: the compute warpgroups meet on kComputeBarrier
+    if (wgi == 2) {
+      // ---- the reducer: every slice of every tile, warpgroup 0's (dV) then 1's (dK) ----
+      regs_lower<kReducerRegs>();
+      const int rtid = tid - kThreads;
+      const unsigned row0 = static_cast<unsigned>(rtid) / kSliceChunks, chunk = static_cast<unsigned>(rtid) % kSliceChunks;
+      const float* const src0 = sSlice + row0 * kSliceStride + 4 * chunk;
+      // One loop counter (32 registers hold little more than a slice): k = kSlices t + r, the
+      // slices taken from each warpgroup so far; the accumulators' bases come from the
+      // parameter bank at each use.
+      int keys[kSliceReds];
+      const uint32_t n_slices = static_cast<uint32_t>(n_tiles) * kSlices;
+      for (uint32_t k = 0; k < n_slices; ++k) {
+        const uint32_t r = k % kSlices;
+#pragma unroll
+        for (int w = 0; w < 2; ++w) {
+          mbar_wait(&slice_full[w], k & 1);
+          // Tile k / kSlices's keys, while its stage still holds them: the stage is reloaded only
+          // after warpgroup 0 has staged slice 1 of that tile, which waits for this slice's `empty`.
+          if (r == 0 && w == 0) slice_keys(keys, sKey + (k / kSlices % kStages) * kTileN, rtid);
+          float4 v[kSliceReds];
+#pragma unroll
+          for (int i = 0; i < kSliceReds; ++i) {
+            v[i] = *reinterpret_cast<const float4*>(src0 + w * kTileN * kSliceStride + i * (128 / kSliceChunks) * kSliceStride);
+          }
+          mbar_arrive(&slice_empty[w]);  // release: the reads above are done before the slice is restaged
+          float* const dst = static_cast<float*>(w == 0 ? p.dv_acc : p.dk_acc) + (size_t)blockIdx.y * S * kD + r * kSliceCols + 4 * chunk;
+#pragma unroll
+          for (int i = 0; i < kSliceReds; ++i) {
+            if (keys[i] >= 0) atomicAdd(reinterpret_cast<float4*>(dst + static_cast<size_t>(keys[i]) * kD), v[i]);
+          }
+        }
+      }
+      return;
+    }
+    regs_raise<kComputeRegs>();
+  }
+  // The compute threads' CTA-wide barrier (the reducer takes no part in it).
+  auto compute_sync = [] {
+    if constexpr (kReducer) {
+      named_barrier_sync(kComputeBarrier, kThreads);
+    } else {
+      __syncthreads();
+    }
+  };
 
   const int my_row = tid / T::kLoadersPerRow, my_part = tid % T::kLoadersPerRow;
   const uint32_t k_addr = smem_addr(sK), v_addr = smem_addr(sV);
@@ -730,7 +800,19 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
   // Slices r0 .. r1 - 1 of the previous tile's accumulator (slice 0 was staged before the barrier
   // that precedes the first call; the others are staged here); keys from the previous tile's
   // stage, which is reloaded only after the next softmax barrier.
+  uint32_t handed = 0;  // v2.13: slices this warpgroup has handed to the reducer
+  auto hand_over = [&](int r) {
+    if (handed > 0) mbar_wait(&slice_empty[wgi], (handed - 1) & 1);  // the reducer has read the last one
+    stage_slice<kD>(acc, slice, r, key0, g, quad);
+    mbar_arrive(&slice_full[wgi]);
+    ++handed;
+  };
   auto reduce_slices = [&](int prev_stage, int r0, int r1) {
+    if constexpr (kReducer) {  // slice 0 was handed over at the end of the previous tile
+#pragma unroll
+      for (int r = r0 > 0 ? r0 : 1; r < r1; ++r) hand_over(r);
+      return;
+    }
     int red_keys[kSliceReds];
     slice_keys(red_keys, sKey + prev_stage * kTileN, wtid);
 #pragma unroll
@@ -756,7 +838,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
     fence_proxy_async();
     // Tile t is visible to every thread; every warpgroup is done with sP / sDS / sColSum (written
     // again by tile t) and has staged slice 0 of tile t - 1.
-    __syncthreads();
+    compute_sync();
     issue_s_dp(t);
     if (t > 0 && !p.deterministic) reduce_rest((t - 1) % kStages);
     wgmma_wait<0>();
@@ -815,7 +897,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
     // P, dS and the column sums of every warp are in shared memory; every warp is done with tile
     // t - 1 (its reductions read their keys from that stage), so the stage is loaded again here,
     // where only dq and ds_frag hold accumulator registers.
-    __syncthreads();
+    compute_sync();
     if (t + 2 < n_tiles) load_tile(t + 2, (t + 2) % kStages, key_next);
     cp_async_commit();  // possibly empty: keeps the group count uniform
     key_next = tile_key(t + 3);
@@ -856,7 +938,11 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
     if (p.deterministic) {
       add_tile<kD, kD / 8>(acc, kv_acc, sKey + stage * kTileN, key0, 0, lane, true, kv_fixed);
     } else {
-      stage_slice<kD>(acc, slice, 0, key0, g, quad);
+      if constexpr (kReducer) {
+        hand_over(0);
+      } else {
+        stage_slice<kD>(acc, slice, 0, key0, g, quad);
+      }
       // The rest of the accumulator is read in the next iteration while S / dP are in flight.
       // ptxas does not track across the loop's back edge which wgmma defined it and would wait for
       // S / dP first (warning C7517); an explicit move marks these registers as not wgmma's.
@@ -864,7 +950,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnBw
     }
   }
   if (n_tiles > 0 && !p.deterministic) {
-    named_barrier_sync(bar, 128);  // slice 0 of the last tile is staged
+    if constexpr (!kReducer) named_barrier_sync(bar, 128);  // slice 0 of the last tile is staged
     reduce_slices((n_tiles - 1) % kStages, 0, kSlices);
   }
   cp_async_wait<0>();
@@ -945,9 +1031,13 @@ cudaError_t launch(const AttnBwdParams& p, int bh_count, cudaStream_t stream) {
   const dim3 grid(p.n_blocks, bh_count);
   if (p.kernel == 1) return launch_with_smem(attention_bwd_kernel<kD, Elem>, grid, kThreads, Traits<kD>::kSmemBytes, stream, p);
   constexpr int kSlices = kD / wg::kSliceCols;
-  if (p.kernel == 3) return launch_with_smem(wg::attention_bwd_kernel<kD, Elem, kSlices / 2>, grid, kThreads, wg::Traits<kD>::kSmemBytes, stream, p);
-  if (p.kernel == 4) return launch_with_smem(wg::attention_bwd_kernel<kD, Elem, 1>, grid, kThreads, wg::Traits<kD>::kSmemBytes, stream, p);
-  return launch_with_smem(wg::attention_bwd_kernel<kD, Elem, 0>, grid, kThreads, wg::Traits<kD>::kSmemBytes, stream, p);
+  constexpr int kSmem = wg::Traits<kD>::kSmemBytes;
+  if (p.kernel == 3) return launch_with_smem(wg::attention_bwd_kernel<kD, Elem, kSlices / 2, false>, grid, kThreads, kSmem, stream, p);
+  if (p.kernel == 4) return launch_with_smem(wg::attention_bwd_kernel<kD, Elem, 1, false>, grid, kThreads, kSmem, stream, p);
+  if (p.kernel == 5 && !p.deterministic) {  // v2.13; its deterministic mode is v2.9's
+    return launch_with_smem(wg::attention_bwd_kernel<kD, Elem, kSlices / 2, true>, grid, kThreads + wg::kReducerThreads, kSmem, stream, p);
+  }
+  return launch_with_smem(wg::attention_bwd_kernel<kD, Elem, 0, false>, grid, kThreads, kSmem, stream, p);
 }
 
 template <int kD, typename Elem>

@@ -35,6 +35,53 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// mbarriers (count arrivals per phase) and setmaxnreg: the warp-specialised kernels.
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+
+// Release: this thread's earlier writes (and, after fence_proxy_async, their async-proxy view)
+// are visible to a thread whose wait sees the phase complete.
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
+
+// One poll (acquire when it returns true): has the phase with this parity completed?
+__device__ __forceinline__ bool mbar_try_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t ready;
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n"
+      "}\n"
+      : "=r"(ready)
+      : "r"(smem_addr(bar)), "r"(parity)
+      : "memory");
+  return ready != 0;
+}
+// Returns once the phase with this parity has completed, in every lane of the warp (all 32 lanes
+// must call it). The loop's condition is a warp vote, so ptxas sees a warp-uniform loop: with the
+// poll looping inside the asm (a per-lane branch), it treated the code after the wait as
+// possibly divergent and built the consumers' wgmma descriptors in vector registers, moving each
+// into uniform registers with R2UR before every k-step. Once a lane has seen the phase complete
+// it stays complete for the rest of the loop (the barrier cannot finish its next phase without
+// this warp's arrival), so the last poll of every lane returned true: each lane has acquired.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  while (!__all_sync(0xffffffffu, mbar_try_wait(bar, parity))) {
+  }
+}
+
+template <int kRegs>
+__device__ __forceinline__ void regs_raise() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+
+template <int kRegs>
+__device__ __forceinline__ void regs_lower() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 template <int N>
