@@ -797,9 +797,6 @@ __global__ void __launch_bounds__(kReducer ? kThreads + kReducerThreads : kThrea
   float* const slice = sSlice + wgi * kTileN * kSliceStride;
   float* const kv_dst = reinterpret_cast<float*>(kv_acc);
   const int wtid = tid % 128, bar = 1 + wgi;
-  // Slices r0 .. r1 - 1 of the previous tile's accumulator (slice 0 was staged before the barrier
-  // that precedes the first call; the others are staged here); keys from the previous tile's
-  // stage, which is reloaded only after the next softmax barrier.
   uint32_t handed = 0;  // v2.13: slices this warpgroup has handed to the reducer
   auto hand_over = [&](int r) {
     if (handed > 0) mbar_wait(&slice_empty[wgi], (handed - 1) & 1);  // the reducer has read the last one
@@ -807,6 +804,9 @@ __global__ void __launch_bounds__(kReducer ? kThreads + kReducerThreads : kThrea
     mbar_arrive(&slice_full[wgi]);
     ++handed;
   };
+  // Slices r0 .. r1 - 1 of the previous tile's accumulator (slice 0 was staged before the barrier
+  // that precedes the first call; the others are staged here); keys from the previous tile's
+  // stage, which is reloaded only after the next softmax barrier.
   auto reduce_slices = [&](int prev_stage, int r0, int r1) {
     if constexpr (kReducer) {  // slice 0 was handed over at the end of the previous tile
 #pragma unroll
