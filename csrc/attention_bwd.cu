@@ -826,7 +826,6 @@ __global__ void __launch_bounds__(kReducer ? kThreads + kReducerThreads : kThrea
     }
     // The next barrier of the loop orders the next slice 0 after these reads.
   };
-  auto reduce_rest = [&](int prev_stage) { reduce_slices(prev_stage, 0, kEarly); };
 
   // Per tile t (v2.4): S and dP issued; tile t - 1's dK/dV reductions while they run; the
   // softmax gradient, dQ; tile t + 2 loaded into tile t - 1's stage; dV / dK, then slice 0 of
@@ -840,7 +839,7 @@ __global__ void __launch_bounds__(kReducer ? kThreads + kReducerThreads : kThrea
     // again by tile t) and has staged slice 0 of tile t - 1.
     compute_sync();
     issue_s_dp(t);
-    if (t > 0 && !p.deterministic) reduce_rest((t - 1) % kStages);
+    if (t > 0 && !p.deterministic) reduce_slices((t - 1) % kStages, 0, kEarly);
     wgmma_wait<0>();
     fence_regs(s);
     fence_regs(dp);
