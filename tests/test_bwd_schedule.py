@@ -38,29 +38,35 @@ def test_cli_writes_its_rows(tmp_path):
     import json
 
     doc = json.loads(out.read_text())
-    assert doc["case"] == "cpu-smoke" and len(doc["rows"]) == 2
+    assert doc["case"] == "cpu-smoke" and len(doc["rows"]) == 3
     assert doc["rows"][0]["schedule"].startswith("query-major") and doc["rows"][0]["visited / attended"] >= 1.0
-    assert doc["rows"][1]["consecutive"] >= 1.0
+    assert doc["rows"][1]["schedule"] == "query-major, two blocks per cluster"
+    assert doc["rows"][2]["consecutive"] >= 1.0
 
 
+@pytest.mark.parametrize("pair", [1, 2])
 @pytest.mark.parametrize("S, topk, window, group", [(700, 50, 37, 2), (300, 400, 0, 1), (513, 7, 200, 4)])
-def test_query_major_counts_the_kernels_tiles(S, topk, window, group):
+def test_query_major_counts_the_kernels_tiles(S, topk, window, group, pair):
     """Against a direct count on the reference selection: every block walks its window keys
     [i0 - W + 1, i1) and the union of the keys its queries select (selection.block_union, which
     the kernels' lists equal), 64 keys per tile, 128 rows per tile; attended pairs are the
-    window and the selected keys of every query and head."""
+    window and the selected keys of every query and head. With pair = 2 a cluster of two CTAs
+    walks the union of two neighbouring blocks: 256 rows per tile, one reduction per tile."""
     gen = torch.Generator().manual_seed(S)
     scores = torch.randn(1, 1, S, generator=gen).cumsum(-1) * 0.1 + torch.randn(1, 1, S, generator=gen)
     sel = sel_mod.select(scores, topk, window)
     block_q, tile = 128 // group, 64
-    visited = 0
-    for i0 in range(0, S, block_q):
-        i1 = min(S, i0 + block_q)
+    visited = tiles = 0
+    for i0 in range(0, S, block_q * pair):
+        i1 = min(S, i0 + block_q * pair)
         w0 = max(0, i0 - window + 1) if window > 0 else i1
         _, valid = sel_mod.block_union(sel, i0, i1)
         n_list = int(valid.sum())
-        visited += 128 * tile * (-(-(i1 - w0) // tile) + -(-n_list // tile))
+        tiles += -(-(i1 - w0) // tile) + -(-n_list // tile)
+    visited = 128 * pair * tile * tiles
     sel_and_window = sel_mod.selected_mask(sel)[0, 0] | sel_mod.window_mask(S, window)
-    q = query_major(sel.end[0, 0].long(), window, topk, block_q, group)
+    attended = int(sel_and_window.sum()) * group
+    q = query_major(sel.end[0, 0].long(), window, topk, block_q, group, pair=pair)
     assert q["visited_pairs"] == visited
-    assert q["attended_pairs"] == int(sel_and_window.sum()) * group
+    assert q["attended_pairs"] == attended
+    assert q["reduced key rows / attended pair"] == pytest.approx(tile * tiles / attended)

@@ -14,6 +14,10 @@ attended:
 * ``selected, by start`` / ``selected, by end``: only the keys selected beyond their window,
   compacted and sorted by j or by end_j, over their runs [j + W, end_j).
 
+It also counts the query-major plan the kernels run, and that plan with two neighbouring query
+blocks per thread-block cluster walking the union of their tiles (``pair``): the reduced dK/dV
+rows per attended pair say what sharing list tiles would save in the float32 reductions.
+
     python -m sparsek.bench.bwd_schedule --case long-16k --kv-heads 2 --json OUT.json
 
 Scores are the suite's (``realistic_scores``, the case's seed); the selection is the reference's,
@@ -58,32 +62,44 @@ def visits(end: torch.Tensor, window: int, tile: int) -> dict:  # end: (S,) int6
     return out
 
 
-def query_major(end: torch.Tensor, window: int, topk: int, block_q: int, group: int, tile: int = 64) -> dict:
+def query_major(end: torch.Tensor, window: int, topk: int, block_q: int, group: int, tile: int = 64,
+                pair: int = 1) -> dict:
     """The query-major plan the kernels run (csrc/tile_plan.h), for one kv head's selection
     (end: (S,) int64): each block of block_q queries x group heads (block_q * group = 128 rows)
     walks its window tiles over keys [i0 - W + 1, i1) and its list: the top-k candidates of its
     first query plus the keys whose run starts inside the block (block_lists_kernel), tile keys
-    per tile. Visited pairs (every row of every tile, padding included) over attended pairs."""
+    per tile. Visited pairs (every row of every tile, padding included) over attended pairs.
+
+    pair > 1 counts the plan in which `pair` CTAs of neighbouring blocks (a thread-block cluster)
+    walk the tiles of their union, the list and window of the pair * block_q queries, and
+    combine their dK/dV partials before one reduction per tile: every CTA visits every union
+    tile, and a tile's keys are reduced once per cluster instead of once per CTA.
+    "reduced key rows / attended pair" is the dK/dV rows sent to the float32 accumulators per
+    attended pair (times 8 * head_dim bytes: dK and dV, float32)."""
     S = end.numel()
     j = torch.arange(S)
     attended_q = torch.clamp(torch.arange(S) + 1, max=window).sum() + (end - (j + window)).clamp(min=0).sum()
-    starts = torch.arange(0, S, block_q)
-    i1 = torch.clamp(starts + block_q, max=S)
+    span = block_q * pair  # queries whose tiles one cluster walks
+    starts = torch.arange(0, S, span)
+    i1 = torch.clamp(starts + span, max=S)
     w0 = (starts - window + 1).clamp(min=0) if window > 0 else i1  # window 0: no window tiles
     n_win = (i1 - w0 + tile - 1) // tile
-    n = (starts - window + 1).clamp(min=0)  # candidates of the block's first query
+    n = (starts - window + 1).clamp(min=0)  # candidates of the span's first query
     runs_start = (end > j + window).long().cumsum(0)  # keys up to j whose run is non-empty
     lo, hi = n, torch.clamp(i1 - window, min=0, max=S)
     before = lambda x: torch.where(x > 0, runs_start[(x - 1).clamp(min=0)], torch.zeros_like(x))
     late = torch.where(hi > lo, before(hi) - before(lo), torch.zeros_like(lo))
     count = torch.clamp(n, max=topk) + late
     n_list = (count + tile - 1) // tile
-    rows = block_q * group
-    visited = rows * tile * (n_win + n_list).sum()
-    return {"attended_pairs": int(attended_q) * group, "visited_pairs": int(visited),
-            "visited / attended": float(visited / (attended_q * group)),
+    rows = block_q * group * pair  # every CTA of the cluster visits every tile of the span
+    tiles = (n_win + n_list).sum()
+    visited = rows * tile * tiles
+    attended = attended_q * group
+    return {"attended_pairs": int(attended), "visited_pairs": int(visited),
+            "visited / attended": float(visited / attended),
             "tiles per block": float((n_win + n_list).float().mean()),
-            "window tiles per block": float(n_win.float().mean()), "blocks": int(starts.numel())}
+            "window tiles per block": float(n_win.float().mean()), "blocks": int(starts.numel()),
+            "reduced key rows / attended pair": float(tile * tiles / attended)}
 
 
 def main(argv=None) -> int:
@@ -100,10 +116,12 @@ def main(argv=None) -> int:
     rows = []
     group = case.q_heads // case.kv_heads
     for h in range(args.kv_heads):
-        row = {"case": case.name, "kv_head": h, "schedule": "query-major (the kernels' plan)", "tile": 64,
-               **query_major(sel.end[0, h].long(), case.window, case.topk, 128 // group, group)}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        for pair in (1, 2):
+            name = "query-major (the kernels' plan)" if pair == 1 else "query-major, two blocks per cluster"
+            row = {"case": case.name, "kv_head": h, "schedule": name, "tile": 64,
+                   **query_major(sel.end[0, h].long(), case.window, case.topk, 128 // group, group, pair=pair)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
         for tile in (int(t) for t in args.tiles.split(",")):
             row = {"case": case.name, "kv_head": h, "tile": tile, **visits(sel.end[0, h].long(), case.window, tile)}
             rows.append(row)
