@@ -536,6 +536,19 @@ constexpr int kReducerRegs = 32;
 static_assert(kThreads * kComputeRegs + kReducerThreads * kReducerRegs <= 65536, "register file");
 constexpr int kComputeBarrier = 3;  // named barrier of the 256 compute threads (1 and 2: the warpgroups')
 
+// v2.14: two CTAs of neighbouring query blocks 2c and 2c + 1 form a cluster and walk the same
+// tiles, those of the 2 block_q queries of both: the window of [i0(2c), i1(2c + 1)) and block 2c's
+// list followed by its tail, the keys j = i1(2c) - W + t (t < block 2c + 1's queries) whose run is
+// non-empty (block 2c + 1's queries select them, block 2c's list does not hold them;
+// docs/perf-notes.md, v2.14). Each CTA's reducer sends one of the two streams for both CTAs,
+// rank 0 dV and rank 1 dK: warpgroup w of CTA q stages its slice into buffer q of CTA w (its own
+// buffer when w = q, else with st.async into the partner's, which completes the partner's `full`
+// barrier), and the reducer adds its two buffers, so a key row of a tile goes to the
+// accumulators once per pair instead of once per CTA.
+constexpr int kTailMax = kRows;  // the tail's keys (block_q <= kRows), then its length
+constexpr int kPairSmemBytes = (kTailMax + 4) * 4;
+constexpr uint32_t kSliceBytes = kTileN * kSliceCols * 4;  // one staged slice, as st.async delivers it
+
 // Adds a warpgroup's 64 keys x kD float32 tile (wgmma accumulator layout: warp w % 4 holds key rows
 // 16 (w % 4) + g and + 8, columns 8 nd + 2 quad and + 1) to the accumulator rows of its keys, one
 // 32-column slice at a time through `slice` (64 x kSliceStride floats, this warpgroup's own).
@@ -564,6 +577,19 @@ __device__ __forceinline__ void stage_slice(const float (&acc)[kD / 8][4], float
   }
 }
 
+// stage_slice into another CTA's slice buffer (`remote`: its cluster_map address), each 8-byte
+// store completing on the mbarrier at `remote_bar` of that CTA (v2.14).
+template <int kD>
+__device__ __forceinline__ void stage_slice_remote(const float (&acc)[kD / 8][4], uint32_t remote, uint32_t remote_bar, int r,
+                                                   int key0, int g, int quad) {
+#pragma unroll
+  for (int n = 0; n < kSliceCols / 8; ++n) {
+    const int nd = r * (kSliceCols / 8) + n, col = 8 * n + 2 * quad;
+    st_async_f2(remote + 4 * ((key0 + g) * kSliceStride + col), acc[nd][0], acc[nd][1], remote_bar);
+    st_async_f2(remote + 4 * ((key0 + g + 8) * kSliceStride + col), acc[nd][2], acc[nd][3], remote_bar);
+  }
+}
+
 // Adds staged slice r to the accumulator rows of the tile's keys (`keys`: this thread's rows, see
 // slice_keys). Thread wtid adds chunk wtid % 8 of rows wtid / 8 + 16 i. Padding keys (-1) add nothing.
 template <int kD>
@@ -586,13 +612,15 @@ __device__ __forceinline__ void reduce_slice(const float* slice, float* dst, con
 // through two mbarriers per warpgroup (full: staged; empty: read) instead of sending it
 // themselves; the deterministic mode never launches it (its int64 adds stay in the compute
 // warpgroups, launch() below).
-template <int kD, typename Elem, int kEarlySlices, bool kReducer>
+// kPair (v2.14, with kReducer): the CTA pairs above; launched in clusters of two along x.
+template <int kD, typename Elem, int kEarlySlices, bool kReducer, bool kPair = false>
 __global__ void __launch_bounds__(kReducer ? kThreads + kReducerThreads : kThreads, 1) attention_bwd_kernel(const AttnBwdParams p) {
   using T = Traits<kD>;
   constexpr int kC = T::kChunks;
   constexpr int kSlices = kD / kSliceCols;
   constexpr int kEarly = kEarlySlices == 0 ? kSlices : kEarlySlices;  // slices reduced while S and dP run
   static_assert(kEarly >= 1 && kEarly <= kSlices, "slice 0 is staged before the tile's barrier: it goes early");
+  static_assert(kReducer || !kPair, "the pair's streams are sent by the reducers");
   constexpr uint32_t kPanelBytes = kPanel * 2;
   constexpr uint32_t kTileBytes = T::kTileElems * 2;
   constexpr uint32_t kGroupBytes = 8 * kPanelBytes;          // 8 swizzled rows
@@ -617,6 +645,7 @@ __global__ void __launch_bounds__(kReducer ? kThreads + kReducerThreads : kThrea
   float* sSlice = sColSum + kWarps * kTileN;  // [warpgroup][key][kSliceStride]: dK/dV reduction slices
   uint64_t* slice_full = reinterpret_cast<uint64_t*>(sSlice + 2 * kTileN * kSliceStride);  // [warpgroup], v2.13
   uint64_t* slice_empty = slice_full + 2;                                                    // [warpgroup], v2.13
+  int* sTail = reinterpret_cast<int*>(slice_empty + 2);  // v2.14: [kTailMax] the tail's keys, then its length
 
   const int blk = blockIdx.x;
   const int bh = blockIdx.y + p.bh_offset;
@@ -635,17 +664,94 @@ __global__ void __launch_bounds__(kReducer ? kThreads + kReducerThreads : kThrea
   const float* scores = p.scores + (size_t)bh * S;
   const int* ends = p.end + (size_t)bh * S;
 
-  const TilePlan<kTileN> plan(p.block_keys, p.block_count, bh, blk, p.n_blocks, p.cap, i0, i1, W);
-  const int w0 = plan.w0, n_win = plan.n_win, count = plan.count, n_tiles = plan.n_tiles;
+  // The tiles: this block's, or with kPair the pair's (block blk_plan's list, the window of the
+  // pair's queries [ip0, ip1), then the tail).
+  const int blk_plan = kPair ? (blk & ~1) : blk;
+  const int ip0 = kPair ? blk_plan * p.block_q : i0, ip1 = kPair ? min(S, ip0 + 2 * p.block_q) : i1;
+  const TilePlan<kTileN> plan(p.block_keys, p.block_count, bh, blk_plan, p.n_blocks, p.cap, ip0, ip1, W);
 
   if constexpr (kReducer) {
-    if (tid == 0) {
-      for (int w = 0; w < 2; ++w) {
-        mbar_init(&slice_full[w], 128);   // every thread of the compute warpgroup, once its part is stored
-        mbar_init(&slice_empty[w], 128);  // every reducer thread, once its part is read
+    if constexpr (kPair) {
+      if (warp == 0) {  // the tail, ascending, so both CTAs of the pair build the same one
+        const int i_mid = min(S, ip0 + p.block_q), n_cand = ip1 - i_mid;
+        int n = 0;
+        for (int base = 0; base < n_cand; base += 32) {
+          const int t = base + lane, j = i_mid - W + t;
+          const bool take = t < n_cand && j >= 0 && ends[j] > j + W;
+          const unsigned ballot = __ballot_sync(kFull, take);
+          if (take) sTail[n + __popc(ballot & ((1u << lane) - 1u))] = j;
+          n += __popc(ballot);
+        }
+        if (lane == 0) sTail[kTailMax] = n;
       }
     }
-    __syncthreads();  // the only CTA-wide barrier: the compute warpgroups meet on kComputeBarrier
+    if (tid == 0) {
+      for (int w = 0; w < 2; ++w) {
+        // kPair: slice_full[0] is this CTA's reducer's: the arrivals of warpgroup `rank` here, one
+        // of them expecting the bytes of the partner's warpgroup `rank`.
+        mbar_init(&slice_full[w], 128);   // every thread of the compute warpgroup, once its part is stored
+        mbar_init(&slice_empty[w], 128);  // every reducer thread (kPair: of CTA w), once its part is read
+      }
+      if constexpr (kPair) fence_mbar_init_cluster();
+    }
+    if constexpr (kPair) {
+      cluster_sync();  // the partner's barriers are initialised before anyone arrives on them
+    } else {
+      __syncthreads();  // the only CTA-wide barrier: the compute warpgroups meet on kComputeBarrier
+    }
+  }
+  const int w0 = plan.w0, n_win = plan.n_win;
+  const int count = kPair ? plan.count + sTail[kTailMax] : plan.count;
+  const int n_tiles = kPair ? n_win + (count + kTileN - 1) / kTileN : plan.n_tiles;
+
+  if constexpr (kReducer) {
+    if (wgi == 2 && kPair) {
+      // ---- v2.14's reducer: stream `rank` of both CTAs (0: dV, 1: dK), every slice of every tile ----
+      regs_lower<kReducerRegs>();
+      const int rtid = tid - kThreads;
+      const unsigned row0 = static_cast<unsigned>(rtid) / kSliceChunks, chunk = static_cast<unsigned>(rtid) % kSliceChunks;
+      const int rank = blk & 1;  // the cluster's rank along x: blockIdx.x % 2
+      // Buffer `rank` holds this CTA's slice, the other one the partner's.
+      const float* const src = sSlice + row0 * kSliceStride + 4 * chunk;
+      const uint32_t empty_there = cluster_map(smem_addr(&slice_empty[rank]), rank ^ 1);
+      int keys[kSliceReds];
+      const uint32_t n_slices = static_cast<uint32_t>(n_tiles) * kSlices;
+      for (uint32_t k = 0; k < n_slices; ++k) {
+        const uint32_t r = k % kSlices;
+        mbar_wait(&slice_full[0], k & 1);
+        // The tile's keys, the same in both CTAs; this CTA's stage is reloaded only after its
+        // warpgroup `rank` has handed over slice 1 of the tile, which waits for this slice's `empty`.
+        if (r == 0) slice_keys(keys, sKey + (k / kSlices % kStages) * kTileN, rtid);
+        float* const dst = static_cast<float*>(rank == 0 ? p.dv_acc : p.dk_acc) + (size_t)blockIdx.y * S * kD + r * kSliceCols + 4 * chunk;
+        // Two halves of the thread's rows: the first half's sums go out before the second half
+        // is read, so that 32 registers hold the loop (all eight loads at once spilled).
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          float4 v[kSliceReds / 2];
+#pragma unroll
+          for (int h = 0; h < kSliceReds / 2; ++h) {
+            const int off = (half * kSliceReds / 2 + h) * (128 / kSliceChunks) * kSliceStride;
+            v[h] = *reinterpret_cast<const float4*>(src + off);
+            const float4 o = *reinterpret_cast<const float4*>(src + kTileN * kSliceStride + off);
+            v[h].x += o.x;
+            v[h].y += o.y;
+            v[h].z += o.z;
+            v[h].w += o.w;
+          }
+          if (half == 1) {
+            mbar_arrive(&slice_empty[rank]);  // release: both buffers are read before they are written again
+            mbar_arrive_remote(empty_there);
+          }
+#pragma unroll
+          for (int h = 0; h < kSliceReds / 2; ++h) {
+            const int key = keys[half * kSliceReds / 2 + h];
+            if (key >= 0) atomicAdd(reinterpret_cast<float4*>(dst + static_cast<size_t>(key) * kD), v[h]);
+          }
+        }
+      }
+      cluster_sync();  // no CTA leaves while the other may still read its slices or arrive on its barriers
+      return;
+    }
     if (wgi == 2) {
       // ---- the reducer: every slice of every tile, warpgroup 0's (dV) then 1's (dK) ----
       regs_lower<kReducerRegs>();
@@ -693,7 +799,13 @@ __global__ void __launch_bounds__(kReducer ? kThreads + kReducerThreads : kThrea
 
   const int my_row = tid / T::kLoadersPerRow, my_part = tid % T::kLoadersPerRow;
   const uint32_t k_addr = smem_addr(sK), v_addr = smem_addr(sV);
-  auto tile_key = [&](int t) { return plan.key(t, my_row); };
+  auto tile_key = [&](int t) {
+    if constexpr (kPair) {  // list places past block blk_plan's own list: the tail
+      const int idx = (t - n_win) * kTileN + my_row;
+      if (t >= n_win && idx >= plan.count) return idx < count ? sTail[idx - plan.count] : -1;
+    }
+    return plan.key(t, my_row);
+  };
   auto load_tile = [&](int t, int stage, int j) {
     uint32_t piece_off[T::kChunksPerThread];  // byte offset of my piece c within a tile
 #pragma unroll
@@ -798,10 +910,28 @@ __global__ void __launch_bounds__(kReducer ? kThreads + kReducerThreads : kThrea
   float* const kv_dst = reinterpret_cast<float*>(kv_acc);
   const int wtid = tid % 128, bar = 1 + wgi;
   uint32_t handed = 0;  // v2.13: slices this warpgroup has handed to the reducer
+  // v2.14: the reducer of the CTA of rank wgi takes this warpgroup's slices, in buffer `rank` of that CTA.
+  const int rank = blk & 1;
+  const uint32_t slice_there = kPair ? cluster_map(smem_addr(sSlice + rank * kTileN * kSliceStride), wgi) : 0;
+  const uint32_t full_there = kPair ? cluster_map(smem_addr(&slice_full[0]), wgi) : 0;
   auto hand_over = [&](int r) {
-    if (handed > 0) mbar_wait(&slice_empty[wgi], (handed - 1) & 1);  // the reducer has read the last one
-    stage_slice<kD>(acc, slice, r, key0, g, quad);
-    mbar_arrive(&slice_full[wgi]);
+    if constexpr (kPair) {
+      if (handed > 0) mbar_wait(&slice_empty[wgi], (handed - 1) & 1);  // read by the reducer of CTA wgi
+      if (wgi == rank) {  // slice = buffer rank of this CTA
+        stage_slice<kD>(acc, slice, r, key0, g, quad);
+        if (wtid == 0) {
+          mbar_arrive_expect_tx(&slice_full[0], kSliceBytes);  // and the partner's slice, sent with st.async
+        } else {
+          mbar_arrive(&slice_full[0]);
+        }
+      } else {
+        stage_slice_remote<kD>(acc, slice_there, full_there, r, key0, g, quad);
+      }
+    } else {
+      if (handed > 0) mbar_wait(&slice_empty[wgi], (handed - 1) & 1);  // the reducer has read the last one
+      stage_slice<kD>(acc, slice, r, key0, g, quad);
+      mbar_arrive(&slice_full[wgi]);
+    }
     ++handed;
   };
   // Slices r0 .. r1 - 1 of the previous tile's accumulator (slice 0 was staged before the barrier
@@ -971,6 +1101,7 @@ __global__ void __launch_bounds__(kReducer ? kThreads + kReducerThreads : kThrea
     }
     if (quad == 0) p.gamma_rows[row] = gs;
   }
+  if constexpr (kPair) cluster_sync();  // the partner's reducer may still read this CTA's slices
 }
 
 }  // namespace wg
@@ -1035,6 +1166,11 @@ cudaError_t launch(const AttnBwdParams& p, int bh_count, cudaStream_t stream) {
   if (p.kernel == 4) return launch_with_smem(wg::attention_bwd_kernel<kD, Elem, 1, false>, grid, kThreads, kSmem, stream, p);
   if (p.kernel == 5 && !p.deterministic) {  // v2.13; its deterministic mode is v2.9's
     return launch_with_smem(wg::attention_bwd_kernel<kD, Elem, kSlices / 2, true>, grid, kThreads + wg::kReducerThreads, kSmem, stream, p);
+  }
+  if (p.kernel == 6 && !p.deterministic) {  // v2.14: pairs of blocks (a phantom CTA completes an odd count)
+    const dim3 pairs(2 * ((p.n_blocks + 1) / 2), bh_count);
+    return launch_clusters_with_smem(wg::attention_bwd_kernel<kD, Elem, kSlices / 2, true, true>, pairs, 2,
+                                     kThreads + wg::kReducerThreads, kSmem + wg::kPairSmemBytes, stream, p);
   }
   return launch_with_smem(wg::attention_bwd_kernel<kD, Elem, 0, false>, grid, kThreads, kSmem, stream, p);
 }

@@ -373,8 +373,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
                 ", got ", out.scalar_type(), " ", out.sizes());
   SPARSEK_CHECK(lse.sizes() == at::IntArrayRef({B, Hq, S}) && lse.scalar_type() == at::kFloat, "lse must be float32 ",
                 at::IntArrayRef({B, Hq, S}), ", got ", lse.scalar_type(), " ", lse.sizes());
-  SPARSEK_CHECK(kernel >= 1 && kernel <= 5,
-                "kernel must be 1 (mma.sync), 2 (warpgroup MMA, v2.9), 3 (v2.12), 4 (v2.12b) or 5 (v2.13, a reducer warpgroup), got ", kernel);
+  SPARSEK_CHECK(kernel >= 1 && kernel <= 6,
+                "kernel must be 1 (mma.sync), 2 (warpgroup MMA, v2.9), 3 (v2.12), 4 (v2.12b), 5 (v2.13, a reducer warpgroup) or 6 "
+                "(v2.14, CTA pairs), got ", kernel);
   SPARSEK_CHECK(acc_budget > 0, "acc_budget must be positive, got ", acc_budget);
   SPARSEK_CHECK(streams >= 1 && streams <= 8, "streams must be in [1, 8], got ", streams);
   if (deterministic) {

@@ -72,6 +72,46 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
   }
 }
 
+// Thread-block clusters (the backward's CTA pairs): another CTA's address of a shared-memory
+// location (`mapa`), arrivals on another CTA's mbarrier, 8-byte stores into another CTA's shared
+// memory that complete a transaction count on its mbarrier, and the barrier over every thread of
+// the cluster.
+__device__ __forceinline__ uint32_t cluster_map(uint32_t smem, uint32_t rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem), "r"(rank));
+  return remote;
+}
+
+// Makes this thread's mbarrier initialisations visible to the cluster (before cluster_sync).
+__device__ __forceinline__ void fence_mbar_init_cluster() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+
+// Arrives on the mbarrier at `remote` (a cluster_map address), with the default release at CTA
+// scope: this thread's earlier reads of the shared memory it guards are done. A cluster-scope
+// release compiles to a GPU-wide memory barrier (MEMBAR.ALL.GPU) before every arrival.
+__device__ __forceinline__ void mbar_arrive_remote(uint32_t remote) {
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
+}
+
+// Arrives and raises the phase's expected transaction count by `bytes` (stores that other CTAs
+// send with st_async_f2 and that complete on this barrier).
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+
+// Stores two floats at `remote` (another CTA's shared memory, cluster_map address); when they
+// have landed they complete 8 bytes of the transaction count of the mbarrier at `remote_bar` (in
+// the same CTA), so a thread waiting on that barrier sees them without any fence.
+__device__ __forceinline__ void st_async_f2(uint32_t remote, float x, float y, uint32_t remote_bar) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.f32 [%0], {%1, %2}, [%3];\n" ::"r"(remote), "f"(x),
+               "f"(y), "r"(remote_bar)
+               : "memory");
+}
+
+// Every thread of every CTA of the cluster (whole warps) arrives, then waits for all of them.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+
 template <int kRegs>
 __device__ __forceinline__ void regs_raise() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
@@ -118,6 +158,28 @@ cudaError_t launch_with_smem(Kernel kernel, dim3 grid, int threads, int smem, cu
   }
   kernel<<<grid, threads, smem, stream>>>(p);
   return cudaGetLastError();
+}
+
+// The same for a kernel launched in clusters of `cluster_x` CTAs along x (gridDim.x a multiple of it).
+template <typename Kernel, typename Params>
+cudaError_t launch_clusters_with_smem(Kernel kernel, dim3 grid, int cluster_x, int threads, int smem, cudaStream_t stream,
+                                      const Params& p) {
+  if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem); e != cudaSuccess) {
+    return e;
+  }
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = static_cast<size_t>(smem);
+  config.stream = stream;
+  cudaLaunchAttribute cluster = {};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = static_cast<unsigned>(cluster_x);
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, p);
 }
 
 }  // namespace sparsek

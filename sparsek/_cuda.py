@@ -264,12 +264,13 @@ def accumulator_budget(k: torch.Tensor, deterministic: bool = False, *, block_q:
 def backward_kernel() -> int:
     """2: the warpgroup-MMA backward kernel v2.9 (default); 3: v2.12, the same kernel with the
     second half of its dK/dV reductions moved under the dQ product, 4: v2.12b, all but the first
-    slice moved; 5: v2.13, v2.12 with a third warpgroup that issues the reductions (its
-    deterministic mode is v2.9's) (docs/perf-notes.md); 1: the mma.sync one. The others are kept so
-    that they can be timed against the default in one run."""
+    slice moved; 5: v2.13, v2.12 with a third warpgroup that issues the reductions; 6: v2.14, v2.13
+    with the CTAs of two neighbouring query blocks paired in a cluster, sending each tile's dK/dV
+    rows once for both (the deterministic mode of 5 and 6 is v2.9's) (docs/perf-notes.md); 1: the
+    mma.sync one. The others are kept so that they can be timed against the default in one run."""
     value = os.environ.get("SPARSEK_BWD_KERNEL", "2")
-    if value not in ("1", "2", "3", "4", "5"):
-        raise ValueError(f"SPARSEK_BWD_KERNEL must be 1, 2, 3, 4 or 5, got {value!r}")
+    if value not in ("1", "2", "3", "4", "5", "6"):
+        raise ValueError(f"SPARSEK_BWD_KERNEL must be 1, 2, 3, 4, 5 or 6, got {value!r}")
     return int(value)
 
 

@@ -146,8 +146,8 @@ SHAPES = [  # B, Hq, Hkv, S, D, topk, window
 
 
 # The warpgroup-MMA kernels whose whole path the sweep, the long sequence, determinism and the
-# sanitizers run (indirect parameter): v2.9 (the default), v2.12, v2.12b and v2.13 (whose
-# deterministic mode is v2.9's).
+# sanitizers run (indirect parameter): v2.9 (the default), v2.12, v2.12b, v2.13 and v2.14 (whose
+# deterministic modes are v2.9's).
 @pytest.fixture
 def wg_kernel(request, monkeypatch):
     """SPARSEK_BWD_KERNEL for the test and any child process it starts."""
@@ -155,14 +155,18 @@ def wg_kernel(request, monkeypatch):
     return request.param
 
 
-WG_KERNELS = pytest.mark.parametrize("wg_kernel", ["2", "3", "4", "5"], ids=["v2.9", "v2.12", "v2.12b", "v2.13"], indirect=True)
+WG_KERNELS = pytest.mark.parametrize(
+    "wg_kernel", ["2", "3", "4", "5", "6"], ids=["v2.9", "v2.12", "v2.12b", "v2.13", "v2.14"], indirect=True
+)
 
 
-@pytest.mark.parametrize("kernel", ["2", "3", "4", "5", "1"], ids=["wgmma", "wgmma-v2.12", "wgmma-v2.12b", "wgmma-v2.13", "mma-sync"])
+@pytest.mark.parametrize(
+    "kernel", ["2", "3", "4", "5", "6", "1"], ids=["wgmma", "wgmma-v2.12", "wgmma-v2.12b", "wgmma-v2.13", "wgmma-v2.14", "mma-sync"]
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-Hq{}-Hkv{}-S{}-D{}-K{}-W{}".format(*s))
 def test_gradients_match_reference(shape, dtype, kernel, monkeypatch):
-    """Every backward kernel: the warpgroup-MMA one (the default, v2.9), v2.12, v2.12b, v2.13 and the mma.sync one."""
+    """Every backward kernel: the warpgroup-MMA one (the default, v2.9), v2.12, v2.12b, v2.13, v2.14 and the mma.sync one."""
     monkeypatch.setenv("SPARSEK_BWD_KERNEL", kernel)
     cuda_kernels()
     B, Hq, Hkv, S, D, topk, window = shape

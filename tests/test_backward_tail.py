@@ -182,9 +182,9 @@ def test_accumulator_budget_rejects_bad_override(value, monkeypatch):
 def test_backward_kernel_choice(monkeypatch):
     monkeypatch.delenv("SPARSEK_BWD_KERNEL", raising=False)
     assert _cuda.backward_kernel() == 2  # the default
-    for value in ("1", "2", "3", "4", "5"):
+    for value in ("1", "2", "3", "4", "5", "6"):
         monkeypatch.setenv("SPARSEK_BWD_KERNEL", value)
         assert _cuda.backward_kernel() == int(value)
-    monkeypatch.setenv("SPARSEK_BWD_KERNEL", "6")
-    with pytest.raises(ValueError, match=r"SPARSEK_BWD_KERNEL must be 1, 2, 3, 4 or 5, got '6'"):
+    monkeypatch.setenv("SPARSEK_BWD_KERNEL", "7")
+    with pytest.raises(ValueError, match=r"SPARSEK_BWD_KERNEL must be 1, 2, 3, 4, 5 or 6, got '7'"):
         _cuda.backward_kernel()
