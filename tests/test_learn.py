@@ -261,10 +261,20 @@ def test_plot_writes_a_png(tiny_result, tmp_path):
 def test_case_registry():
     from sparsek.learn.bench import CASES, case_config
 
-    assert set(CASES) == {"learn-quick", "learn-cpu", "learn-full", "learn-4k"}
+    assert set(CASES) == {"learn-quick", "learn-cpu", "learn-full", "learn-4k", "learn-1k", "learn-1k-select"}
     real = CASES["learn-4k"]  # the real-length case: K + W at most 10% of the context, >= 3 seeds, on the kernels
     assert (real.topks[0] + real.window) * 10 <= real.task.seq_len >= 4096 and len(real.seeds) >= 3
     assert real.precision == "bfloat16" and real.d_model // real.num_heads in (64, 128)
+    # learn-1k: the same task, model and relative budget at a quarter of the length, trained longer
+    short = CASES["learn-1k"]
+    assert short.task.seq_len * 4 == real.task.seq_len and short.steps > real.steps
+    assert (short.topks[0] + short.window) * real.task.seq_len == (real.topks[0] + real.window) * short.task.seq_len
+    assert short.short_steps == real.short_steps and short.d_model == real.d_model
+    for cfg in (real, short):  # the curriculum's short phase is covered by the budget: every variant computes the same
+        assert cfg.topks[0] + cfg.window >= cfg.short_task.seq_len
+    select = CASES["learn-1k-select"]  # ... except in learn-1k-select, whose short phase is learn-4k's
+    assert select.short_task == real.short_task and select.topks[0] + select.window < select.short_task.seq_len
+    assert replace(select, short_task=short.short_task) == short
     assert case_config("learn-quick", quick=True).seeds == CASES["learn-quick"].seeds[:1]
     for cfg in CASES.values():
         assert cfg.task.num_facts <= max(cfg.topks)  # the largest budget can hold every fact

@@ -14,6 +14,12 @@ returns. ``quick=True`` (the CLI's ``--quick``, and CI) keeps only the case's fi
   backward: the training path at a real length. A curriculum (``LearnConfig.short_task``): 600
   steps at 128 tokens learn the retrieval head, then 300 steps at 4096 tokens, where the scorer
   has to learn which keys to keep. Meant for a GPU with the kernels (sm_90a).
+* ``learn-1k``: ``learn-4k``'s task and relative budget at 1024 tokens (K + W = 64 + 32 = 96 keys,
+  9.4% of the context) in float32, with 1000 steps after a curriculum like learn-4k's (600 steps
+  at 96 tokens, which the budget covers whole): how the selection learns when it is trained
+  longer, on a CPU (reference path; about 45 minutes for one seed of the four variants on 2 cores).
+* ``learn-1k-select``: ``learn-1k`` with learn-4k's short phase of 128 tokens, which K + W = 96
+  does not cover: the scorer has to select from the first step.
 """
 
 from __future__ import annotations
@@ -93,7 +99,34 @@ CASES: dict[str, LearnConfig] = {
         log_every=100,
         precision="bfloat16",
     ),
+    "learn-1k": LearnConfig(
+        task=RetrievalTask(seq_len=1024, num_facts=16, num_queries=8, num_keys=16, num_values=16, num_filler=16),
+        # 96 tokens, so that K + W = 96 covers the short phase's whole context as learn-4k's 384
+        # cover its 128: there every variant computes the same function.
+        short_task=RetrievalTask(seq_len=96, num_facts=8, num_queries=4, num_keys=16, num_values=16, num_filler=16),
+        short_steps=600,
+        window=32,
+        topks=(64,),
+        seeds=(0, 1, 2),
+        steps=1000,
+        batch_size=32,
+        lr=3e-3,
+        warmup_steps=30,
+        eval_size=256,
+        eval_batch=32,
+        d_model=64,
+        num_heads=1,
+        num_kv_heads=1,
+        num_layers=1,
+        log_every=100,
+    ),
 }
+# learn-1k with learn-4k's own short phase (128 tokens): there K + W = 96 of a 120-token context,
+# so the scorer must already select while the retrieval head forms.
+CASES["learn-1k-select"] = replace(
+    CASES["learn-1k"],
+    short_task=RetrievalTask(seq_len=128, num_facts=8, num_queries=4, num_keys=16, num_values=16, num_filler=16),
+)
 
 
 def case_config(name: str, quick: bool = False) -> LearnConfig:
