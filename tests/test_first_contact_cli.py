@@ -87,7 +87,7 @@ def test_learn_help_has_a_program_name_and_described_choices():
     out = done.stdout
     assert out.startswith("usage: python -m sparsek.learn") and "__main__.py" not in out
     for name, cfg in LEARN_CASES.items():
-        line = next(line for line in out.splitlines() if line.strip().startswith(name))
+        line = next(line for line in out.splitlines() if line.strip().startswith(name + " "))  # its description line
         assert f"{cfg.task.seq_len} tokens" in line and f"{cfg.steps} steps" in line, line
     for variant in VARIANTS:
         assert any(line.strip().startswith(variant + " ") or line.strip().startswith(variant + ":")
